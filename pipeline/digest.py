@@ -1,0 +1,107 @@
+"""Digests as values: strict parsing before a digest becomes a path, key or lock name.
+
+A `Digest` only exists for well-formed input (`sha256:` + 64 lowercase hex, or `sha512:` +
+128), so code holding one can use `cache_name` as a file name or object key without
+further checks. `Verifier` hashes bytes as they stream and says whether they matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from pipeline.errors import DigestMismatch, InvalidDigest, SizeMismatch
+
+_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_PATTERN = re.compile(r"(sha256|sha512)[:_]([0-9a-f]+)")
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    algorithm: str
+    hex: str
+
+    def __post_init__(self) -> None:
+        want = _HEX_LENGTHS.get(self.algorithm)
+        if want is None:
+            raise InvalidDigest(f"unsupported digest algorithm {self.algorithm!r}")
+        if len(self.hex) != want or not re.fullmatch(r"[0-9a-f]+", self.hex):
+            raise InvalidDigest(f"invalid {self.algorithm} digest hex {self.hex[:80]!r}")
+
+    @classmethod
+    def parse(cls, text: str, *, allow_cache_name: bool = False) -> Digest:
+        """Parse `sha256:<hex>` (and `sha256_<hex>` when `allow_cache_name`)."""
+        if not isinstance(text, str):
+            raise InvalidDigest(f"digest must be a string, got {type(text).__name__}")
+        m = _PATTERN.fullmatch(text)
+        separator_ok = m is not None and (text[len(m.group(1))] == ":" or allow_cache_name)
+        if m is None or not separator_ok:
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise InvalidDigest(f"invalid digest {shown!r}: want sha256:<64 hex>")
+        return cls(m.group(1), m.group(2))
+
+    @classmethod
+    def of_bytes(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    @property
+    def cache_name(self) -> str:
+        """The file name / object key of this layer in every tier: `sha256_<hex>`."""
+        return f"{self.algorithm}_{self.hex}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.algorithm}:{self.hex[:12]}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+class Verifier:
+    """Hashes a stream and checks it against an expected digest (and size, when known).
+
+    `what` names the content in error messages, e.g. "layer blob" or "decompressed layer".
+    """
+
+    def __init__(self, expected: Digest, *, size: int | None = None, what: str = "content"):
+        self.expected = expected
+        self.expected_size = size
+        self.what = what
+        self._hash = expected.hasher()
+        self.count = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._hash.update(chunk)
+        self.count += len(chunk)
+        if self.expected_size is not None and self.count > self.expected_size:
+            raise SizeMismatch(
+                f"{self.what} {self.expected}: more than the expected {self.expected_size} bytes"
+            )
+
+    def copy_state(self) -> Verifier:
+        """A verifier with the same hash state, for resuming after a cut connection."""
+        other = Verifier(self.expected, size=self.expected_size, what=self.what)
+        other._hash = self._hash.copy()
+        other.count = self.count
+        return other
+
+    @property
+    def actual(self) -> Digest:
+        return Digest(self.expected.algorithm, self._hash.hexdigest())
+
+    def verify(self) -> None:
+        """Raise unless the bytes seen are exactly the expected ones."""
+        if self.expected_size is not None and self.count != self.expected_size:
+            raise SizeMismatch(
+                f"{self.what} {self.expected}: got {self.count} bytes, "
+                f"expected {self.expected_size}"
+            )
+        actual = self.actual
+        if actual != self.expected:
+            raise DigestMismatch(
+                f"{self.what} digest mismatch: expected {self.expected}, got {actual}"
+            )

@@ -1,0 +1,91 @@
+"""One exception tree for everything layerwarm can get wrong.
+
+    LayerwarmError
+    ├── TransientError             worth retrying: timeouts, resets, 429, 5xx
+    │   └── RemoteTierUnavailable  the shared blob store did not answer
+    └── PermanentError             retrying cannot help; fail with the message
+        ├── UsageError             bad command line or settings
+        ├── InvalidReference       an image reference that does not parse
+        ├── InvalidDigest          not `sha256:` + 64 hex (or `sha512:` + 128)
+        ├── InvalidManifest        a manifest or config we cannot use
+        ├── PlatformNotFound       an index without the platform asked for
+        ├── UnsupportedMediaType   a layer type we cannot decompress
+        ├── NotFound               the registry says 404
+        ├── Unauthorized           401/403 after trying the credentials we have
+        ├── InsecureRegistry       plain HTTP to a registry that is not allowed it
+        └── VerificationError      bytes that are not what their digest says
+            ├── DigestMismatch
+            └── SizeMismatch
+
+Messages are one line and name what failed and where: they are shown to users as is.
+"""
+
+from __future__ import annotations
+
+
+class LayerwarmError(Exception):
+    """Base of every error layerwarm raises on purpose."""
+
+
+class TransientError(LayerwarmError):
+    """A failure that may pass: retry with backoff, honouring `retry_after` when set."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RemoteTierUnavailable(TransientError):
+    """The remote blob store could not be reached or answered with a server error."""
+
+
+class PermanentError(LayerwarmError):
+    """A failure that retrying cannot fix."""
+
+
+class UsageError(PermanentError):
+    """Bad arguments or settings."""
+
+
+class InvalidReference(PermanentError):
+    """An image reference that does not parse."""
+
+
+class InvalidDigest(PermanentError):
+    """A digest string that is not a well-formed, supported digest."""
+
+
+class InvalidManifest(PermanentError):
+    """A manifest, index or image config that is malformed or unusable."""
+
+
+class PlatformNotFound(PermanentError):
+    """An image index has no manifest for the requested platform."""
+
+
+class UnsupportedMediaType(PermanentError):
+    """A manifest or layer media type layerwarm does not handle."""
+
+
+class NotFound(PermanentError):
+    """The registry has no such repository, manifest or blob."""
+
+
+class Unauthorized(PermanentError):
+    """The registry refused our credentials (or our lack of them)."""
+
+
+class InsecureRegistry(PermanentError):
+    """Plain HTTP was asked for a registry not allowed to use it."""
+
+
+class VerificationError(PermanentError):
+    """Bytes that do not match what was promised; nothing is cached from them."""
+
+
+class DigestMismatch(VerificationError):
+    """The content hashes to another digest than expected."""
+
+
+class SizeMismatch(VerificationError):
+    """The content has another length than its descriptor says."""
