@@ -1,0 +1,117 @@
+"""Layer decompression by media type: gzip, zstd or plain tar, always as a stream.
+
+The media type decides the codec, and the first bytes must agree with it (a "gzip" layer
+that is not gzip is an error, not a guess). Output is yielded in chunks so a layer of any
+size passes through in constant memory; zstd frames often carry no content size, so
+nothing here relies on it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO, Literal
+
+import zstandard
+
+from pipeline.errors import UnsupportedMediaType, VerificationError
+
+Compression = Literal["gzip", "zstd", "none"]
+
+LAYER_MEDIA_TYPES: dict[str, Compression] = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
+    # Deprecated OCI non-distributable types carry the same bytes as their plain twins.
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+}
+
+_MAGIC: dict[Compression, bytes] = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+CHUNK = 1 << 20
+
+
+def compression_for(media_type: str) -> Compression:
+    try:
+        return LAYER_MEDIA_TYPES[media_type]
+    except KeyError:
+        raise UnsupportedMediaType(f"unsupported media type {media_type!r}") from None
+
+
+def check_magic(head: bytes, compression: Compression, what: str) -> None:
+    magic = _MAGIC.get(compression)
+    if magic is not None and not head.startswith(magic):
+        raise VerificationError(f"{what}: media type says {compression} but the data is not")
+
+
+def iter_decompressed(src: BinaryIO, compression: Compression, what: str) -> Iterator[bytes]:
+    """Yield the decompressed bytes of `src`, raising VerificationError on corrupt input."""
+    head = src.read(CHUNK)
+    check_magic(head, compression, what)
+    if compression == "none":
+        chunk = head
+        while chunk:
+            yield chunk
+            chunk = src.read(CHUNK)
+    elif compression == "gzip":
+        yield from _gunzip(head, src, what)
+    else:
+        yield from _unzstd(head, src, what)
+
+
+def _gunzip(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
+    # A gzip file may hold several members back to back; each needs a fresh decompressor.
+    d = zlib.decompressobj(wbits=31)
+    data = head
+    try:
+        while True:
+            if not data:
+                data = src.read(CHUNK)
+                if not data:
+                    tail = d.flush()  # output zlib still holds for input it already took
+                    if tail:
+                        yield tail
+                    if not d.eof:
+                        raise VerificationError(f"{what}: gzip stream is truncated")
+                    return
+            out = d.decompress(data, CHUNK)
+            if out:
+                yield out
+            data = d.unconsumed_tail
+            if d.eof:
+                data = d.unused_data or src.read(CHUNK)
+                if not data.strip(b"\0"):  # end of file, or zero padding after the last member
+                    return
+                d = zlib.decompressobj(wbits=31)
+    except zlib.error as e:
+        raise VerificationError(f"{what}: corrupt gzip data ({e})") from None
+
+
+def _unzstd(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
+    d = zstandard.ZstdDecompressor()
+    reader = d.stream_reader(_Prefixed(head, src), read_across_frames=True, read_size=CHUNK)
+    try:
+        while True:
+            out = reader.read(CHUNK)
+            if not out:
+                break
+            yield out
+    except zstandard.ZstdError as e:
+        raise VerificationError(f"{what}: corrupt zstd data ({e})") from None
+
+
+class _Prefixed:
+    """A reader that returns `head` first, then the rest of `src` (magic already read)."""
+
+    def __init__(self, head: bytes, src: BinaryIO) -> None:
+        self._head, self._src = head, src
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out, self._head = self._head, b""
+            return out
+        return self._src.read(n)

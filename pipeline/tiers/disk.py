@@ -1,0 +1,138 @@
+"""The worker-local, content-addressed layer store (tier 1).
+
+    <root>/sha256_<hex>   a verified, decompressed layer tar (the layer digest names it)
+    <root>/.staging/      compressed blobs between fetch and decompress
+    <root>/.tmp/          files being written; never read as entries; gc sweeps them
+    <root>/.locks/        one lock file per digest, locked with flock(2)
+
+An entry's name appears only through `Ingest.commit()`, after the caller has verified the
+bytes: write to .tmp, fsync, rename, fsync the directory. A crash at any point leaves
+nothing or a complete entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.digest import Digest
+from pipeline.errors import PermanentError
+
+
+class DiskTier:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / ".tmp"
+        self.staging_dir = self.root / ".staging"
+        self.locks_dir = self.root / ".locks"
+        self._ready = False
+
+    def _ensure_dirs(self) -> None:
+        # Made on first write, not on construction, so read-only commands change nothing.
+        if self._ready:
+            return
+        try:
+            for d in (self.root, self.tmp_dir, self.staging_dir, self.locks_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermanentError(f"cannot create cache directory {self.root}: {e.strerror}") from e
+        self._ready = True
+
+    def path(self, digest: Digest) -> Path:
+        return self.root / digest.cache_name
+
+    def staging_path(self, digest: Digest) -> Path:
+        return self.staging_dir / digest.cache_name
+
+    def size(self, digest: Digest) -> int | None:
+        """Size of the entry, or None when there is none."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
+    def lock(self, digest: Digest) -> DigestLock:
+        """An exclusive, cross-process lock for materializing one digest on this host."""
+        self._ensure_dirs()
+        return DigestLock(self.locks_dir / f"{digest.cache_name}.lock")
+
+    @contextmanager
+    def ingest(self, digest: Digest) -> Iterator[Ingest]:
+        """A temp file that becomes the entry for `digest` only if `commit()` is called."""
+        self._ensure_dirs()
+        fd, name = tempfile.mkstemp(prefix=f"{digest.cache_name}.", dir=self.tmp_dir)
+        os.fchmod(fd, 0o644)  # entries are read by other users (containerd, CI jobs)
+        ingest = Ingest(self, digest, Path(name), os.fdopen(fd, "wb"))
+        try:
+            yield ingest
+        finally:
+            ingest.file.close()
+            if not ingest.committed:
+                Path(name).unlink(missing_ok=True)
+
+
+class Ingest:
+    def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO) -> None:
+        self.tier, self.digest, self.path, self.file = tier, digest, path, file
+        self.committed = False
+
+    def commit(self) -> Path:
+        """Make the verified temp file the entry: fsync, rename, fsync the directory."""
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        else:
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
+        target = self.tier.path(self.digest)
+        os.replace(self.path, target)
+        self.committed = True
+        dir_fd = os.open(self.tier.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target
+
+
+class DigestLock:
+    """flock(2) on a per-digest file: held by this open file, released on close or exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> DigestLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
