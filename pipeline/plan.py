@@ -1,0 +1,172 @@
+"""Resolve image references to layers, and dedupe layers across a whole set of images.
+
+Resolution asks each unique manifest and config once (memoised, also across threads), so
+a fleet of many tags over few images costs one request per unique document.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from pipeline.digest import Digest
+from pipeline.errors import InvalidManifest, LayerwarmError
+from pipeline.manifest import (
+    IMAGE_TYPES,
+    ImageConfig,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    parse_config,
+    parse_manifest,
+)
+from pipeline.reference import Reference
+from pipeline.registry.client import RegistryClient
+from pipeline.stages import LayerSpec
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Memo(Generic[K, V]):
+    """Computes each key once; concurrent callers of one key wait for the first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[K, Future[V]] = {}
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        with self._lock:
+            fut = self._futures.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._futures[key] = Future()
+        assert fut is not None
+        if owner:
+            try:
+                fut.set_result(compute())
+            except BaseException as e:
+                fut.set_exception(e)
+        return fut.result()
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    ref: Reference
+    manifest_digest: Digest
+    platform: Platform | None
+    layers: tuple[LayerSpec, ...]
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    ref: str
+    error: str
+
+
+@dataclass
+class Plan:
+    images: list[ResolvedImage] = field(default_factory=list)
+    failures: list[ImageFailure] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[LayerSpec]:
+        """Unique layers over all images, first-seen order, each with every repo that has it."""
+        seen: dict[Digest, LayerSpec] = {}
+        for image in self.images:
+            for layer in image.layers:
+                known = seen.get(layer.digest)
+                if known is None:
+                    seen[layer.digest] = layer
+                elif not set(layer.sources) <= set(known.sources):
+                    merged = known.sources + tuple(
+                        s for s in layer.sources if s not in known.sources
+                    )
+                    seen[layer.digest] = LayerSpec(
+                        known.digest, known.diff_id, known.media_type, known.size, merged
+                    )
+        return list(seen.values())
+
+
+class Resolver:
+    """Turns references into ResolvedImages; thread-safe, one request per unique document."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
+            _Memo()
+        )
+        self._configs: _Memo[tuple[str, Digest], ImageConfig] = _Memo()
+
+    def resolve(self, ref: Reference, platform: Platform | None) -> list[ResolvedImage]:
+        """The image(s) `ref` names: one for `platform`, or every platform when None."""
+        doc, digest = self._manifest(ref)
+        if isinstance(doc, ImageManifest):
+            return [self._image(ref, doc, digest)]
+        chosen = doc.images() if platform is None else (doc.select(platform),)
+        out = []
+        for desc in chosen:
+            child, child_digest = self._manifest(ref.with_digest(desc.digest))
+            if not isinstance(child, ImageManifest):
+                raise InvalidManifest(f"{ref}: index entry {desc.digest} is not an image manifest")
+            out.append(self._image(ref, child, child_digest, desc.platform))
+        return out
+
+    def _manifest(self, ref: Reference) -> tuple[ImageManifest | ImageIndex, Digest]:
+        def load() -> tuple[ImageManifest | ImageIndex, Digest]:
+            fetched = self.client.fetch_manifest(ref)
+            return parse_manifest(fetched.data, fetched.media_type), fetched.digest
+
+        key = (ref.name, str(ref.digest) if ref.digest else f"tag:{ref.tag}")
+        return self._manifests.get(key, load)
+
+    def _image(
+        self,
+        ref: Reference,
+        manifest: ImageManifest,
+        digest: Digest,
+        platform: Platform | None = None,
+    ) -> ResolvedImage:
+        if manifest.media_type not in IMAGE_TYPES:
+            raise InvalidManifest(f"{ref}: {manifest.media_type} is not an image manifest")
+        config = self._configs.get(
+            (ref.name, manifest.config.digest),
+            lambda: parse_config(self.client.fetch_blob(ref, manifest.config.digest)),
+        )
+        if len(config.diff_ids) != len(manifest.layers):
+            raise InvalidManifest(
+                f"{ref}: manifest lists {len(manifest.layers)} layers but the image config "
+                f"has {len(config.diff_ids)} diff_ids"
+            )
+        source = Reference(ref.registry, ref.repository)
+        layers = tuple(
+            LayerSpec(d.digest, diff_id, d.media_type, d.size, (source,))
+            for d, diff_id in zip(manifest.layers, config.diff_ids, strict=True)
+        )
+        return ResolvedImage(ref, digest, platform or config.platform, layers)
+
+
+def resolve_all(
+    resolver: Resolver,
+    refs: list[Reference],
+    platform: Platform | None,
+    executor: Executor,
+) -> Plan:
+    """Resolve every ref concurrently on `executor` into one Plan; failures are per ref."""
+
+    def one(ref: Reference) -> list[ResolvedImage] | ImageFailure:
+        try:
+            return resolver.resolve(ref, platform)
+        except LayerwarmError as e:
+            return ImageFailure(str(ref), str(e))
+
+    plan = Plan()
+    for outcome in executor.map(one, list(dict.fromkeys(refs))):
+        if isinstance(outcome, ImageFailure):
+            plan.failures.append(outcome)
+        else:
+            plan.images.extend(outcome)
+    return plan

@@ -1,0 +1,130 @@
+"""What `warm` and `plan` print at the end: a table for people, JSON for programs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.plan import Plan
+from pipeline.progress import human_bytes
+from pipeline.runner import WarmReport
+from pipeline.stages import LayerResult, LayerSpec, Source
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
+def warm_totals(report: WarmReport) -> dict[str, int]:
+    results = report.results
+    return {
+        "layers": len(results),
+        "failed": sum(1 for r in results if not r.ok),
+        "cache_hits": sum(1 for r in results if r.source == "disk"),
+        "from_remote": sum(1 for r in results if r.source == "remote"),
+        "from_registry": sum(1 for r in results if r.source == "registry"),
+        "bytes_from_registry": report.bytes_from("registry"),
+        "bytes_from_remote": report.bytes_from("remote"),
+        "images_failed": len(report.plan.failures),
+    }
+
+
+def warm_text(report: WarmReport) -> str:
+    rows = [
+        (
+            r.layer.digest.short,
+            human_bytes(r.layer.size),
+            human_bytes(r.uncompressed_size) if r.uncompressed_size is not None else "-",
+            r.source or "FAILED",
+            f"{r.seconds:.2f}",
+        )
+        for r in report.results
+    ]
+    header = ("LAYER", "COMPRESSED", "UNCOMPRESSED", "FROM", "SECONDS")
+    lines = _table(header, rows, right={1, 2, 4}) if rows else ["no layers"]
+    t = warm_totals(report)
+    lines.append(
+        f"{t['layers']} layers: {t['from_registry']} from registry "
+        f"({human_bytes(t['bytes_from_registry'])}), {t['from_remote']} from remote "
+        f"({human_bytes(t['bytes_from_remote'])}), {t['cache_hits']} cache hits, "
+        f"{t['failed']} failed"
+    )
+    return "\n".join(lines)
+
+
+def failure_lines(report: WarmReport) -> list[str]:
+    out = [f"error: {f.ref}: {f.error}" for f in report.plan.failures]
+    out += [f"error: layer {r.layer.digest}: {r.error}" for r in report.results if not r.ok]
+    return out
+
+
+def _layer_json(layer: LayerSpec) -> dict[str, Any]:
+    return {
+        "digest": str(layer.digest),
+        "diff_id": str(layer.diff_id),
+        "media_type": layer.media_type,
+        "compressed_size": layer.size,
+    }
+
+
+def _result_json(r: LayerResult) -> dict[str, Any]:
+    return {
+        **_layer_json(r.layer),
+        "uncompressed_size": r.uncompressed_size,
+        "source": r.source,
+        "seconds": round(r.seconds, 3),
+        "published": r.published,
+        "error": r.error,
+    }
+
+
+def _images_json(plan: Plan) -> list[dict[str, Any]]:
+    return [
+        {
+            "ref": str(img.ref),
+            "manifest_digest": str(img.manifest_digest),
+            "platform": str(img.platform) if img.platform else None,
+            "layers": [str(x.digest) for x in img.layers],
+        }
+        for img in plan.images
+    ]
+
+
+def warm_json(report: WarmReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "images": _images_json(report.plan),
+        "image_failures": [{"ref": f.ref, "error": f.error} for f in report.plan.failures],
+        "layers": [_result_json(r) for r in report.results],
+        "totals": warm_totals(report),
+    }
+
+
+def plan_json(plan: Plan, where: dict[LayerSpec, Source | None]) -> dict[str, Any]:
+    layers = [{**_layer_json(x), "tier": where[x]} for x in plan.layers]
+    return {
+        "images": _images_json(plan),
+        "image_failures": [{"ref": f.ref, "error": f.error} for f in plan.failures],
+        "layers": layers,
+        "bytes_to_fetch": sum(x.size for x in plan.layers if where[x] is None),
+    }
+
+
+def plan_text(plan: Plan, where: dict[LayerSpec, Source | None]) -> str:
+    rows = [
+        (x.digest.short, human_bytes(x.size), where[x] or "registry", str(len(x.sources)))
+        for x in plan.layers
+    ]
+    lines = [f"{len(plan.images)} images, {len(plan.layers)} unique layers"]
+    if rows:
+        lines += _table(("LAYER", "COMPRESSED", "TIER", "REPOS"), rows, right={1})
+    to_fetch = [x for x in plan.layers if where[x] is None]
+    nbytes = human_bytes(sum(x.size for x in to_fetch))
+    lines.append(f"to fetch from registry: {len(to_fetch)} layers, {nbytes}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""The embedded runner: every stage in-process, on two bounded thread pools.
+
+Fetch and publish are network-bound and run on the IO pool (many threads); decompress is
+CPU-bound and runs on the CPU pool (about one thread per core; zlib, zstd and hashlib
+release the GIL). Each unique layer is materialized once however many refs share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pipeline.config import Settings
+from pipeline.errors import LayerwarmError
+from pipeline.manifest import Platform
+from pipeline.plan import Plan, Resolver, resolve_all
+from pipeline.reference import Reference
+from pipeline.registry.auth import DockerConfig
+from pipeline.registry.client import RegistryClient
+from pipeline.stages import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, materialize
+from pipeline.tiers.disk import DiskTier
+from pipeline.tiers.remote import RemoteTier, open_remote
+
+log = logging.getLogger("layerwarm")
+
+
+@dataclass
+class WarmReport:
+    plan: Plan
+    results: list[LayerResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.plan.failures and all(r.ok for r in self.results)
+
+    def bytes_from(self, source: Source) -> int:
+        if source == "registry":
+            return sum(r.layer.size for r in self.results if r.source == "registry")
+        return sum(r.uncompressed_size or 0 for r in self.results if r.source == source)
+
+
+@dataclass
+class Environment:
+    """The collaborators a run needs, built once from Settings."""
+
+    client: RegistryClient
+    disk: DiskTier
+    remote: RemoteTier | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Environment:
+        client = RegistryClient(
+            insecure_registries=settings.insecure_registries,
+            docker_config=DockerConfig.load(),
+        )
+        remote = open_remote(settings.remote_url) if settings.remote_url else None
+        return cls(client, DiskTier(settings.cache_dir), remote)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a user: our errors speak for themselves; OS errors name the file."""
+    if isinstance(e, LayerwarmError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" on {e.filename}" if e.filename else ""
+        return f"{e.strerror.lower()}{where}"
+    return f"unexpected {type(e).__name__}: {e}"
+
+
+def warm(
+    refs: Sequence[Reference],
+    settings: Settings,
+    *,
+    platform: Platform | None,
+    progress: Progress = NO_PROGRESS,
+    env: Environment | None = None,
+) -> WarmReport:
+    """Resolve `refs` and materialize every unique layer; never raises for a single layer."""
+    env = env or Environment.from_settings(settings)
+    with (
+        ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
+        ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
+    ):
+        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+        progress.planned(plan.layers)
+
+        def one(layer: LayerSpec) -> LayerResult:
+            try:
+                return materialize(
+                    layer, client=env.client, disk=env.disk, remote=env.remote,
+                    progress=progress, run_cpu=lambda fn: cpu.submit(fn).result(),
+                )
+            except Exception as e:  # one layer's failure must not stop the others
+                reason = describe_error(e)
+                if not isinstance(e, LayerwarmError | OSError):
+                    log.exception("layer %s failed unexpectedly", layer.digest)
+                log.error("layer failed: %s: %s", layer.digest, reason)
+                progress.stage(layer, "failed", None)
+                return LayerResult(layer, error=reason)
+
+        results = list(io.map(one, plan.layers))
+    return WarmReport(plan, results)
+
+
+def locate(layers: Sequence[LayerSpec], env: Environment) -> dict[LayerSpec, Source | None]:
+    """Where each layer is now, without changing anything: disk, remote, or nowhere."""
+    where: dict[LayerSpec, Source | None] = {}
+    for layer in layers:
+        if env.disk.has(layer.digest):
+            where[layer] = "disk"
+        elif env.remote is not None and env.remote.stat(layer.digest) is not None:
+            where[layer] = "remote"
+        else:
+            where[layer] = None
+    return where
+
+
+def plan_only(
+    refs: Sequence[Reference], settings: Settings, *, platform: Platform | None,
+    env: Environment | None = None,
+) -> tuple[Plan, dict[LayerSpec, Source | None]]:
+    """Resolve refs and report what each tier holds; makes no changes."""
+    env = env or Environment.from_settings(settings)
+    with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
+        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+    return plan, locate(plan.layers, env)

@@ -1,0 +1,298 @@
+"""The three stages of materializing one layer, and the function that composes them.
+
+    fetch       registry blob -> .staging/sha256_<hex>   (digest + size verified while streaming)
+    decompress  staging -> sha256_<hex> in the disk tier  (sha256 of output == diff_id)
+    publish     disk -> remote tier, with metadata        (skipped when already there)
+
+`materialize` looks disk -> remote -> registry under the digest's host lock, so two
+processes on one host fetch a layer once. It is the one composition used by the embedded
+runner; the Celery tasks call the stages one by one with the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, TypeVar
+
+from pipeline.codecs import CHUNK, compression_for, iter_decompressed
+from pipeline.digest import Digest, Verifier
+from pipeline.errors import NotFound, RemoteTierUnavailable, TransientError, VerificationError
+from pipeline.reference import Reference
+from pipeline.registry.client import RegistryClient
+from pipeline.tiers.disk import DiskTier
+from pipeline.tiers.remote import RemoteTier
+
+log = logging.getLogger("layerwarm")
+
+Source = Literal["disk", "remote", "registry"]
+T = TypeVar("T")
+FETCH_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer to materialize: what the manifest and image config say about it."""
+
+    digest: Digest                     # of the compressed blob; names the cache entry
+    diff_id: Digest                    # of the decompressed tar, from the image config
+    media_type: str
+    size: int                          # compressed size from the manifest
+    sources: tuple[Reference, ...] = field(default=(), compare=False)  # repos that have it
+
+
+@dataclass
+class LayerResult:
+    layer: LayerSpec
+    source: Source | None = None
+    uncompressed_size: int | None = None
+    seconds: float = 0.0
+    published: bool | None = None      # None: no remote tier, or it was not reachable
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Progress(Protocol):
+    """Receives stage changes and byte counts; must be thread-safe."""
+
+    def planned(self, layers: Sequence[LayerSpec]) -> None: ...
+    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None: ...
+    def advance(self, layer: LayerSpec, nbytes: int) -> None: ...
+
+
+class NoProgress:
+    def planned(self, layers: Sequence[LayerSpec]) -> None:
+        pass
+
+    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
+        pass
+
+    def advance(self, layer: LayerSpec, nbytes: int) -> None:
+        pass
+
+
+NO_PROGRESS = NoProgress()
+
+
+def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
+    return {
+        "diff-id": str(layer.diff_id),
+        "media-type": layer.media_type,
+        "compressed-size": str(layer.size),
+        "uncompressed-size": str(uncompressed_size),
+    }
+
+
+def fetch(
+    client: RegistryClient, layer: LayerSpec, disk: DiskTier, progress: Progress = NO_PROGRESS
+) -> Path:
+    """Download the layer blob to its staging file, verified; return the staging path.
+
+    A cut connection resumes with a Range request from the bytes already verified.
+    """
+    staging = disk.staging_path(layer.digest)
+    if staging.exists() and staging.stat().st_size == layer.size:
+        return staging  # verified by an earlier fetch whose decompress did not run
+    partial = staging.with_name(staging.name + ".partial")
+    progress.stage(layer, "fetching", layer.size)
+    last: Exception | None = None
+    for source in layer.sources:
+        try:
+            _download(client, source, layer, partial, progress)
+            os.replace(partial, staging)
+            return staging
+        except NotFound as e:  # another repository holding the same blob may serve it
+            last = e
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    partial.unlink(missing_ok=True)
+    raise last or NotFound(f"blob {layer.digest}: no repository to fetch it from")
+
+
+def _download(
+    client: RegistryClient, ref: Reference, layer: LayerSpec, dest: Path, progress: Progress
+) -> None:
+    verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
+    with open(dest, "wb") as out:
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                with client.open_blob(ref, layer.digest, offset=verifier.count) as stream:
+                    if stream.offset != verifier.count:  # server ignored Range: start over
+                        progress.advance(layer, -verifier.count)
+                        out.seek(0)
+                        out.truncate()
+                        verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
+                    for chunk in stream.iter_chunks(CHUNK):
+                        verifier.update(chunk)
+                        out.write(chunk)
+                        progress.advance(layer, len(chunk))
+                break
+            except TransientError as e:
+                if attempt + 1 == FETCH_ATTEMPTS:
+                    raise
+                log.warning("blob %s: %s; resuming at byte %d", layer.digest, e, verifier.count)
+                time.sleep(min(0.5 * 2**attempt, 8.0) if e.retry_after is None else e.retry_after)
+        verifier.verify()
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def decompress(
+    layer: LayerSpec, disk: DiskTier, staging: Path, progress: Progress = NO_PROGRESS
+) -> int:
+    """Decompress the staging blob into the disk tier, verified against the diff_id.
+
+    Returns the uncompressed size. The staging file is removed once the entry exists.
+    """
+    compression = compression_for(layer.media_type)
+    progress.stage(layer, "decompressing", layer.size)
+    verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
+    with disk.ingest(layer.digest) as ingest, open(staging, "rb") as src:
+        what = f"layer {layer.digest}"
+        for chunk in iter_decompressed(_Counting(src, layer, progress), compression, what):
+            verifier.update(chunk)
+            ingest.file.write(chunk)
+        try:
+            verifier.verify()
+        except VerificationError:
+            staging.unlink(missing_ok=True)
+            raise VerificationError(
+                f"layer {layer.digest}: decompressed content is {verifier.actual}, "
+                f"but the image config says diff_id {layer.diff_id}"
+            ) from None
+        ingest.commit()
+    staging.unlink(missing_ok=True)
+    return verifier.count
+
+
+class _Counting:
+    """Reports compressed bytes read, so decompression shows progress against `size`."""
+
+    def __init__(self, src, layer: LayerSpec, progress: Progress) -> None:  # noqa: ANN001
+        self._src, self._layer, self._progress = src, layer, progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self._progress.advance(self._layer, len(data))
+        return data
+
+
+def restore(
+    layer: LayerSpec, disk: DiskTier, remote: RemoteTier, progress: Progress = NO_PROGRESS
+) -> int | None:
+    """Copy the layer from the remote tier to disk, verified; None when the remote lacks it."""
+    entry = remote.stat(layer.digest)
+    if entry is None:
+        return None
+    progress.stage(layer, "restoring", entry.size)
+    with disk.ingest(layer.digest) as ingest:
+        ingest.file.close()
+        remote.download(layer.digest, ingest.path, lambda n: progress.advance(layer, n))
+        what = f"remote entry {remote.url}/{layer.digest.cache_name}"
+        verifier = Verifier(layer.diff_id, what=what)
+        with open(ingest.path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                verifier.update(chunk)
+        verifier.verify()
+        ingest.commit()
+    return verifier.count
+
+
+def publish(
+    layer: LayerSpec,
+    disk: DiskTier,
+    remote: RemoteTier,
+    progress: Progress = NO_PROGRESS,
+    *,
+    force: bool = False,
+) -> bool:
+    """Upload the disk entry to the remote tier unless it is there already; True if uploaded."""
+    path = disk.path(layer.digest)
+    size = path.stat().st_size
+    if not force:
+        entry = remote.stat(layer.digest)
+        if entry is not None and entry.size == size:
+            return False
+    progress.stage(layer, "publishing", size)
+    remote.upload(
+        layer.digest, path, remote_metadata(layer, size), lambda n: progress.advance(layer, n)
+    )
+    log.info("layer published to remote: %s (%d bytes) %s", layer.digest, size, remote.url)
+    return True
+
+
+def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def materialize(
+    layer: LayerSpec,
+    *,
+    client: RegistryClient,
+    disk: DiskTier,
+    remote: RemoteTier | None = None,
+    progress: Progress = NO_PROGRESS,
+    run_cpu: Callable[[Callable[[], int]], int] = _direct,
+) -> LayerResult:
+    """Make the layer present on disk (and remote): disk -> remote -> registry.
+
+    `run_cpu` runs decompression where CPU work belongs (the runner's CPU pool).
+    Raises LayerwarmError subclasses; the caller records them per layer.
+    """
+    started = time.monotonic()
+    compression_for(layer.media_type)  # fail before any download for a type we can't unpack
+    result = LayerResult(layer)
+    remote_ok = remote is not None
+    republish = False
+    with disk.lock(layer.digest):
+        size = disk.size(layer.digest)
+        if size is not None:
+            path = disk.path(layer.digest)
+            log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)
+            result.source, result.uncompressed_size = "disk", size
+            result.seconds = time.monotonic() - started
+            progress.stage(layer, "done", None)
+            return result
+        if remote is not None:
+            try:
+                size = restore(layer, disk, remote, progress)
+            except RemoteTierUnavailable as e:
+                log.warning("remote tier unavailable, using the registry: %s", e)
+                remote_ok = False
+            except VerificationError as e:
+                log.warning("remote entry is corrupt, using the registry: %s", e)
+                republish = True
+            except NotFound:
+                size = None  # removed between stat and download (remote gc): a miss
+            if size is not None:
+                path = disk.path(layer.digest)
+                log.info("remote cache hit: %s (%d bytes) %s", layer.digest, size, path)
+                result.source, result.uncompressed_size = "remote", size
+                result.seconds = time.monotonic() - started
+                progress.stage(layer, "done", None)
+                return result
+        log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
+        staging = fetch(client, layer, disk, progress)
+        size = run_cpu(lambda: decompress(layer, disk, staging, progress))
+        log.info(
+            "layer decompressed and cached: %s (%d bytes) %s",
+            layer.digest, size, disk.path(layer.digest),
+        )
+        result.source, result.uncompressed_size = "registry", size
+    if remote is not None and remote_ok:
+        try:
+            result.published = publish(layer, disk, remote, progress, force=republish)
+        except RemoteTierUnavailable as e:
+            # The layer is warm on this host; the shared tier catches up on a later run.
+            log.warning("publish to remote tier failed, layer stays on disk: %s", e)
+    result.seconds = time.monotonic() - started
+    progress.stage(layer, "done", None)
+    return result

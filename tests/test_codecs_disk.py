@@ -1,0 +1,110 @@
+"""Codecs on real compressed data, and the disk tier's atomic commit and cross-process lock."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pipeline.codecs import compression_for, iter_decompressed
+from pipeline.digest import Digest
+from pipeline.errors import UnsupportedMediaType, VerificationError
+from pipeline.tiers.disk import DiskTier
+from tests.support.images import random_tar
+
+TAR = random_tar(7, 3_000_000)
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@pytest.mark.parametrize(
+    "compression, blob",
+    [
+        ("gzip", gzip.compress(TAR, mtime=0)),
+        ("gzip", gzip.compress(TAR[:1000], mtime=0) + gzip.compress(TAR[1000:], mtime=0)),
+        ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(TAR)),
+        ("zstd", _zstd(TAR[:5]) + _zstd(TAR[5:])),
+        ("none", TAR),
+    ],
+    ids=["gzip", "gzip-multimember", "zstd-no-size", "zstd-two-frames", "plain"],
+)
+def test_decompressed_bytes_are_the_tar(compression: str, blob: bytes) -> None:
+    assert b"".join(iter_decompressed(io.BytesIO(blob), compression, "t")) == TAR  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "compression, blob, message",
+    [
+        ("gzip", gzip.compress(TAR)[:-2000], "truncated"),
+        ("gzip", TAR, "media type says gzip"),
+        ("zstd", gzip.compress(TAR), "media type says zstd"),
+        ("gzip", gzip.compress(TAR)[:5000] + b"\0garbage" * 100, "gzip"),
+        ("zstd", b"\x28\xb5\x2f\xfd" + b"\xff" * 4000, "corrupt zstd"),
+    ],
+    ids=["gzip-truncated", "gzip-label-on-tar", "zstd-label-on-gzip", "gzip-junk", "zstd-junk"],
+)
+def test_corrupt_or_mislabelled_input_is_a_verification_error(compression, blob, message) -> None:
+    with pytest.raises(VerificationError) as e:
+        b"".join(iter_decompressed(io.BytesIO(blob), compression, "layer X"))
+    assert message in str(e.value) and "layer X" in str(e.value)
+
+
+def test_media_types() -> None:
+    assert compression_for("application/vnd.oci.image.layer.v1.tar+zstd") == "zstd"
+    assert compression_for("application/vnd.docker.image.rootfs.diff.tar.gzip") == "gzip"
+    assert compression_for("application/vnd.oci.image.layer.v1.tar") == "none"
+    with pytest.raises(UnsupportedMediaType) as e:
+        compression_for("application/vnd.example.weird")
+    assert "unsupported media type 'application/vnd.example.weird'" in str(e.value)
+
+
+DIGEST = Digest.of_bytes(b"layer")
+
+
+def test_entry_appears_only_on_commit(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "c")
+    assert not (tmp_path / "c").exists(), "constructing the tier must not write"
+    with disk.ingest(DIGEST) as ing:
+        ing.file.write(b"half")
+        assert not disk.has(DIGEST)
+    assert not disk.has(DIGEST) and list(disk.tmp_dir.iterdir()) == []
+    with pytest.raises(RuntimeError), disk.ingest(DIGEST) as ing:
+        ing.file.write(b"data")
+        raise RuntimeError("crash before commit")
+    assert not disk.has(DIGEST) and list(disk.tmp_dir.iterdir()) == []
+    with disk.ingest(DIGEST) as ing:
+        ing.file.write(b"layer")
+        ing.commit()
+    assert disk.path(DIGEST).read_bytes() == b"layer"
+    assert disk.path(DIGEST).name == DIGEST.cache_name
+    assert disk.path(DIGEST).stat().st_mode & 0o777 == 0o644
+
+
+def _hold_lock(root: str, seconds: float, ready) -> None:  # noqa: ANN001
+    with DiskTier(Path(root)).lock(DIGEST):
+        ready.set()
+        time.sleep(seconds)
+
+
+def test_lock_excludes_another_process(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(tmp_path), 1.0, ready))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        lock = DiskTier(tmp_path).lock(DIGEST)
+        assert not lock.acquire(blocking=False), "lock held by another process must exclude us"
+        started = time.monotonic()
+        assert lock.acquire()  # waits for the other process to let go
+        assert time.monotonic() - started > 0.1
+        lock.release()
+    finally:
+        proc.join(30)
