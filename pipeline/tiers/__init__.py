@@ -1,0 +1,10 @@
+"""Cache tiers: local disk (tier 1) and a shared remote blob store (tier 2).
+
+Both name a layer by its manifest digest, `sha256_<hex>`. The remote tier's protocol and
+`open_remote` are re-exported here; S3Tier and DirectoryTier live in `tiers.s3` and
+`tiers.directory` and are imported only when a URL asks for them (boto3 is heavy).
+"""
+
+from pipeline.tiers.remote import METADATA_KEYS, RemoteEntry, RemoteTier, open_remote
+
+__all__ = ["METADATA_KEYS", "RemoteEntry", "RemoteTier", "open_remote"]

@@ -1,0 +1,259 @@
+"""The remote tier as a plain directory, e.g. an NFS mount shared by every worker.
+
+Layout (entries sit directly under the root so `ls` lists layers by digest):
+
+    <root>/sha256_<hex>              the decompressed layer tar
+    <root>/.meta/sha256_<hex>.json   its metadata, {"diff-id": ..., ...}
+    <root>/.tmp/                     files being written; never read; safe to sweep
+
+An upload copies into `.tmp/`, fsyncs, writes the sidecar, then renames the entry into
+place: rename within one filesystem is atomic (also on NFS), so readers on any host see
+either no entry or a complete one. Temp files left by a crash are only ever in `.tmp/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TypeVar
+
+from pipeline.digest import Digest
+from pipeline.errors import (
+    LayerwarmError,
+    NotFound,
+    RemoteTierUnavailable,
+    Unauthorized,
+    UsageError,
+)
+from pipeline.tiers.remote import Progress, RemoteEntry, checked_metadata, entry_name
+
+log = logging.getLogger(__name__)
+
+# Layers are tens to hundreds of MiB: big buffers keep syscalls (and NFS round trips) few.
+_CHUNK = 4 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+def _pump(
+    readinto: Callable[[memoryview], int | None],
+    write: Callable[[memoryview], object],
+    progress: Progress | None,
+) -> int:
+    """Copy until EOF through one reusable buffer; returns the bytes copied."""
+    view = memoryview(bytearray(_CHUNK))
+    total = 0
+    while n := readinto(view):
+        write(view[:n])
+        total += n
+        if progress is not None:
+            progress(n)
+    return total
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable. Some filesystems refuse fsync on a directory;
+    # the rename is still atomic there, so that refusal is not an error.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class DirectoryTier:
+    """A `RemoteTier` on a local or network filesystem directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        root = Path(root)
+        if not root.is_absolute():
+            raise UsageError(f"remote tier directory must be an absolute path, got {str(root)!r}")
+        self.root = root
+        self.url = root.as_uri()
+        self._tmp = root / ".tmp"
+        self._meta = root / ".meta"
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DirectoryTier({self.url!r})"
+
+    # -- the RemoteTier protocol -------------------------------------------------------
+
+    def stat(self, digest: Digest) -> RemoteEntry | None:
+        self._ensure_root()
+        with self._errors(f"stat {digest}"):
+            try:
+                st = os.stat(self.root / digest.cache_name)
+            except FileNotFoundError:
+                return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return RemoteEntry(digest, st.st_size, self._read_sidecar(digest))
+
+    def download(self, digest: Digest, dest: Path, progress: Progress | None = None) -> RemoteEntry:
+        self._ensure_root()
+        what = f"download {digest}"
+        with self._errors(what):
+            try:
+                fsrc = open(self.root / digest.cache_name, "rb")
+            except (FileNotFoundError, IsADirectoryError):
+                raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
+        with fsrc:
+            metadata = self._read_sidecar(digest)
+            # Errors writing `dest` are the local disk's (e.g. ENOSPC) and stay OSError;
+            # only reading the share is translated into remote-tier errors.
+            with open(dest, "wb") as fdst:
+                size = _pump(lambda buf: self._call(what, fsrc.readinto, buf), fdst.write, progress)
+        return RemoteEntry(digest, size, metadata)
+
+    def upload(
+        self,
+        digest: Digest,
+        src: Path,
+        metadata: Mapping[str, str],
+        progress: Progress | None = None,
+    ) -> None:
+        meta = checked_metadata(self.url, metadata)
+        name = digest.cache_name
+        what = f"upload {digest}"
+        self._ensure_root()
+        with open(src, "rb") as fsrc:  # a missing `src` is the caller's bug: plain OSError
+            with self._errors(what):
+                self._tmp.mkdir(exist_ok=True)  # re-made each time: gc may sweep .tmp
+                self._meta.mkdir(exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".part")
+                try:
+                    with os.fdopen(fd, "wb") as fdst:
+                        _pump(fsrc.readinto, fdst.write, progress)
+                        fdst.flush()
+                        os.fsync(fdst.fileno())
+                    # The sidecar goes first, so a visible entry always has its metadata.
+                    self._write_sidecar(name, meta)
+                    os.replace(tmp, self.root / name)
+                except BaseException:
+                    with suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                _fsync_dir(self.root)
+
+    def delete(self, digest: Digest) -> bool:
+        self._ensure_root()
+        name = digest.cache_name
+        with self._errors(f"delete {digest}"):
+            try:
+                os.unlink(self.root / name)
+                existed = True
+            except FileNotFoundError:
+                existed = False
+            # Entry first, then sidecar: a crash in between leaves only an orphan sidecar,
+            # which no reader trusts without its entry.
+            with suppress(FileNotFoundError):
+                os.unlink(self._meta / f"{name}.json")
+        return existed
+
+    def list(self) -> Iterator[RemoteEntry]:
+        self._ensure_root()
+        with self._errors("list"), os.scandir(self.root) as it:
+            found = [(d, e) for e in it if (d := entry_name(e.name)) is not None]
+        for digest, dirent in found:
+            try:
+                st = dirent.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted since the scan
+            except OSError as exc:
+                raise self._translate(exc, "list") from exc
+            if stat.S_ISREG(st.st_mode):
+                yield RemoteEntry(digest, st.st_size, {})
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _ensure_root(self) -> None:
+        """Create the root (one level only) the first time it is needed.
+
+        Only the last component is created: if the parent is missing, the share is most
+        likely not mounted, and creating it would silently cache onto the local disk.
+        """
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                if not self.root.is_dir():
+                    # exist_ok: another worker may create it at the same moment.
+                    self.root.mkdir(exist_ok=True)
+            except FileNotFoundError:
+                raise UsageError(
+                    f"remote tier {self.url}: parent directory {self.root.parent} does not "
+                    "exist (is the share mounted?)"
+                ) from None
+            except FileExistsError:
+                raise UsageError(f"remote tier {self.url}: not a directory") from None
+            except OSError as exc:
+                raise self._translate(exc, "create root") from exc
+            self._ready = True
+
+    def _read_sidecar(self, digest: Digest) -> dict[str, str]:
+        path = self._meta / f"{digest.cache_name}.json"
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            # A damaged sidecar must not hide a good layer: the content is verified by
+            # its digest anyway, only the descriptive metadata is lost.
+            log.warning("remote tier %s: ignoring unreadable metadata %s", self.url, path)
+            return {}
+        except OSError as exc:
+            raise self._translate(exc, f"read metadata of {digest}") from exc
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _write_sidecar(self, name: str, meta: dict[str, str]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".json.part")
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                json.dump(meta, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._meta / f"{name}.json")
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _translate(self, exc: OSError, what: str) -> LayerwarmError:
+        if isinstance(exc, PermissionError):
+            return Unauthorized(f"remote tier {self.url}: {what}: permission denied")
+        # Everything else (EIO, ESTALE, ETIMEDOUT on NFS, ENOSPC on the share) may pass.
+        return RemoteTierUnavailable(f"remote tier {self.url}: {what}: {exc.strerror or exc}")
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except LayerwarmError:
+            raise
+        except OSError as exc:
+            raise self._translate(exc, what) from exc
+
+    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise self._translate(exc, what) from exc
