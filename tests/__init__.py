@@ -1,0 +1,1 @@
+"""layerwarm test suite."""
