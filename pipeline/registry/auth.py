@@ -1,0 +1,363 @@
+"""Registry credentials and authentication: Docker config, credential helpers, tokens.
+
+Where credentials come from (`DockerConfig.credentials_for`), in Docker's order:
+`credHelpers[registry]`, then `credsStore`, then `auths[registry]` in config.json.
+
+How they are used (`Authenticator`): the registry answers 401 with a `WWW-Authenticate`
+challenge. `Basic` means send the credentials with every request; `Bearer` means ask the
+token server named in `realm` for a short-lived token for one scope
+(`repository:<name>:pull`), anonymously when there are no credentials. Tokens are cached
+per (host, scope) until shortly before they expire, so many threads share one token.
+
+Secrets never leave this module except inside an Authorization header value: they are
+kept out of reprs, log lines and exception messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from pipeline.errors import TransientError, Unauthorized, UsageError
+
+log = logging.getLogger(__name__)
+
+HUB_SERVER = "https://index.docker.io/v1/"  # the key `docker login` uses for Docker Hub
+_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+IDENTITY_TOKEN_USER = "<token>"  # Docker's marker: the password is an OAuth refresh token
+_TOKEN_MIN_TTL = 60.0  # the distribution token spec's default and minimum lifetime
+_HELPER_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and password (or identity token); the secret stays out of the repr."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @property
+    def is_identity_token(self) -> bool:
+        return self.username == IDENTITY_TOKEN_USER
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def describe(self) -> str:
+        """Who we authenticated as, safe for messages."""
+        return "an identity token" if self.is_identity_token else f"user {self.username!r}"
+
+
+def _host_of(key: str) -> str:
+    """`https://host:5000/v1/` -> `host:5000`: Docker stores auths under URLs or hostnames."""
+    key = key.strip()
+    if "://" in key:
+        key = key.split("://", 1)[1]
+    return key.split("/", 1)[0].lower()
+
+
+def _same_registry(key: str, registry: str) -> bool:
+    host, wanted = _host_of(key), registry.lower()
+    if wanted in _HUB_NAMES:
+        return host in _HUB_NAMES
+    return host == wanted
+
+
+class DockerConfig:
+    """The parts of Docker's config.json that say how to log in to registries."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
+        data = data or {}
+        self.path = path
+        auths, helpers = data.get("auths"), data.get("credHelpers")
+        self.auths: dict[str, Any] = auths if isinstance(auths, dict) else {}
+        self.cred_helpers: dict[str, str] = helpers if isinstance(helpers, dict) else {}
+        store = data.get("credsStore")
+        self.creds_store: str | None = store if isinstance(store, str) and store else None
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> DockerConfig:
+        """Read `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; none -> empty."""
+        env = os.environ if env is None else env
+        if env.get("DOCKER_CONFIG"):
+            path = Path(env["DOCKER_CONFIG"]) / "config.json"
+        else:
+            home = env.get("HOME")
+            path = (Path(home) if home else Path.home()) / ".docker" / "config.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(path=path)
+        except OSError as e:
+            raise UsageError(f"cannot read Docker config {path}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            # The position only, never the text: the file holds secrets.
+            raise UsageError(
+                f"Docker config {path} is not valid JSON (line {getattr(e, 'lineno', '?')})"
+            ) from None
+        if not isinstance(data, dict):
+            raise UsageError(f"Docker config {path} is not a JSON object")
+        return cls(data, path)
+
+    def credentials_for(self, registry: str) -> Credentials | None:
+        """Credentials for `registry` (a host[:port] or docker.io), or None for anonymous."""
+        hub = registry.lower() in _HUB_NAMES
+        server = HUB_SERVER if hub else registry
+        helper = next((h for k, h in self.cred_helpers.items()
+                       if isinstance(h, str) and _same_registry(k, registry)), None)
+        if helper:
+            return _run_helper(helper, server)
+        if self.creds_store:
+            found = _run_helper(self.creds_store, server)
+            if found is not None:
+                return found
+        # Exact keys first (Docker's own lookup), then any key naming the same host.
+        keys = [k for k in dict.fromkeys((server, registry)) if k in self.auths]
+        keys += [k for k in self.auths if k not in keys and _same_registry(k, registry)]
+        for key in keys:
+            creds = self._from_auth_entry(key)
+            if creds is not None:
+                return creds
+        return None
+
+    def _from_auth_entry(self, key: str) -> Credentials | None:
+        entry = self.auths.get(key)
+        if not isinstance(entry, dict):
+            return None
+        if isinstance(entry.get("identitytoken"), str) and entry["identitytoken"]:
+            return Credentials(IDENTITY_TOKEN_USER, entry["identitytoken"])
+        if isinstance(entry.get("auth"), str) and entry["auth"]:
+            try:
+                user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                sep = ""
+            if not sep:
+                raise UsageError(
+                    f"Docker config {self.path}: auths[{key!r}].auth is not base64 'user:password'"
+                )
+            return Credentials(user, password)
+        user, password = entry.get("username"), entry.get("password")
+        if isinstance(user, str) and user and isinstance(password, str):
+            return Credentials(user, password)
+        return None
+
+
+def _run_helper(helper: str, server: str) -> Credentials | None:
+    """`docker-credential-<helper> get` with the server URL on stdin (Docker's protocol)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
+        raise UsageError(f"invalid credential helper name {helper[:60]!r} in Docker config")
+    program = f"docker-credential-{helper}"
+    try:
+        done = subprocess.run(
+            [program, "get"], input=server.encode(), capture_output=True,
+            timeout=_HELPER_TIMEOUT, check=False,
+        )
+    except FileNotFoundError:
+        raise UsageError(f"credential helper {program} not found on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"credential helper {program} timed out for {server}") from None
+    if done.returncode != 0:
+        said = (done.stdout or done.stderr).decode(errors="replace").strip()
+        if "credentials not found" in said.lower():
+            return None
+        first = said.splitlines()[0][:200] if said else f"exit status {done.returncode}"
+        raise UsageError(f"credential helper {program} failed for {server}: {first}")
+    try:
+        obj = json.loads(done.stdout)
+        username, secret = obj["Username"], obj["Secret"]
+    except (ValueError, KeyError, TypeError):
+        username = secret = None
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise UsageError(f"credential helper {program} gave unreadable output for {server}")
+    return Credentials(username, secret)
+
+
+# ------------------------------------------------------------------ challenges
+
+@dataclass(frozen=True)
+class Challenge:
+    """One `WWW-Authenticate` challenge: scheme (lowercase) and its parameters."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)(?=\s|$|,)")
+_PARAM = re.compile(r'\s*,?\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+
+
+def parse_challenges(header: str) -> list[Challenge]:
+    """Parse a WWW-Authenticate value, e.g. `Bearer realm="..",service="..",scope=".."`.
+
+    Quoted values may hold commas (scopes like `repository:x:pull,push`), so this scans
+    tokens instead of splitting on commas. Several challenges may share one header.
+    """
+    out: list[Challenge] = []
+    pos = 0
+    while pos < len(header):
+        m = _SCHEME.match(header, pos)
+        if m is None:
+            break
+        scheme, pos, params = m.group(1).lower(), m.end(), {}
+        while (p := _PARAM.match(header, pos)) is not None:
+            value = p.group(2)
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params[p.group(1).lower()] = value
+            pos = p.end()
+        out.append(Challenge(scheme, params))
+    return out
+
+
+# ------------------------------------------------------------------ authenticator
+
+class Authenticator:
+    """Turns challenges into Authorization header values and caches them, thread-safely.
+
+    `url_allowed(url)` is the client's transport policy: credentials and token requests
+    only go to URLs the client would itself talk to (https, or plain http where allowed).
+    """
+
+    def __init__(
+        self, session: requests.Session, docker_config: DockerConfig, *,
+        url_allowed: Callable[[str], bool], timeout: float,
+    ) -> None:
+        self._session = session
+        self._config = docker_config
+        self._url_allowed = url_allowed
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}  # -> (header, expiry)
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._creds: dict[str, Credentials | None] = {}
+
+    def credentials(self, registry: str) -> Credentials | None:
+        """Credentials for `registry`, looked up once (helpers can be slow processes)."""
+        with self._lock:
+            if registry in self._creds:
+                return self._creds[registry]
+        creds = self._config.credentials_for(registry)
+        with self._lock:
+            self._creds[registry] = creds
+        return creds
+
+    def cached(self, host: str, scope: str) -> str | None:
+        """The Authorization value to send first, if a live one is cached."""
+        now = time.monotonic()
+        with self._lock:
+            for key in ((host, scope), (host, "")):  # "" = basic auth, valid for any scope
+                hit = self._cache.get(key)
+                if hit is not None and hit[1] > now:
+                    return hit[0]
+        return None
+
+    def authenticate(
+        self, registry: str, host: str, scope: str, challenge_header: str,
+        *, rejected: str | None = None,
+    ) -> str:
+        """Answer a 401 challenge from `host`; returns the Authorization value to retry with.
+
+        `rejected` is the value the 401 answered; if another thread has meanwhile cached
+        a different one, that is reused instead of asking the token server again.
+        """
+        challenges = {c.scheme: c for c in parse_challenges(challenge_header)}
+        creds = self.credentials(registry)
+        if "bearer" in challenges and challenges["bearer"].params.get("realm"):
+            key = (host, scope)
+            with self._lock:
+                key_lock = self._key_locks.setdefault(key, threading.Lock())
+            with key_lock:
+                current = self.cached(host, scope)
+                if current is not None and current != rejected:
+                    return current
+                token, ttl = self._fetch_token(challenges["bearer"].params, scope, creds, host)
+                header = f"Bearer {token}"
+                self._store(key, header, ttl)
+                return header
+        if "basic" in challenges:
+            if creds is None:
+                raise Unauthorized(
+                    f"{host} asks for a login and there are no credentials for {registry} "
+                    "in the Docker config"
+                )
+            if creds.is_identity_token:
+                raise Unauthorized(f"{host} asks for basic auth; an identity token cannot do it")
+            header = creds.basic_header()
+            self._store((host, ""), header, 24 * 3600.0)
+            return header
+        schemes = ", ".join(challenges) or "none"
+        raise Unauthorized(f"{host} answered 401 with no usable challenge (schemes: {schemes})")
+
+    def _store(self, key: tuple[str, str], header: str, ttl: float) -> None:
+        with self._lock:
+            self._cache[key] = (header, time.monotonic() + ttl)
+
+    def _fetch_token(
+        self, params: Mapping[str, str], scope: str, creds: Credentials | None, host: str,
+    ) -> tuple[str, float]:
+        realm = params["realm"]
+        realm_host = urlsplit(realm).netloc or realm[:100]
+        if urlsplit(realm).scheme not in ("http", "https") or not self._url_allowed(realm):
+            raise Unauthorized(
+                f"{host} names token server {realm[:100]!r}, which is not https and not an "
+                "allowed insecure host; refusing to send a token request there"
+            )
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        who = creds.describe() if creds else "anonymous"
+        try:
+            if creds is not None and creds.is_identity_token:
+                form = {**query, "grant_type": "refresh_token", "client_id": "layerwarm",
+                        "refresh_token": creds.password}
+                resp = self._session.post(realm, data=form, timeout=self._timeout,
+                                          allow_redirects=False)
+            else:
+                headers = {"Authorization": creds.basic_header()} if creds else {}
+                resp = self._session.get(realm, params=query, headers=headers,
+                                         timeout=self._timeout, allow_redirects=False)
+        except requests.RequestException as e:
+            raise TransientError(
+                f"token server {realm_host} for {host} unreachable: {type(e).__name__}"
+            ) from None
+        with resp:
+            if resp.status_code in (401, 403):
+                raise Unauthorized(
+                    f"token server {realm_host} refused {who} for {scope} on {host} "
+                    f"(HTTP {resp.status_code})"
+                )
+            if resp.status_code == 429 or resp.status_code >= 500:
+                raise TransientError(
+                    f"token server {realm_host} for {host}: HTTP {resp.status_code}"
+                )
+            try:
+                body = resp.json() if resp.status_code == 200 else {}
+            except ValueError:
+                body = {}
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise Unauthorized(
+                f"token server {realm_host} gave no token for {scope} on {host} "
+                f"(HTTP {resp.status_code})"
+            )
+        expires_in = body.get("expires_in")
+        ttl = float(expires_in) if isinstance(expires_in, int | float) else _TOKEN_MIN_TTL
+        log.debug("got token for %s %s as %s, valid %.0fs", host, scope, who, ttl)
+        # Renew a little early so a request does not go out with a token about to lapse.
+        return token, max(ttl * 0.9 - 5.0, 1.0)

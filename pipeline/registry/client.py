@@ -1,0 +1,357 @@
+"""Read-only OCI distribution client: manifests, small blobs, and resumable blob streams.
+
+One `requests.Session` per client, shared by many threads. Every request goes through
+`_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
+5 hops, http/https only, Authorization only ever to the registry's own origin), and
+status mapping to the `pipeline.errors` tree. `_with_retries` around it retries
+transient failures with capped exponential backoff and jitter, honouring Retry-After.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
+
+from pipeline.digest import Digest, Verifier
+from pipeline.errors import (
+    DigestMismatch,
+    InvalidManifest,
+    NotFound,
+    PermanentError,
+    TransientError,
+    Unauthorized,
+)
+from pipeline.manifest import MANIFEST_TYPES
+from pipeline.reference import Reference
+from pipeline.registry.auth import Authenticator, DockerConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_REDIRECTS = 5
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 8.0
+MAX_RETRY_AFTER = 60.0  # longer waits are the caller's to schedule, not a sleeping thread's
+_REDIRECTS = (301, 302, 303, 307, 308)
+_STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+class _NoNetrc(AuthBase):
+    """Passed as `auth` so requests never adds ~/.netrc credentials (to any redirect host)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+def plain_http_allowed(hostport: str, insecure: Iterable[str] = ()) -> bool:
+    """Loopback (localhost, 127/8, ::1) or explicitly listed hosts may use plain HTTP."""
+    hostport = hostport.lower()
+    host = urlsplit("//" + hostport).hostname or ""  # strips the port and [] of IPv6
+    if host == "localhost" or hostport in insecure or host in insecure:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds to wait: delta-seconds or an HTTP-date; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _discard(resp: requests.Response) -> None:
+    """Close a response we do not need; a short body is read first so the connection
+    goes back to the pool instead of being dropped."""
+    try:
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= 64 * 1024:
+            resp.raw.read(int(length) + 1, decode_content=False)
+    except _STREAM_ERRORS:
+        pass
+    resp.close()
+
+
+def _error_detail(resp: requests.Response) -> str:
+    """`CODE: message` from the registry's JSON error body, else the HTTP reason."""
+    try:
+        body = json.loads(resp.raw.read(64 * 1024, decode_content=True) or b"{}")
+        first = body["errors"][0]
+        text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, *_STREAM_ERRORS):
+        text = ""
+    text = " ".join((text or resp.reason or "").split())[:300]
+    return f"HTTP {resp.status_code}" + (f" {text}" if text else "")
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str  # from Content-Type
+    digest: Digest   # sha256 computed over data
+
+
+class BlobStream:
+    """One streaming blob response. `offset` is where the body starts in the blob."""
+
+    def __init__(self, resp: requests.Response, offset: int, length: int | None, what: str):
+        self._resp = resp
+        self.offset = offset
+        self.length = length  # total blob size, when the server said
+        self._what = what
+
+    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Raw body bytes (never content-decoded: the digest is over the bytes as stored).
+
+        A cut connection raises TransientError; resume with `open_blob(offset=...)`.
+        """
+        try:
+            yield from self._resp.raw.stream(chunk_size, decode_content=False)
+        except _STREAM_ERRORS as e:
+            raise TransientError(
+                f"{self._what}: connection lost mid-body ({type(e).__name__})") from e
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def __enter__(self) -> BlobStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RegistryClient:
+    def __init__(
+        self, *, insecure_registries: Iterable[str] = (), docker_config: DockerConfig | None = None,
+        timeout: float = 60.0, retries: int = 4, sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._insecure = frozenset(h.lower() for h in insecure_registries)
+        self._timeout = timeout
+        self._retries = retries
+        self._sleep = sleep
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        # Blobs must arrive byte-exact; compressed transfer would only cost CPU here.
+        self._session.headers.update({"User-Agent": "layerwarm", "Accept-Encoding": "identity"})
+        self._auth = Authenticator(
+            self._session, docker_config if docker_config is not None else DockerConfig.load(),
+            url_allowed=self._url_allowed, timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- public API
+
+    def fetch_manifest(
+        self, ref: Reference, accept: Sequence[str] = MANIFEST_TYPES, *, max_bytes: int = 4 << 20,
+    ) -> FetchedManifest:
+        """GET a manifest or index; verified against `ref.digest` when the ref is pinned."""
+        what = f"manifest {ref.manifest_id}"
+        headers = {"Accept": ", ".join(accept)}
+
+        def attempt() -> FetchedManifest:
+            with self._send(ref, f"manifests/{ref.manifest_id}", what, headers) as resp:
+                data = self._read_capped(resp, max_bytes, what, ref, decode=True)
+                media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+                claimed = resp.headers.get("Docker-Content-Digest")
+            sha = Digest.of_bytes(data)
+            expected = ref.digest
+            if expected is None and claimed and claimed.startswith("sha256:"):
+                expected = Digest.parse(claimed)  # a tag fetch: check what the registry says
+            if expected is not None:
+                actual = sha if expected.algorithm == "sha256" else Digest.of_bytes(
+                    data, expected.algorithm)
+                if actual != expected:
+                    raise DigestMismatch(
+                        f"{what} from {ref.name}: expected {expected}, got {actual}")
+            return FetchedManifest(data, media_type, sha)
+
+        return self._with_retries(attempt)
+
+    def fetch_blob(self, ref: Reference, digest: Digest, *, max_bytes: int = 8 << 20) -> bytes:
+        """GET a small blob (an image config) whole, verified against `digest`."""
+        what = f"blob {digest}"
+
+        def attempt() -> bytes:
+            with self._send(ref, f"blobs/{digest}", what, {}) as resp:
+                data = self._read_capped(resp, max_bytes, what, ref, decode=False)
+            verifier = Verifier(digest, what=f"{what} from {ref.name}")
+            verifier.update(data)
+            verifier.verify()
+            return data
+
+        return self._with_retries(attempt)
+
+    def open_blob(self, ref: Reference, digest: Digest, *, offset: int = 0) -> BlobStream:
+        """Open a streaming GET of a blob, from `offset` if the server honours Range."""
+        what = f"blob {digest}"
+        headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+
+        def attempt() -> BlobStream:
+            resp = self._send(ref, f"blobs/{digest}", what, headers)
+            try:
+                return self._blob_stream(resp, offset, f"{what} from {ref.name}")
+            except BaseException:
+                resp.close()
+                raise
+
+        return self._with_retries(attempt)
+
+    # -------------------------------------------------------------- internals
+
+    def _url_allowed(self, url: str) -> bool:
+        parts = urlsplit(url)
+        return parts.scheme == "https" or (
+            parts.scheme == "http" and plain_http_allowed(parts.netloc, self._insecure))
+
+    def _base_url(self, ref: Reference) -> str:
+        host = ref.api_host
+        scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
+        return f"{scheme}://{host}"
+
+    @staticmethod
+    def _blob_stream(resp: requests.Response, offset: int, what: str) -> BlobStream:
+        size = resp.headers.get("Content-Length")
+        if resp.status_code != 206:  # Range ignored (or not asked): the body is the whole blob
+            return BlobStream(resp, 0, int(size) if size and size.isdigit() else None, what)
+        # Content-Range: bytes <start>-<end>/<total or *>
+        unit, _, spec = resp.headers.get("Content-Range", "").partition(" ")
+        span, _, total = spec.partition("/")
+        start = span.partition("-")[0]
+        if unit != "bytes" or not start.isdigit() or int(start) != offset:
+            raise PermanentError(f"{what}: asked for bytes from {offset}, server sent "
+                                 f"Content-Range {resp.headers.get('Content-Range')!r}")
+        return BlobStream(resp, offset, int(total) if total.isdigit() else None, what)
+
+    def _read_capped(
+        self, resp: requests.Response, max_bytes: int, what: str, ref: Reference, *, decode: bool,
+    ) -> bytes:
+        """Read a whole body, stopping as soon as it exceeds `max_bytes`."""
+        length = resp.headers.get("Content-Length", "")
+        too_big = InvalidManifest(f"{what} from {ref.name} is larger than {max_bytes} bytes")
+        if length.isdigit() and int(length) > max_bytes:
+            raise too_big
+        buf = bytearray()
+        try:
+            for chunk in resp.raw.stream(64 * 1024, decode_content=decode):
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise too_big
+        except _STREAM_ERRORS as e:
+            raise TransientError(f"{what} from {ref.name}: connection lost mid-body "
+                                 f"({type(e).__name__})") from None
+        return bytes(buf)
+
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        for n in range(self._retries + 1):
+            try:
+                return attempt()
+            except TransientError as e:
+                if n >= self._retries or (e.retry_after or 0) > MAX_RETRY_AFTER:
+                    raise
+                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**n) * random.uniform(0.5, 1.0)
+                wait = max(backoff, e.retry_after or 0.0)
+                log.info("%s; retry %d/%d in %.1fs", e, n + 1, self._retries, wait)
+                self._sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _send(
+        self, ref: Reference, path: str, what: str, headers: dict[str, str],
+    ) -> requests.Response:
+        """One authenticated GET, redirects followed; returns an open 2xx response."""
+        url = f"{self._base_url(ref)}/v2/{ref.repository}/{path}"
+        host, scope = ref.api_host, f"repository:{ref.repository}:pull"
+        where = f"{what} from {ref.name}"
+        authorization = self._auth.cached(host, scope)
+        resp = self._follow(url, headers, authorization, where)
+        if resp.status_code == 401 and _origin(resp.url) == _origin(url):
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            _discard(resp)
+            authorization = self._auth.authenticate(
+                ref.registry, host, scope, challenge, rejected=authorization)
+            resp = self._follow(url, headers, authorization, where)
+        status = resp.status_code
+        if 200 <= status < 300:
+            return resp
+        try:
+            detail = _error_detail(resp)
+            if status == 404:
+                raise NotFound(f"{what} not found in {ref.name} ({detail})")
+            if status in (401, 403):
+                creds = self._auth.credentials(ref.registry) if authorization else None
+                as_who = f"as {creds.describe()}" if creds else (
+                    f"anonymously (no credentials for {ref.registry} in the Docker config)")
+                raise Unauthorized(f"{where} refused: {detail}; tried {as_who}")
+            if status in (408, 429) or status >= 500:
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raise TransientError(f"{where}: {detail}", retry_after=retry_after)
+            raise PermanentError(f"{where}: {detail}")
+        finally:
+            _discard(resp)
+
+    def _follow(
+        self, url: str, headers: dict[str, str], authorization: str | None, where: str,
+    ) -> requests.Response:
+        """GET `url`, following redirects by hand so the Authorization never leaks."""
+        home = _origin(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if authorization and _origin(url) == home:
+                sent["Authorization"] = authorization
+            try:
+                resp = self._session.get(url, headers=sent, stream=True, timeout=self._timeout,
+                                         allow_redirects=False, auth=_NoNetrc())
+            except requests.RequestException as e:
+                netloc = urlsplit(url).netloc
+                if "certificate verify failed" in str(e).lower():
+                    # An untrusted certificate does not become trusted by retrying.
+                    raise PermanentError(f"{where}: TLS certificate of {netloc} failed "
+                                         "verification") from None
+                raise TransientError(f"{where}: {type(e).__name__} talking to {netloc}") from None
+            location = resp.headers.get("Location")
+            if resp.status_code not in _REDIRECTS or not location:
+                return resp
+            _discard(resp)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise PermanentError(
+                    f"{where}: refusing redirect to a non-HTTP URL ({urlsplit(url).scheme}:)")
+            log.debug("%s: redirected to %s", where, urlsplit(url).netloc)
+        raise PermanentError(f"{where}: more than {MAX_REDIRECTS} redirects")
