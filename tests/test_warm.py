@@ -1,0 +1,325 @@
+"""`layerwarm warm` and `plan` end to end: the real CLI against a real registry.
+
+Blob requests are counted by a proxy in front of the registry, so "fetched once" and
+"no registry request" are measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, leftovers, run_layerwarm
+from tests.support.images import Image, Layer, Platform, random_tar
+from tests.support.proxy import Proxy
+from tests.support.registry import RegistryServer
+
+BLOBS = r"/v2/.+/blobs/sha256:"
+
+
+def repo() -> str:
+    return f"t/{uuid.uuid4().hex[:10]}"
+
+
+def layer(seed: int, compression: str = "gzip", size: int = 200_000, **kw) -> Layer:
+    return Layer(tar=random_tar(seed, size), compression=compression, **kw)
+
+
+def name(lay: Layer) -> str:
+    return "sha256_" + lay.digest.removeprefix("sha256:")
+
+
+def assert_cached(cache_dir: Path, *layers: Layer) -> None:
+    for lay in layers:
+        path = cache_dir / name(lay)
+        assert path.is_file(), f"{path.name} missing"
+        assert path.read_bytes() == lay.tar, f"{path.name} is not the layer's tar"
+
+
+def test_warm_oci_and_docker_images_with_every_compression(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    gz, zst, plain = layer(1, "gzip"), layer(2, "zstd"), layer(3, "none")
+    docker_gz = layer(4, "gzip")
+    r1, r2 = repo(), repo()
+    registry.push_image(r1, "1.0", Image([gz, zst, plain], format="oci"))
+    registry.push_image(r2, "2.0", Image([docker_gz, plain], format="docker"))
+
+    p = run_layerwarm(
+        "warm", "--json", f"{registry_proxy.host}/{r1}:1.0", f"{registry_proxy.host}/{r2}:2.0",
+        cache_dir=cache_dir,
+    )
+    assert p.returncode == 0, p.stderr
+    assert entries(cache_dir) == {name(x) for x in (gz, zst, plain, docker_gz)}
+    assert_cached(cache_dir, gz, zst, plain, docker_gz)
+    assert leftovers(cache_dir) == []
+    result = json.loads(p.stdout)
+    assert result["ok"] is True
+    assert result["totals"]["from_registry"] == 4  # `plain` is shared: fetched once
+    assert {x["source"] for x in result["layers"]} == {"registry"}
+    by_digest = {x["digest"]: x for x in result["layers"]}
+    assert by_digest[zst.digest]["uncompressed_size"] == len(zst.tar)
+    assert by_digest[zst.digest]["diff_id"] == zst.diff_id
+    for lay in (gz, zst, plain, docker_gz):
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1
+    assert "fetching layer from registry" in p.stderr
+    assert "layer decompressed and cached" in p.stderr
+
+    # Again: everything is a disk hit, no blob leaves the registry.
+    registry_proxy.reset()
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r1}:1.0", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert registry_proxy.count("GET", BLOBS) == 1  # only the image config
+    assert "disk cache hit" in p.stderr
+    assert "3 cache hits" in p.stdout
+
+
+def test_second_image_fetches_only_its_own_layers(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    base, own_a, own_b = layer(10, size=400_000), layer(11), layer(12, "zstd")
+    ra, rb = repo(), repo()
+    registry.push_image(ra, "a", Image([base, own_a]))
+    registry.push_image(rb, "b", Image([base, own_b], format="docker"))
+
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{ra}:a", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    base_inode = (cache_dir / name(base)).stat().st_ino
+    registry_proxy.reset()
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{rb}:b", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    layer_gets = [
+        h.path for h in registry_proxy.requests_log
+        if h.method == "GET" and (base.digest in h.path or own_b.digest in h.path)
+    ]
+    assert layer_gets == [f"/v2/{rb}/blobs/{own_b.digest}"]
+    assert (cache_dir / name(base)).stat().st_ino == base_inode, "shared layer rewritten"
+    assert entries(cache_dir) == {name(base), name(own_a), name(own_b)}
+
+
+def test_index_resolves_to_the_platform_asked(
+    registry: RegistryServer, cache_dir: Path, tmp_path: Path
+) -> None:
+    amd, arm = layer(20), layer(21)
+    r = repo()
+    registry.push_index(r, "multi", [
+        Image([amd], platform=Platform("linux", "amd64")),
+        Image([arm], platform=Platform("linux", "arm64", "v8")),
+    ])
+    ref = f"{registry.host}/{r}:multi"
+
+    p = run_layerwarm("warm", "--platform", "linux/arm64", ref, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert entries(cache_dir) == {name(arm)}
+
+    both = tmp_path / "both"
+    p = run_layerwarm("warm", "--all-platforms", "--json", ref, cache_dir=both)
+    assert p.returncode == 0, p.stderr
+    assert entries(both) == {name(amd), name(arm)}
+    platforms = {img["platform"] for img in json.loads(p.stdout)["images"]}
+    assert platforms == {"linux/amd64", "linux/arm64/v8"}
+
+    p = run_layerwarm("warm", "--platform", "linux/s390x", ref, cache_dir=tmp_path / "none")
+    assert p.returncode == 1
+    assert "no manifest for platform linux/s390x" in p.stderr
+    assert entries(tmp_path / "none") == set()
+
+
+def test_pinned_digest_reference(registry: RegistryServer, cache_dir: Path) -> None:
+    lay = layer(25)
+    r = repo()
+    digest = registry.push_image(r, "x", Image([lay]))
+    p = run_layerwarm("warm", f"{registry.host}/{r}@{digest}", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert_cached(cache_dir, lay)
+
+
+def test_flipped_byte_caches_nothing_and_names_both_digests(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    good, bad = layer(30), layer(31, size=300_000)
+    r = repo()
+    registry.push_image(r, "1", Image([good, bad]))
+    registry_proxy.flip_byte(f"/blobs/{bad.digest}", offset=1000)
+
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 1
+    line = next(x for x in p.stderr.splitlines() if x.startswith(f"error: layer {bad.digest}"))
+    assert "digest mismatch" in line and f"expected {bad.digest}, got sha256:" in line
+    assert entries(cache_dir) == {name(good)}  # the good layer is unaffected
+    assert leftovers(cache_dir) == []
+
+
+def test_diff_id_mismatch_caches_nothing(registry: RegistryServer, cache_dir: Path) -> None:
+    lying = layer(32, "zstd", override_diff_id="sha256:" + "0" * 64)
+    r = repo()
+    registry.push_image(r, "1", Image([lying]))
+    p = run_layerwarm("warm", f"{registry.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 1
+    assert f"decompressed content is {lying.diff_id}" in p.stderr
+    assert "diff_id sha256:" + "0" * 64 in p.stderr
+    assert entries(cache_dir) == set() and leftovers(cache_dir) == []
+
+
+def test_hostile_layer_digest_is_rejected_before_any_path(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "deep" / "cache"
+    honest = layer(33)
+    image = Image([honest])
+    r = repo()
+    registry.push_image(r, "1", image)
+    hostile = json.loads(image.manifest_bytes())
+    hostile["layers"][0]["digest"] = "sha256:../../x"
+    registry_proxy.override(
+        f"/v2/{r}/manifests/1", 200, json.dumps(hostile).encode(),
+        {"Content-Type": image.manifest_media_type},
+    )
+    before = set(tmp_path.rglob("*"))
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 1
+    assert "invalid digest 'sha256:../../x'" in p.stderr
+    assert registry_proxy.count("GET", BLOBS) == 0
+    assert entries(cache_dir) == set()
+    assert not list(tmp_path.rglob("x")), "something was written outside the cache"
+    assert {p for p in tmp_path.rglob("*") if cache_dir not in p.parents and p != cache_dir} \
+        <= before | {tmp_path / "deep", tmp_path / "no-docker-config"}
+
+
+def test_unknown_media_type_fails_that_layer_only(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    normal = layer(34)
+    weird = layer(35, override_media_type="application/vnd.example.layer.v1.tar+lz4")
+    r = repo()
+    registry.push_image(r, "1", Image([normal, weird]))
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 1
+    assert (
+        f"error: layer {weird.digest}: unsupported media type "
+        "'application/vnd.example.layer.v1.tar+lz4'" in p.stderr
+    )
+    assert entries(cache_dir) == {name(normal)}
+    assert registry_proxy.count("GET", f"/blobs/{weird.digest}") == 0, "fetched an unusable layer"
+
+
+def test_two_processes_on_one_host_fetch_each_layer_once(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    layers = [layer(40, size=6_000_000), layer(41, "zstd", size=3_000_000), layer(42, "none")]
+    r = repo()
+    registry.push_image(r, "1", Image(layers))
+    cmd = layerwarm_cmd("warm", f"{registry_proxy.host}/{r}:1")
+    env = layerwarm_env(cache_dir)
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for lay in layers:
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
+    assert_cached(cache_dir, *layers)
+    combined = outs[0][1] + outs[1][1]
+    assert combined.count("disk cache hit") == 3  # the loser of each race finds it on disk
+
+
+def test_plan_reports_tiers_and_changes_nothing(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path
+) -> None:
+    a, b, shared = layer(50), layer(51), layer(52)
+    ra, rb = repo(), repo()
+    registry.push_image(ra, "1", Image([shared, a]))
+    registry.push_image(rb, "1", Image([shared, b]))
+    refs = [f"{registry_proxy.host}/{ra}:1", f"{registry_proxy.host}/{rb}:1"]
+    cache_dir = tmp_path / "cache"
+
+    p = run_layerwarm("plan", "--json", *refs, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert [x["digest"] for x in plan["layers"]] == [shared.digest, a.digest, b.digest]
+    assert {x["tier"] for x in plan["layers"]} == {None}
+    assert plan["bytes_to_fetch"] == shared.size + a.size + b.size
+    assert not cache_dir.exists(), "plan must not create or change the cache"
+    for lay in (a, b, shared):
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 0
+
+    assert run_layerwarm("warm", refs[0], cache_dir=cache_dir).returncode == 0
+    p = run_layerwarm("plan", *refs, cache_dir=cache_dir)
+    assert p.returncode == 0
+    assert "2 images, 3 unique layers" in p.stdout
+    assert "to fetch from registry: 1 layers" in p.stdout
+
+
+def test_refs_from_file_with_comments(registry: RegistryServer, tmp_path: Path) -> None:
+    one, two = layer(60), layer(61)
+    r1, r2 = repo(), repo()
+    registry.push_image(r1, "1", Image([one]))
+    registry.push_image(r2, "1", Image([two]))
+    fleet = tmp_path / "images.txt"
+    fleet.write_text(
+        f"# the fleet\n{registry.host}/{r1}:1   # app\n\n  {registry.host}/{r2}:1\n"
+    )
+    cache_dir = tmp_path / "cache"
+    p = run_layerwarm("warm", "-f", str(fleet), cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert_cached(cache_dir, one, two)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["warm", "Bad/Name"], "repository name must be lowercase"),
+        (["warm", "app@sha256:../../etc"], "invalid digest"),
+        (["warm"], "no image references given"),
+        (["warm", "--platform", "linux", "alpine"], "invalid platform 'linux'"),
+        (["warm", "--remote", "ftp://x/y", "alpine"], "ftp://x/y"),
+        (["warm", "-f", "/nonexistent/images.txt"], "cannot read /nonexistent/images.txt"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_clear_line(args, message, tmp_path: Path) -> None:
+    p = run_layerwarm(*args, cache_dir=tmp_path / "cache")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_line_in_file_is_named(tmp_path: Path) -> None:
+    fleet = tmp_path / "images.txt"
+    fleet.write_text("alpine\nNOT VALID\n")
+    p = run_layerwarm("warm", "-f", str(fleet), cache_dir=tmp_path / "cache")
+    assert p.returncode == 2
+    assert f"{fleet}:2: invalid image reference" in p.stderr
+
+
+def test_missing_image_is_a_failure_not_a_crash(registry: RegistryServer, cache_dir: Path) -> None:
+    p = run_layerwarm("warm", f"{registry.host}/{repo()}:nope", cache_dir=cache_dir)
+    assert p.returncode == 1
+    assert "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_htpasswd_registry_through_docker_config(
+    auth_registry: RegistryServer, docker_config: Path, tmp_path: Path
+) -> None:
+    lay = layer(80, "zstd")
+    r = repo()
+    auth_registry.push_image(r, "1", Image([lay]))
+    ref = f"{auth_registry.host}/{r}:1"
+
+    denied = run_layerwarm("warm", ref, cache_dir=tmp_path / "denied")
+    assert denied.returncode == 1
+    assert "asks for a login and there are no credentials" in denied.stderr
+    assert entries(tmp_path / "denied") == set()
+
+    p = run_layerwarm(
+        "warm", ref, cache_dir=tmp_path / "ok", env={"DOCKER_CONFIG": str(docker_config)}
+    )
+    assert p.returncode == 0, p.stderr
+    assert_cached(tmp_path / "ok", lay)
+    assert "s3cret-pw" not in p.stderr + p.stdout

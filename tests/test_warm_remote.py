@@ -1,0 +1,141 @@
+"""The remote tier end to end: a registry fetch fills both tiers; a wiped disk refills
+from the remote tier without a single registry blob request. Run against a real S3
+server over HTTP and against a shared directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import entries, run_layerwarm
+from tests.support.images import Image, Layer, random_tar
+from tests.support.proxy import Proxy
+from tests.support.registry import RegistryServer
+from tests.support.s3 import S3Server
+
+
+@pytest.fixture(params=["s3", "dir"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path):
+    """(url, env, list_entries) for a fresh remote tier of each kind."""
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3")
+        bucket = s3.create_bucket(f"layers-{uuid.uuid4().hex[:8]}")
+
+        def objects() -> dict[str, dict]:
+            client = s3.client()
+            out = {}
+            for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+                head = client.head_object(Bucket=bucket, Key=obj["Key"])
+                body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                out[obj["Key"]] = {"metadata": head["Metadata"], "body": body}
+            return out
+
+        return f"s3://{bucket}/prod", s3.env(), objects, "prod/"
+    root = tmp_path / "shared"
+
+    def files() -> dict[str, dict]:
+        out = {}
+        for p in sorted(root.glob("sha256_*")):
+            meta = json.loads((root / ".meta" / f"{p.name}.json").read_text())
+            out[p.name] = {"metadata": meta, "body": p.read_bytes()}
+        return out
+
+    return f"file://{root}", {}, files, ""
+
+
+def test_registry_fetch_fills_both_tiers_and_remote_refills_disk(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path, remote
+) -> None:
+    url, env, objects, prefix = remote
+    layers = [
+        Layer(random_tar(70, 300_000), "gzip"),
+        Layer(random_tar(71, 200_000), "zstd"),
+        Layer(random_tar(72, 100_000), "none"),
+    ]
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image(layers))
+    ref = f"{registry_proxy.host}/{r}:1"
+    cache_dir = tmp_path / "cache"
+
+    p = run_layerwarm("warm", "--remote", url, ref, cache_dir=cache_dir, env=env)
+    assert p.returncode == 0, p.stderr
+    stored = objects()
+    for lay in layers:
+        key = prefix + "sha256_" + lay.digest.removeprefix("sha256:")
+        assert stored[key]["body"] == lay.tar
+        meta = stored[key]["metadata"]
+        assert meta["diff-id"] == lay.diff_id
+        assert meta["media-type"] == lay.media_type
+        assert meta["compressed-size"] == str(lay.size)
+        assert meta["uncompressed-size"] == str(len(lay.tar))
+    assert len(stored) == 3
+    assert p.stderr.count("layer published to remote") == 3
+
+    shutil.rmtree(cache_dir)
+    registry_proxy.reset()
+    p = run_layerwarm("warm", "--json", "--remote", url, ref, cache_dir=cache_dir, env=env)
+    assert p.returncode == 0, p.stderr
+    for lay in layers:
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 0
+        name = "sha256_" + lay.digest.removeprefix("sha256:")
+        assert (cache_dir / name).read_bytes() == lay.tar
+    result = json.loads(p.stdout)
+    assert {x["source"] for x in result["layers"]} == {"remote"}
+    assert result["totals"]["bytes_from_remote"] == sum(len(x.tar) for x in layers)
+    assert p.stderr.count("remote cache hit") == 3
+
+    # A disk hit touches nothing remote: the remote tier may even be gone.
+    p = run_layerwarm(
+        "warm", "--remote", "s3://no-such-bucket-anywhere/x", ref, cache_dir=cache_dir,
+        env={**env, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"},
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("disk cache hit") == 3
+
+
+def test_corrupt_remote_entry_is_not_trusted(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path
+) -> None:
+    lay = Layer(random_tar(73, 150_000), "gzip")
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image([lay]))
+    ref = f"{registry_proxy.host}/{r}:1"
+    shared = tmp_path / "shared"
+    cache_dir = tmp_path / "cache"
+    p = run_layerwarm("warm", "--remote", f"file://{shared}", ref, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+
+    name = "sha256_" + lay.digest.removeprefix("sha256:")
+    corrupted = bytearray((shared / name).read_bytes())
+    corrupted[500] ^= 0xFF
+    (shared / name).write_bytes(bytes(corrupted))
+    shutil.rmtree(cache_dir)
+    registry_proxy.reset()
+
+    p = run_layerwarm("warm", "--remote", f"file://{shared}", ref, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert "remote entry is corrupt" in p.stderr
+    assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1
+    assert (cache_dir / name).read_bytes() == lay.tar
+    assert (shared / name).read_bytes() == lay.tar, "the bad remote copy is replaced"
+
+
+def test_unreachable_remote_still_warms_from_registry(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    lay = Layer(random_tar(74, 100_000), "zstd")
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image([lay]))
+    cache_dir = tmp_path / "cache"
+    p = run_layerwarm(
+        "warm", "--remote", "s3://layers/prod", f"{registry.host}/{r}:1", cache_dir=cache_dir,
+        env={"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+             "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"},
+    )
+    assert p.returncode == 0, p.stderr
+    assert entries(cache_dir) == {"sha256_" + lay.digest.removeprefix("sha256:")}
+    assert "remote tier unavailable" in p.stderr
