@@ -59,7 +59,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _platform(args: argparse.Namespace) -> Platform | None:
+def platform_arg(args: argparse.Namespace) -> Platform | None:
     if args.all_platforms:
         return None
     try:
@@ -71,7 +71,7 @@ def _platform(args: argparse.Namespace) -> Platform | None:
 def cmd_warm(args: argparse.Namespace) -> int:
     from pipeline import report, runner
 
-    refs, settings, platform = read_refs(args), _settings(args), _platform(args)
+    refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     bars = sys.stderr.isatty() and not args.json and not args.verbose
     progress: Progress = TerminalProgress(sys.stderr) if bars else NO_PROGRESS
     try:
@@ -91,7 +91,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline import report, runner
 
-    refs, settings, platform = read_refs(args), _settings(args), _platform(args)
+    refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     plan, where = runner.plan_only(refs, settings, platform=platform)
     if args.json:
         print(json.dumps(report.plan_json(plan, where), indent=2))
@@ -102,7 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_FAILED if plan.failures else EXIT_OK
 
 
-def _image_args(p: argparse.ArgumentParser) -> None:
+def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
+    """Which images (and, for commands that work here rather than on workers, where)."""
     p.add_argument("refs", nargs="*", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
     p.add_argument("-f", "--file", action="append", metavar="FILE",
                    help="read references from FILE, one a line, '#' comments ('-' for stdin)")
@@ -111,6 +112,9 @@ def _image_args(p: argparse.ArgumentParser) -> None:
                        help="platform to pick from multi-platform images (default: this host's)")
     group.add_argument("--all-platforms", action="store_true",
                        help="every platform of multi-platform images")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    if not local:
+        return
     p.add_argument("--remote", metavar="URL",
                    help="shared tier: s3://bucket/prefix or file:///path (env LAYERWARM_REMOTE)")
     p.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
@@ -118,7 +122,6 @@ def _image_args(p: argparse.ArgumentParser) -> None:
                    help="allow plain HTTP to this registry (env LAYERWARM_INSECURE_REGISTRIES)")
     p.add_argument("--io-threads", type=int, metavar="N", help="fetch/publish threads")
     p.add_argument("--cpu-threads", type=int, metavar="N", help="decompress threads")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log every event, no bars")
 
 
@@ -130,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     warm = sub.add_parser("warm", help="fetch, verify and cache every layer of images")
-    _image_args(warm)
+    image_args(warm)
     warm.set_defaults(func=cmd_warm)
     plan = sub.add_parser("plan", help="dry run: unique layers, where each is, bytes to fetch")
-    _image_args(plan)
+    image_args(plan)
     plan.set_defaults(func=cmd_plan)
     return parser
 
@@ -150,11 +153,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, run the command, and turn errors into one line and an exit code."""
     args = parser.parse_args(argv)
     _setup_logging(args)
-    for name in ("io_threads", "cpu_threads"):
+    for name in ("io_threads", "cpu_threads", "io_concurrency", "cpu_concurrency"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerwarm: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Live progress for `warm`: bars on a terminal; elsewhere the log lines say it all.
+"""Live progress on a terminal: a bar per layer in flight and a total line.
 
-`TerminalProgress` redraws a bar per layer in flight and a total line (bytes, rate, ETA)
-a few times a second from its own thread, and erases them when closed so the summary
-prints on a clean screen.
+`LiveArea` redraws a block of lines at the bottom of the terminal; `TerminalProgress`
+feeds it from the stages of an embedded `warm` (redrawn from its own thread a few times a
+second). The job follower of distributed mode draws the same lines from job records.
+Where stderr is not a terminal, the log lines say it all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import TextIO
 from pipeline.stages import LayerSpec
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+BAR_WIDTH = 24
+MAX_ROWS = 8
 
 
 def human_bytes(n: float) -> str:
@@ -31,6 +34,46 @@ def human_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def bar_line(label: str, stage: str, done: int, total: int | None) -> str:
+    if total:
+        filled = int(min(done / total, 1.0) * BAR_WIDTH)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        amount = f"{human_bytes(done)} / {human_bytes(total)}"
+    else:
+        bar, amount = "." * BAR_WIDTH, human_bytes(done)
+    return f"{label}  {stage:<13} [{bar}] {amount}"
+
+
+def total_line(finished: int, layers: int, done: int, total: int, elapsed: float) -> str:
+    rate = done / max(elapsed, 1e-6)
+    left = max(total - done, 0)
+    eta = human_seconds(left / rate) if rate > 0 and left else "-"
+    return (
+        f"total  {finished}/{layers} layers  {human_bytes(done)} / {human_bytes(total)}  "
+        f"{human_bytes(rate)}/s  ETA {eta}"
+    )
+
+
+class LiveArea:
+    """A block of lines redrawn in place with ANSI cursor movement."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._drawn = 0
+
+    def draw(self, lines: Sequence[str]) -> None:
+        self.clear()
+        self.stream.write("".join(line + "\n" for line in lines))
+        self.stream.flush()
+        self._drawn = len(lines)
+
+    def clear(self) -> None:
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self.stream.flush()
+            self._drawn = 0
+
+
 @dataclass
 class _LayerState:
     stage: str = "pending"
@@ -39,18 +82,14 @@ class _LayerState:
 
 
 class TerminalProgress:
-    WIDTH = 24
-    MAX_ROWS = 8
-
     def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+        self.area = LiveArea(stream)
         self.total_layers = self.total_bytes = 0
         self._lock = threading.Lock()
         self._layers: dict[LayerSpec, _LayerState] = {}
         self._transferred = 0   # bytes moved over the network (fetch, restore)
         self._finished = 0
         self._started = time.monotonic()
-        self._drawn = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="layerwarm-progress", daemon=True)
 
@@ -78,44 +117,17 @@ class TerminalProgress:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._erase()
-        self.stream.flush()
+        self.area.clear()
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
-            self._draw()
-
-    def _erase(self) -> None:
-        if self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-            self._drawn = 0
-
-    def _draw(self) -> None:
-        with self._lock:
-            rows = [self._bar(layer, s) for layer, s in list(self._layers.items())[: self.MAX_ROWS]]
-            rows.append(self._total_line())
-        self._erase()
-        self.stream.write("".join(row + "\n" for row in rows))
-        self.stream.flush()
-        self._drawn = len(rows)
-
-    def _bar(self, layer: LayerSpec, s: _LayerState) -> str:
-        if s.total:
-            frac = min(s.done / s.total, 1.0)
-            filled = int(frac * self.WIDTH)
-            bar = "#" * filled + "-" * (self.WIDTH - filled)
-            amount = f"{human_bytes(s.done)} / {human_bytes(s.total)}"
-        else:
-            bar, amount = "." * self.WIDTH, human_bytes(s.done)
-        return f"{layer.digest.short}  {s.stage:<13} [{bar}] {amount}"
-
-    def _total_line(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = self._transferred / elapsed
-        left = max(self.total_bytes - self._transferred, 0)
-        eta = human_seconds(left / rate) if rate > 0 and left else "-"
-        return (
-            f"total  {self._finished}/{self.total_layers} layers  "
-            f"{human_bytes(self._transferred)} / {human_bytes(self.total_bytes)}  "
-            f"{human_bytes(rate)}/s  ETA {eta}"
-        )
+            with self._lock:
+                rows = [
+                    bar_line(layer.digest.short, s.stage, s.done, s.total)
+                    for layer, s in list(self._layers.items())[:MAX_ROWS]
+                ]
+                rows.append(total_line(
+                    self._finished, self.total_layers, self._transferred, self.total_bytes,
+                    time.monotonic() - self._started,
+                ))
+            self.area.draw(rows)

@@ -19,7 +19,7 @@ def layerwarm_env(cache_dir: Path, extra: Mapping[str, str] | None = None) -> di
 
 
 def layerwarm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "workers.cli", *args]
 
 
 def run_layerwarm(
