@@ -1,0 +1,52 @@
+"""The Celery app: Redis as broker and result backend, configured so no work is lost.
+
+acks_late + prefetch 1: a message is acknowledged only after its task finished, and a
+worker holds one message per free slot. A worker killed mid-task leaves its message
+unacknowledged; Redis hands it out again after `visibility_timeout`, which must be longer
+than the longest task. Every task is idempotent by content address, so running one twice
+finishes the job rather than corrupting it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from workers.routing import FLEET_QUEUE
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+def broker_url() -> str:
+    return os.environ.get("LAYERWARM_BROKER_URL") or DEFAULT_BROKER
+
+
+VISIBILITY_TIMEOUT = _seconds("LAYERWARM_VISIBILITY_TIMEOUT", 3 * 3600)
+JOB_TTL = _seconds("LAYERWARM_JOB_TTL", 7 * 86400)
+
+app = Celery("layerwarm", include=["workers.tasks"])
+app.conf.update(
+    broker_url=broker_url(),
+    result_backend=broker_url(),
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=FLEET_QUEUE,
+    task_track_started=True,
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    result_expires=int(JOB_TTL),
+    result_extended=True,  # Flower shows task names and args from the result backend
+)

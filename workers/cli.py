@@ -1,0 +1,272 @@
+"""The `layerwarm` command: the embedded commands of pipeline.cli plus distributed mode.
+
+    layerwarm worker --node N      run one worker host: an IO and a CPU Celery worker
+    layerwarm nodes                live worker hosts
+    layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
+    layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
+    layerwarm flower               Celery's web monitor for this app
+
+Celery and Redis are imported only by these commands, so `warm` and `plan` start fast and
+need no broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline import cli as base
+from pipeline.errors import LayerwarmError
+from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
+
+EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
+
+
+def _broker_env(args: argparse.Namespace) -> None:
+    # Set before workers.app is imported: the app reads its broker URL then.
+    if getattr(args, "broker", None):
+        os.environ["LAYERWARM_BROKER_URL"] = args.broker
+
+
+def live_nodes(timeout: float = 1.5) -> list[str]:
+    """Worker hosts whose IO worker answers a ping."""
+    from workers.app import app
+
+    replies = app.control.ping(timeout=timeout) or []
+    names = {name for reply in replies for name in reply}
+    return sorted(n.split("@", 1)[1] for n in names if n.startswith("io@"))
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    _broker_env(args)
+    nodes = live_nodes()
+    print(json.dumps(nodes) if args.json else "\n".join(nodes) or "no live worker hosts")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run the IO and the CPU worker of one host; stop both when either stops."""
+    from workers.routing import FLEET_QUEUE, check_node, node_cpu_queue, node_io_queue
+
+    node = check_node(args.node)
+    env = dict(os.environ, LAYERWARM_NODE=node)
+    for name, value in (("LAYERWARM_BROKER_URL", args.broker), ("LAYERWARM_CACHE_DIR",
+                        args.cache_dir), ("LAYERWARM_REMOTE", args.remote)):
+        if value:
+            env[name] = value
+    io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
+    cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
+    celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
+              "--without-mingle", "--without-gossip", "-E", "-l", args.loglevel]
+    procs = [
+        subprocess.Popen([*celery, "-n", f"io@{node}", "-c", str(io),
+                          "-Q", f"{FLEET_QUEUE},{node_io_queue(node)}"], env=env),
+        subprocess.Popen([*celery, "-n", f"cpu@{node}", "-c", str(cpu),
+                          "-Q", node_cpu_queue(node)], env=env),
+    ]
+
+    signalled: set[int] = set()
+
+    def stop(signum: int, _frame: object) -> None:
+        # Once per child: Celery takes a second SIGTERM as "cold shutdown, now".
+        for p in procs:
+            if p.poll() is None and p.pid not in signalled:
+                signalled.add(p.pid)
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    stop(signal.SIGTERM, None)  # one stopped: a host with half its pools is no host
+    codes = [p.wait() for p in procs]
+    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+
+
+def _store():  # noqa: ANN202 - JobStore, imported lazily with redis
+    import redis
+
+    from workers.app import JOB_TTL, broker_url
+    from workers.jobs import JobStore
+
+    return JobStore(redis.Redis.from_url(broker_url()), JOB_TTL)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    _broker_env(args)
+    from workers.routing import Target
+    from workers.tasks import enqueue_job
+
+    refs = [str(r) for r in base.read_refs(args)]
+    if args.to == "all-nodes":
+        targets = [f"node:{n}" for n in live_nodes()]
+        if not targets:
+            raise LayerwarmError("no live worker hosts to send the job to (layerwarm nodes)")
+    else:
+        target = Target.parse(args.to)
+        targets = [str(target)]
+        if target.node is not None and target.node not in live_nodes():
+            print(f"layerwarm: warning: node {target.node} is not live now; its layers wait "
+                  "in its queue", file=sys.stderr)
+    base.platform_arg(args)  # a bad --platform is a usage error here, not on a worker
+    platform = "all" if args.all_platforms else (args.platform or None)
+    job_id = uuid.uuid4().hex
+    _store().create(job_id, refs, args.to, platform)
+    enqueue_job(job_id, refs, targets, platform)
+    if not args.wait:
+        print(job_id)
+        return EXIT_OK
+    print(f"job {job_id} submitted", file=sys.stderr)
+    return follow(job_id, args.json)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _broker_env(args)
+    if args.watch:
+        return follow(args.job_id, args.json)
+    status = _store().status(args.job_id)
+    if status is None:
+        raise LayerwarmError(f"no job {args.job_id} (unknown, or expired)")
+    print(json.dumps(status, indent=2) if args.json else status_text(status))
+    return EXIT_OK
+
+
+def follow(job_id: str, as_json: bool) -> int:
+    """Poll a job until it ends, drawing progress; exit like `warm`."""
+    store = _store()
+    area = LiveArea(sys.stderr) if sys.stderr.isatty() else None
+    seen: dict[str, str] = {}
+    while True:
+        status = store.status(job_id)
+        if status is None:
+            raise LayerwarmError(f"no job {job_id} (unknown, or expired)")
+        if area is not None:
+            area.draw(_live_lines(status))
+        else:
+            for x in status["layers"]:
+                key = f"{x['digest']}|{x['target']}"
+                if seen.get(key) != x["state"]:
+                    seen[key] = x["state"]
+                    where = f" on {x['host']}" if x["host"] else ""
+                    print(f"layer {x['digest']} {x['target']}: {x['state']}{where}",
+                          file=sys.stderr, flush=True)
+        if status["state"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    if area is not None:
+        area.clear()
+    print(json.dumps(status, indent=2) if as_json else status_text(status))
+    return EXIT_OK if status["state"] == "done" else EXIT_FAILED
+
+
+def _live_lines(status: dict[str, Any]) -> list[str]:
+    active = [x for x in status["layers"] if x["state"] not in ("pending", "done", "failed")]
+    rows = [
+        bar_line(f"{x['digest'][:19]} {x['target']}", x["state"], x["bytes_done"], x["bytes_total"])
+        for x in active[:MAX_ROWS]
+    ]
+    t = status["totals"]
+    finished = t["done"] + t["failed"]
+    rows.append(total_line(finished, t["layers"], t["bytes_done"], t["bytes_total"],
+                           time.time() - status["created"]))
+    return rows
+
+
+def status_text(status: dict[str, Any]) -> str:
+    t = status["totals"]
+    eta = human_seconds(t["eta_seconds"]) if t["eta_seconds"] else "-"
+    lines = [
+        f"job {status['id']}  {status['state']}  to {status['target']}  "
+        f"{t['layers']} layers: {t['done']} done, {t['failed']} failed, {t['pending']} pending  "
+        f"{human_bytes(t['bytes_done'])} / {human_bytes(t['bytes_total'])}  ETA {eta}"
+    ]
+    rows = [
+        (x["digest"][:19], x["target"], x["state"],
+         f"{human_bytes(x['bytes_done'])} / {human_bytes(x['bytes_total'])}",
+         x["tier"] or "-", x["host"] or "-")
+        for x in status["layers"]
+    ]
+    if rows:
+        header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    lines += [f"error: {f['ref']}: {f['error']}" for f in status["image_failures"]]
+    lines += [f"error: layer {x['digest']} ({x['target']}): {x['reason']}"
+              for x in status["layers"] if x["state"] == "failed"]
+    return "\n".join(lines)
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    _broker_env(args)
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+            f"--address={args.address}", f"--port={args.port}"]
+    if args.basic_auth:
+        argv.append(f"--basic_auth={args.basic_auth}")
+    os.execv(sys.executable, argv)
+    return EXIT_FAILED  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    def broker(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", metavar="URL",
+                       help="Redis URL (env LAYERWARM_BROKER_URL, default redis://127.0.0.1:6379/0)")
+
+    w = sub.add_parser("worker", help="run one worker host: IO and CPU Celery workers")
+    w.add_argument("--node", required=True, help="this host's name in the fleet")
+    w.add_argument("--io-concurrency", type=int, metavar="N", help="fetch/publish threads (16)")
+    w.add_argument("--cpu-concurrency", type=int, metavar="N",
+                   help="decompress threads (one per core)")
+    w.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
+    w.add_argument("--remote", metavar="URL", help="shared tier (env LAYERWARM_REMOTE)")
+    w.add_argument("--loglevel", default="info", help="Celery log level (info)")
+    broker(w)
+    w.set_defaults(func=cmd_worker)
+
+    n = sub.add_parser("nodes", help="list live worker hosts")
+    n.add_argument("--json", action="store_true")
+    broker(n)
+    n.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("submit", help="enqueue a prewarm job on the fleet")
+    base.image_args(s, local=False)
+    s.add_argument("--to", default="remote", metavar="TARGET",
+                   help="remote (any worker, shared tier), node:NAME, or all-nodes")
+    s.add_argument("--wait", action="store_true", help="follow the job to its end")
+    broker(s)
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="show a job's layers and progress")
+    st.add_argument("job_id", metavar="JOB_ID")
+    st.add_argument("--watch", action="store_true", help="follow the job to its end")
+    st.add_argument("--json", action="store_true")
+    broker(st)
+    st.set_defaults(func=cmd_status)
+
+    f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
+    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--basic-auth", metavar="USER:PASSWORD",
+                   help="protect the UI and API (or env FLOWER_BASIC_AUTH)")
+    broker(f)
+    f.set_defaults(func=cmd_flower)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return base.run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Job records in Redis: what a submitted job is, and the state of each of its layers.
+
+    layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
+    layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
+
+Both expire after the job TTL. A job's overall state is derived from its layers when read,
+so no writer has to keep a summary consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import redis
+
+from pipeline.errors import UsageError
+
+FINISHED = ("done", "failed")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id or ""):
+        raise UsageError(f"invalid job id {job_id[:80]!r}")
+    return job_id
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl: float) -> None:
+        self.client, self.ttl = client, int(ttl)
+
+    @staticmethod
+    def _key(job_id: str) -> str:
+        return f"layerwarm:job:{check_job_id(job_id)}"
+
+    def create(self, job_id: str, refs: list[str], target: str, platform: str | None) -> None:
+        key = self._key(job_id)
+        with self.client.pipeline() as p:
+            p.hset(key, mapping={
+                "id": job_id, "refs": json.dumps(refs), "target": target,
+                "platform": platform or "", "created": repr(time.time()), "planned": "0",
+                "image_failures": "[]",
+            })
+            p.expire(key, self.ttl)
+            p.execute()
+
+    def planned(
+        self, job_id: str, layers: list[dict[str, Any]], image_failures: list[dict[str, str]]
+    ) -> None:
+        """Record the job's layers (all pending) and the refs that could not be resolved."""
+        key = self._key(job_id)
+        with self.client.pipeline() as p:
+            if layers:
+                p.hset(key + ":layers", mapping={
+                    f"{x['digest']}|{x['target']}": json.dumps({**x, "state": "pending"})
+                    for x in layers
+                })
+                p.expire(key + ":layers", self.ttl)
+            p.hset(key, mapping={"planned": "1", "image_failures": json.dumps(image_failures)})
+            p.expire(key, self.ttl)
+            p.execute()
+
+    def update_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
+        """Merge `fields` into one layer's state. Last writer wins, which is fine: each
+        layer of a job has one chain of tasks, and they run one after another."""
+        key = self._key(job_id) + ":layers"
+        field = f"{digest}|{target}"
+        raw = self.client.hget(key, field)
+        state = json.loads(raw) if raw else {"digest": digest, "target": target}
+        if state.get("state") in FINISHED and fields.get("state") not in FINISHED:
+            return  # a late progress write must not reopen a finished layer
+        state.update(fields, updated=time.time())
+        with self.client.pipeline() as p:
+            p.hset(key, field, json.dumps(state))
+            p.expire(key, self.ttl)
+            p.execute()
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        key = self._key(job_id)
+        meta = {k.decode(): v.decode() for k, v in self.client.hgetall(key).items()}
+        if not meta:
+            return None
+        raw_layers = self.client.hgetall(key + ":layers").values()
+        layers = sorted((json.loads(v) for v in raw_layers), key=lambda x: x.get("order", 0))
+        failures = json.loads(meta.get("image_failures", "[]"))
+        return {
+            "id": job_id,
+            "state": _job_state(meta.get("planned") == "1", layers, failures),
+            "target": meta["target"],
+            "refs": json.loads(meta["refs"]),
+            "platform": meta.get("platform") or None,
+            "created": float(meta["created"]),
+            "layers": [_public_layer(x) for x in layers],
+            "totals": _totals(layers, float(meta["created"])),
+            "image_failures": failures,
+        }
+
+
+def _job_state(planned: bool, layers: list[dict], failures: list) -> str:
+    if not planned:
+        return "planning"
+    if any(x.get("state") not in FINISHED for x in layers):
+        return "running"
+    return "failed" if failures or any(x["state"] == "failed" for x in layers) else "done"
+
+
+def _public_layer(x: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "digest": x["digest"],
+        "target": x["target"],
+        "state": x.get("state", "pending"),
+        "bytes_done": int(x.get("bytes_done", 0)),
+        "bytes_total": int(x.get("bytes_total", x.get("size", 0))),
+        "size": int(x.get("size", 0)),
+        "tier": x.get("tier"),
+        "host": x.get("host"),
+        "reason": x.get("reason"),
+    }
+
+
+def _totals(layers: list[dict[str, Any]], created: float) -> dict[str, Any]:
+    """Progress in compressed bytes: a finished layer counts whole, a fetch counts so far."""
+    total = sum(int(x.get("size", 0)) for x in layers)
+    done = 0
+    for x in layers:
+        if x.get("state") in FINISHED:
+            done += int(x.get("size", 0))
+        elif x.get("state") == "fetching":
+            done += min(int(x.get("bytes_done", 0)), int(x.get("size", 0)))
+    elapsed = max(time.time() - created, 1e-3)
+    eta = elapsed * (total - done) / done if 0 < done < total else (0.0 if total == done else None)
+    return {
+        "layers": len(layers),
+        "done": sum(1 for x in layers if x.get("state") == "done"),
+        "failed": sum(1 for x in layers if x.get("state") == "failed"),
+        "pending": sum(1 for x in layers if x.get("state") not in FINISHED),
+        "bytes_done": done,
+        "bytes_total": total,
+        "eta_seconds": None if eta is None else round(eta, 1),
+    }

@@ -1,0 +1,60 @@
+"""Stage progress from inside a task: into the job record and the task's Celery state.
+
+Writes are throttled (a stage change always writes; bytes at most every half second) so a
+fast layer does not turn into thousands of Redis writes. Celery state `PROGRESS` with
+bytes done/total is what Flower shows for a running task.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from celery import Task
+
+from pipeline.stages import LayerSpec
+from workers.jobs import JobStore
+
+# A remote restore is a fetch from the shared tier as far as a job's states go.
+_JOB_STATE = {"restoring": "fetching"}
+
+
+class JobProgress:
+    INTERVAL = 0.5
+
+    def __init__(self, task: Task, jobs: JobStore, job_id: str, target: str, node: str) -> None:
+        self.task, self.jobs, self.job_id, self.target, self.node = task, jobs, job_id, target, node
+        self._lock = threading.Lock()
+        self._stage, self._done, self._total, self._last = "pending", 0, 0, 0.0
+
+    def planned(self, layers: Sequence[LayerSpec]) -> None:
+        pass
+
+    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
+        if stage in ("done", "failed"):
+            return  # the task records the outcome itself, with its tier
+        with self._lock:
+            self._stage, self._done, self._total = _JOB_STATE.get(stage, stage), 0, total or 0
+        self._write(layer)
+
+    def advance(self, layer: LayerSpec, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            due = time.monotonic() - self._last >= self.INTERVAL
+        if due:
+            self._write(layer)
+
+    def _write(self, layer: LayerSpec) -> None:
+        with self._lock:
+            self._last = time.monotonic()
+            stage, done, total = self._stage, self._done, self._total
+        self.jobs.update_layer(
+            self.job_id, str(layer.digest), self.target,
+            state=stage, bytes_done=done, bytes_total=total, host=self.node,
+        )
+        if self.task.request.id:
+            self.task.update_state(state="PROGRESS", meta={
+                "digest": str(layer.digest), "stage": stage, "done": done, "total": total,
+                "host": self.node,
+            })
