@@ -99,7 +99,7 @@ class Resolver:
         self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
             _Memo()
         )
-        self._configs: _Memo[tuple[str, Digest], ImageConfig] = _Memo()
+        self._configs: _Memo[Digest, ImageConfig] = _Memo()
 
     def resolve(self, ref: Reference, platform: Platform | None) -> list[ResolvedImage]:
         """The image(s) `ref` names: one for `platform`, or every platform when None."""
@@ -120,7 +120,9 @@ class Resolver:
             fetched = self.client.fetch_manifest(ref)
             return parse_manifest(fetched.data, fetched.media_type), fetched.digest
 
-        key = (ref.name, str(ref.digest) if ref.digest else f"tag:{ref.tag}")
+        # By digest the document is the same in every repository (it is verified against
+        # the digest), so a fleet of repos sharing an index child asks for it once.
+        key = ("", str(ref.digest)) if ref.digest else (ref.name, f"tag:{ref.tag}")
         return self._manifests.get(key, load)
 
     def _image(
@@ -133,7 +135,7 @@ class Resolver:
         if manifest.media_type not in IMAGE_TYPES:
             raise InvalidManifest(f"{ref}: {manifest.media_type} is not an image manifest")
         config = self._configs.get(
-            (ref.name, manifest.config.digest),
+            manifest.config.digest,
             lambda: parse_config(self.client.fetch_blob(ref, manifest.config.digest)),
         )
         if len(config.diff_ids) != len(manifest.layers):

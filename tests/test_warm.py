@@ -323,3 +323,32 @@ def test_htpasswd_registry_through_docker_config(
     assert p.returncode == 0, p.stderr
     assert_cached(tmp_path / "ok", lay)
     assert "s3cret-pw" not in p.stderr + p.stdout
+
+
+def test_fleet_file_asks_each_unique_document_once(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path
+) -> None:
+    # 500 lines over 3 repositories and 25 tags, all tags of a repo naming one index whose
+    # children and configs are shared: each unique ref, manifest and config is asked once.
+    base = layer(90)
+    images = [Image([base, layer(91)], platform=Platform("linux", "amd64")),
+              Image([base, layer(92)], platform=Platform("linux", "arm64"))]
+    repos = [repo() for _ in range(3)]
+    tags = [f"v{i}" for i in range(25)]
+    for r in repos:
+        for t in tags:
+            registry.push_index(r, t, images)
+    lines = [f"{registry_proxy.host}/{repos[i % 3]}:{tags[i % 25]}" for i in range(500)]
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text("\n".join(lines) + "\n")
+
+    p = run_layerwarm("plan", "--json", "-f", str(fleet), cache_dir=tmp_path / "cache")
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert len(plan["images"]) == 75 and len(plan["layers"]) == 2
+    tag_gets = registry_proxy.count("GET", r"/manifests/v\d+$")
+    child_gets = registry_proxy.count("GET", r"/manifests/sha256:")
+    config_gets = registry_proxy.count("GET", r"/blobs/sha256:")
+    assert tag_gets == 75, "one request per unique reference"
+    assert child_gets == 1, "the amd64 child manifest is the same document in every repo"
+    assert config_gets == 1, "one image config, asked once"

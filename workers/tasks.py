@@ -139,8 +139,12 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
     c = context()
     wanted = None if platform == "all" else Platform.parse(platform or str(Platform.host()))
     parsed = [Reference.parse(r) for r in refs]
-    with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-plan") as pool:
-        result = resolve_all(Resolver(c.env.client), parsed, wanted, pool)
+    try:
+        with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-plan") as p:
+            result = resolve_all(Resolver(c.env.client), parsed, wanted, p)
+    except Exception as e:  # a job must never stay "planning" forever
+        c.jobs.planned(job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
+        raise
     work = [(layer_to_json(x), t) for x in result.layers for t in targets]
     c.jobs.planned(
         job_id,
