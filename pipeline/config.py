@@ -30,12 +30,34 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Caps on what one layer may expand to: absolute bytes, and output/input ratio.
+
+    The ratio applies only past `ratio_floor` bytes of output, so small, very compressible
+    layers (a tar of empty files) are not mistaken for bombs.
+    """
+
+    max_layer_bytes: int = 256 << 30
+    max_ratio: int = 1000
+    ratio_floor: int = 64 << 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Limits:
+        return cls(
+            max_layer_bytes=_int(env, "LAYERWARM_MAX_LAYER_BYTES", cls.max_layer_bytes),
+            max_ratio=_int(env, "LAYERWARM_MAX_RATIO", cls.max_ratio),
+            ratio_floor=_int(env, "LAYERWARM_RATIO_FLOOR", cls.ratio_floor, minimum=0),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     cache_dir: Path
     remote_url: str | None = None
     insecure_registries: tuple[str, ...] = ()
     io_threads: int = 16
     cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -49,6 +71,7 @@ class Settings:
             insecure_registries=insecure,
             io_threads=_int(env, "LAYERWARM_IO_THREADS", 16),
             cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", os.cpu_count() or 2),
+            limits=Limits.from_env(env),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -13,9 +13,11 @@
         ├── NotFound               the registry says 404
         ├── Unauthorized           401/403 after trying the credentials we have
         ├── InsecureRegistry       plain HTTP to a registry that is not allowed it
+        ├── NoSpace                the cache's filesystem is full
         └── VerificationError      bytes that are not what their digest says
             ├── DigestMismatch
-            └── SizeMismatch
+            ├── SizeMismatch
+            └── LimitExceeded      a layer that expands past the configured caps
 
 Messages are one line and name what failed and where: they are shown to users as is.
 """
@@ -89,3 +91,11 @@ class DigestMismatch(VerificationError):
 
 class SizeMismatch(VerificationError):
     """The content has another length than its descriptor says."""
+
+
+class LimitExceeded(VerificationError):
+    """A layer that decompresses past the size or ratio cap (a decompression bomb)."""
+
+
+class NoSpace(PermanentError):
+    """ENOSPC while writing into the cache; the partial file is removed."""

@@ -91,6 +91,7 @@ def warm(
                 return materialize(
                     layer, client=env.client, disk=env.disk, remote=env.remote,
                     progress=progress, run_cpu=lambda fn: cpu.submit(fn).result(),
+                    limits=settings.limits,
                 )
             except Exception as e:  # one layer's failure must not stop the others
                 reason = describe_error(e)

@@ -17,11 +17,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import BinaryIO, Literal, Protocol, TypeVar
 
 from pipeline.codecs import CHUNK, compression_for, iter_decompressed
+from pipeline.config import Limits
 from pipeline.digest import Digest, Verifier
-from pipeline.errors import NotFound, RemoteTierUnavailable, TransientError, VerificationError
+from pipeline.errors import (
+    DigestMismatch,
+    LimitExceeded,
+    NotFound,
+    RemoteTierUnavailable,
+    SizeMismatch,
+    TransientError,
+    VerificationError,
+)
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.tiers.disk import DiskTier
@@ -32,6 +41,7 @@ log = logging.getLogger("layerwarm")
 Source = Literal["disk", "remote", "registry"]
 T = TypeVar("T")
 FETCH_ATTEMPTS = 5
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,9 @@ def fetch(
 ) -> Path:
     """Download the layer blob to its staging file, verified; return the staging path.
 
-    A cut connection resumes with a Range request from the bytes already verified.
+    A cut connection resumes with a Range request from the bytes already verified, and a
+    `.partial` file left by a crashed process is resumed rather than downloaded again.
+    The caller holds the digest's lock, so no one else writes these files meanwhile.
     """
     staging = disk.staging_path(layer.digest)
     if staging.exists() and staging.stat().st_size == layer.size:
@@ -105,7 +117,18 @@ def fetch(
     last: Exception | None = None
     for source in layer.sources:
         try:
-            _download(client, source, layer, partial, progress)
+            with disk.space_guard():
+                try:
+                    _download(client, source, layer, partial, progress)
+                except VerificationError:
+                    if not partial.exists():
+                        raise
+                    # The kept prefix may be what was wrong: one clean try before failing.
+                    log.warning("blob %s: resumed download did not verify; starting over",
+                                layer.digest)
+                    partial.unlink()
+                    progress.stage(layer, "fetching", layer.size)
+                    _download(client, source, layer, partial, progress)
             os.replace(partial, staging)
             return staging
         except NotFound as e:  # another repository holding the same blob may serve it
@@ -117,19 +140,38 @@ def fetch(
     raise last or NotFound(f"blob {layer.digest}: no repository to fetch it from")
 
 
+def _resume_point(out: BinaryIO, verifier: Verifier) -> None:
+    """Hash what an earlier attempt left in `out`; drop it if it cannot be a prefix."""
+    try:
+        while chunk := out.read(CHUNK):
+            verifier.update(chunk)
+    except SizeMismatch:  # longer than the blob: not ours to keep
+        out.seek(0)
+        out.truncate()
+        verifier.reset()
+
+
 def _download(
     client: RegistryClient, ref: Reference, layer: LayerSpec, dest: Path, progress: Progress
 ) -> None:
     verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
-    with open(dest, "wb") as out:
+    resuming = dest.exists()
+    with open(dest, "r+b" if resuming else "wb") as out:
+        if resuming:
+            _resume_point(out, verifier)
+        if verifier.count:
+            log.info("blob %s: resuming at byte %d", layer.digest, verifier.count)
+            progress.advance(layer, verifier.count)
         for attempt in range(FETCH_ATTEMPTS):
             try:
+                if verifier.count == layer.size:
+                    break
                 with client.open_blob(ref, layer.digest, offset=verifier.count) as stream:
                     if stream.offset != verifier.count:  # server ignored Range: start over
                         progress.advance(layer, -verifier.count)
                         out.seek(0)
                         out.truncate()
-                        verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
+                        verifier.reset()
                     for chunk in stream.iter_chunks(CHUNK):
                         verifier.update(chunk)
                         out.write(chunk)
@@ -146,24 +188,33 @@ def _download(
 
 
 def decompress(
-    layer: LayerSpec, disk: DiskTier, staging: Path, progress: Progress = NO_PROGRESS
+    layer: LayerSpec,
+    disk: DiskTier,
+    staging: Path,
+    progress: Progress = NO_PROGRESS,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> int:
     """Decompress the staging blob into the disk tier, verified against the diff_id.
 
-    Returns the uncompressed size. The staging file is removed once the entry exists.
+    Returns the uncompressed size. The staging file is removed once the entry exists, or
+    when its content can never become one (wrong diff_id, a bomb).
     """
     compression = compression_for(layer.media_type)
     progress.stage(layer, "decompressing", layer.size)
     verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
-    with disk.ingest(layer.digest) as ingest, open(staging, "rb") as src:
+    with disk.space_guard(), disk.ingest(layer.digest) as ingest, open(staging, "rb") as src:
         what = f"layer {layer.digest}"
-        for chunk in iter_decompressed(_Counting(src, layer, progress), compression, what):
-            verifier.update(chunk)
-            ingest.file.write(chunk)
+        counting = _Counting(src, layer, progress)
         try:
+            for chunk in iter_decompressed(counting, compression, what):
+                verifier.update(chunk)
+                _check_limits(layer, verifier.count, counting.count, limits)
+                ingest.file.write(chunk)
             verifier.verify()
-        except VerificationError:
+        except VerificationError as e:
             staging.unlink(missing_ok=True)
+            if not isinstance(e, DigestMismatch | SizeMismatch):
+                raise
             raise VerificationError(
                 f"layer {layer.digest}: decompressed content is {verifier.actual}, "
                 f"but the image config says diff_id {layer.diff_id}"
@@ -173,14 +224,29 @@ def decompress(
     return verifier.count
 
 
+def _check_limits(layer: LayerSpec, out: int, read: int, limits: Limits) -> None:
+    if out > limits.max_layer_bytes:
+        raise LimitExceeded(
+            f"layer {layer.digest}: decompresses to more than {limits.max_layer_bytes} bytes "
+            "(LAYERWARM_MAX_LAYER_BYTES)"
+        )
+    if out > limits.ratio_floor and out > limits.max_ratio * max(read, 1):
+        raise LimitExceeded(
+            f"layer {layer.digest}: expands more than {limits.max_ratio}:1 "
+            "(LAYERWARM_MAX_RATIO); refusing a likely decompression bomb"
+        )
+
+
 class _Counting:
     """Reports compressed bytes read, so decompression shows progress against `size`."""
 
-    def __init__(self, src, layer: LayerSpec, progress: Progress) -> None:  # noqa: ANN001
+    def __init__(self, src: BinaryIO, layer: LayerSpec, progress: Progress) -> None:
         self._src, self._layer, self._progress = src, layer, progress
+        self.count = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._src.read(n)
+        self.count += len(data)
         self._progress.advance(self._layer, len(data))
         return data
 
@@ -241,6 +307,7 @@ def materialize(
     remote: RemoteTier | None = None,
     progress: Progress = NO_PROGRESS,
     run_cpu: Callable[[Callable[[], int]], int] = _direct,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> LayerResult:
     """Make the layer present on disk (and remote): disk -> remote -> registry.
 
@@ -281,7 +348,7 @@ def materialize(
                 return result
         log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
         staging = fetch(client, layer, disk, progress)
-        size = run_cpu(lambda: decompress(layer, disk, staging, progress))
+        size = run_cpu(lambda: decompress(layer, disk, staging, progress, limits))
         log.info(
             "layer decompressed and cached: %s (%d bytes) %s",
             layer.digest, size, disk.path(layer.digest),

@@ -228,7 +228,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                     fetch.apply_async((job_id, layer, target), {"token": token},
                                       queue=node_io_queue(c.node))
                     return {"digest": str(spec.digest), "refetch": True}
-                size = stages.decompress(spec, disk, staging, progress)
+                size = stages.decompress(spec, disk, staging, progress, c.settings.limits)
                 log.info("layer decompressed and cached: %s (%d bytes) %s",
                          spec.digest, size, disk.path(spec.digest))
         if c.env.remote is not None:

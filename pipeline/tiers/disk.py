@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.digest import Digest
-from pipeline.errors import PermanentError
+from pipeline.errors import NoSpace, PermanentError
 
 
 class DiskTier:
@@ -59,6 +59,16 @@ class DiskTier:
 
     def has(self, digest: Digest) -> bool:
         return self.size(digest) is not None
+
+    @contextmanager
+    def space_guard(self) -> Iterator[None]:
+        """Turn ENOSPC from writes into the cache into one clear error naming the cache."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoSpace(f"no space left on {self.root}") from e
+            raise
 
     def lock(self, digest: Digest) -> DigestLock:
         """An exclusive, cross-process lock for materializing one digest on this host."""
