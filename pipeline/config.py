@@ -29,6 +29,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _rate(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise UsageError(f"{name}={raw} must be greater than 0")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
     """Caps on what one layer may expand to: absolute bytes, and output/input ratio.
@@ -58,6 +71,7 @@ class Settings:
     io_threads: int = 16
     cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     limits: Limits = field(default_factory=Limits)
+    registry_rate: float | None = None  # requests/s per registry host; None: no budget
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +86,7 @@ class Settings:
             io_threads=_int(env, "LAYERWARM_IO_THREADS", 16),
             cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", os.cpu_count() or 2),
             limits=Limits.from_env(env),
+            registry_rate=_rate(env, "LAYERWARM_REGISTRY_RATE"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -16,6 +16,7 @@ from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
 from pipeline.manifest import Platform
 from pipeline.plan import Plan, Resolver, resolve_all
+from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
 from pipeline.registry.auth import DockerConfig
 from pipeline.registry.client import RegistryClient
@@ -50,10 +51,16 @@ class Environment:
     remote: RemoteTier | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Environment:
+    def from_settings(
+        cls, settings: Settings, rate_limiter: RateLimiter | None = None
+    ) -> Environment:
+        """`rate_limiter` defaults to an in-process budget when LAYERWARM_REGISTRY_RATE is set."""
+        if rate_limiter is None and settings.registry_rate:
+            rate_limiter = LocalRateLimiter(settings.registry_rate)
         client = RegistryClient(
             insecure_registries=settings.insecure_registries,
             docker_config=DockerConfig.load(),
+            rate_limiter=rate_limiter,
         )
         remote = open_remote(settings.remote_url) if settings.remote_url else None
         return cls(client, DiskTier(settings.cache_dir), remote)

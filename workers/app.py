@@ -30,12 +30,21 @@ def broker_url() -> str:
 VISIBILITY_TIMEOUT = _seconds("LAYERWARM_VISIBILITY_TIMEOUT", 3 * 3600)
 JOB_TTL = _seconds("LAYERWARM_JOB_TTL", 7 * 86400)
 
+# kombu looks for expired unacknowledged messages every `interval` seconds but scans only
+# every `throttle`-th time (by default 10 x 10 s). Scan at every check, a few times per
+# visibility timeout, so a killed worker's task comes back soon after the timeout.
+_TRANSPORT = {
+    "visibility_timeout": VISIBILITY_TIMEOUT,
+    "unacked_restore_interval": max(1, min(10, int(VISIBILITY_TIMEOUT / 4))),
+    "unacked_restore_throttle": 1,
+}
+
 app = Celery("layerwarm", include=["workers.tasks"])
 app.conf.update(
     broker_url=broker_url(),
     result_backend=broker_url(),
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    broker_transport_options=_TRANSPORT,
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     task_serializer="json",
     result_serializer="json",

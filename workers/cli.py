@@ -48,7 +48,12 @@ def live_nodes(timeout: float = 1.5) -> list[str]:
 def cmd_nodes(args: argparse.Namespace) -> int:
     _broker_env(args)
     nodes = live_nodes()
-    print(json.dumps(nodes) if args.json else "\n".join(nodes) or "no live worker hosts")
+    if args.json:
+        print(json.dumps(nodes))
+    elif nodes:
+        print("\n".join(nodes))
+    else:
+        print("layerwarm: no live worker hosts", file=sys.stderr)
     return EXIT_OK
 
 

@@ -39,6 +39,7 @@ from workers.app import JOB_TTL, app, broker_url
 from workers.jobs import JobStore
 from workers.leases import Leases
 from workers.progress import JobProgress
+from workers.ratelimit import RedisRateLimiter
 from workers.routing import Target, check_node, node_cpu_queue, node_io_queue
 
 log = logging.getLogger("layerwarm")
@@ -60,9 +61,10 @@ def context() -> WorkerContext:
     settings = Settings.from_env()
     client = redis.Redis.from_url(broker_url())
     lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
+    limiter = RedisRateLimiter(client, settings.registry_rate) if settings.registry_rate else None
     return WorkerContext(
         node=check_node(os.environ.get("LAYERWARM_NODE") or socket.gethostname()),
-        env=Environment.from_settings(settings),
+        env=Environment.from_settings(settings, limiter),
         settings=settings,
         jobs=JobStore(client, JOB_TTL),
         leases=Leases(client, lease_ttl),

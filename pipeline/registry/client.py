@@ -35,6 +35,7 @@ from pipeline.errors import (
     Unauthorized,
 )
 from pipeline.manifest import MANIFEST_TYPES
+from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
 from pipeline.registry.auth import Authenticator, DockerConfig
 
@@ -44,6 +45,7 @@ T = TypeVar("T")
 MAX_REDIRECTS = 5
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 8.0
 MAX_RETRY_AFTER = 60.0  # longer waits are the caller's to schedule, not a sleeping thread's
+PENALTY_WITHOUT_RETRY_AFTER = 1.0  # seconds every worker pauses a host after a bare 429
 _REDIRECTS = (301, 302, 303, 307, 308)
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
@@ -152,8 +154,10 @@ class RegistryClient:
     def __init__(
         self, *, insecure_registries: Iterable[str] = (), docker_config: DockerConfig | None = None,
         timeout: float = 60.0, retries: int = 4, sleep: Callable[[float], None] = time.sleep,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._insecure = frozenset(h.lower() for h in insecure_registries)
+        self._limiter: RateLimiter = rate_limiter or Unlimited()
         self._timeout = timeout
         self._retries = retries
         self._sleep = sleep
@@ -321,6 +325,8 @@ class RegistryClient:
                 raise Unauthorized(f"{where} refused: {detail}; tried {as_who}")
             if status in (408, 429) or status >= 500:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                if status == 429:  # the whole fleet slows down for this host, not just us
+                    self._limiter.penalize(host.lower(), retry_after or PENALTY_WITHOUT_RETRY_AFTER)
                 raise TransientError(f"{where}: {detail}", retry_after=retry_after)
             raise PermanentError(f"{where}: {detail}")
         finally:
@@ -335,6 +341,7 @@ class RegistryClient:
             sent = dict(headers)
             if authorization and _origin(url) == home:
                 sent["Authorization"] = authorization
+            self._limiter.acquire(urlsplit(url).netloc.lower())
             try:
                 resp = self._session.get(url, headers=sent, stream=True, timeout=self._timeout,
                                          allow_redirects=False, auth=_NoNetrc())

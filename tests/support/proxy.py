@@ -11,6 +11,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple, Self
@@ -25,12 +26,14 @@ _CHUNK = 64 * 1024
 
 
 class Hit(NamedTuple):
-    """One proxied request: ``path`` includes the query string; ``bytes_sent`` is body bytes."""
+    """One proxied request: ``path`` includes the query string; ``bytes_sent`` is body bytes;
+    ``at`` is when it arrived (time.monotonic(), comparable across the test process)."""
 
     method: str
     path: str
     status: int
     bytes_sent: int
+    at: float = 0.0
 
 
 @dataclass
@@ -171,12 +174,12 @@ class Proxy:
     def _handle(self, req: _Handler) -> None:
         with self._lock:
             self._inflight += 1
-        status, sent = 502, 0
+        status, sent, arrived = 502, 0, time.monotonic()
         try:
             status, sent = self._serve(req)
         finally:
             with self._lock:
-                self._log.append(Hit(req.command, req.path, status, sent))
+                self._log.append(Hit(req.command, req.path, status, sent, arrived))
                 self._inflight -= 1
                 self._lock.notify_all()
 
