@@ -1,0 +1,452 @@
+"""Distributed mode end to end: real Redis, real `layerwarm worker` processes, a real
+registry behind the counting proxy, and a real S3 server as the shared tier.
+
+What a user checks: exit codes, the job status, the bytes in every node's cache dir and
+in S3, and how many times the registry served each blob ("fetched once" is counted at
+the proxy, not assumed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import entries, run_layerwarm
+from tests.support.fleet import (
+    REPO_ROOT,
+    Fleet,
+    FleetError,
+    ThrottledProxy,
+    broker_url_for,
+    cli_cmd,
+)
+from tests.support.images import Image, Layer, random_tar
+from tests.support.proxy import Proxy
+from tests.support.registry import RegistryServer
+from tests.support.s3 import S3Server
+
+FLEET_DB = 7  # the module fleet's Redis database (flushed at start)
+KILL_DB = 8  # the kill -9 test's own fleet
+VISIBILITY_TIMEOUT = 20  # LAYERWARM_VISIBILITY_TIMEOUT of every fleet here (Fleet's default)
+PREFIX = "layers"
+NODES = ("a", "b", "c")
+
+# Every layer any test here pushes, by cache name: whatever entry shows up in any cache
+# dir or in S3 must be one of these, byte for byte.
+KNOWN: dict[str, bytes] = {}
+
+
+def repo() -> str:
+    return f"t/{uuid.uuid4().hex[:10]}"
+
+
+def name(lay: Layer) -> str:
+    return "sha256_" + lay.digest.removeprefix("sha256:")
+
+
+def layer(seed: int, compression: str = "gzip", size: int = 100_000, **kw: Any) -> Layer:
+    lay = Layer(random_tar(seed, size), compression, **kw)
+    KNOWN[name(lay)] = lay.tar
+    return lay
+
+
+def unique(layers: Sequence[Layer]) -> list[Layer]:
+    return list({lay.digest: lay for lay in layers}.values())
+
+
+def push(registry: RegistryServer, proxy: Proxy, images: Sequence[Image]) -> list[str]:
+    """Push each image to its own repo; return refs that go through the proxy."""
+    refs = []
+    for img in images:
+        r = repo()
+        registry.push_image(r, "1", img)
+        refs.append(f"{proxy.host}/{r}:1")
+    return refs
+
+
+def image_fleet(seed: int, count: int) -> tuple[list[Image], list[Layer]]:
+    """``count`` images over 2 base and 3 middle layers, each with one layer of its own."""
+    bases = [layer(seed, "gzip", 400_000), layer(seed + 1, "zstd", 300_000)]
+    mids = [layer(seed + 2 + i, c, 150_000) for i, c in enumerate(("zstd", "gzip", "none"))]
+    images = []
+    for i in range(count):
+        own = layer(seed + 10 + i, ("gzip", "zstd", "none")[i % 3], 60_000)
+        fmt = "docker" if i % 4 == 0 else "oci"
+        images.append(Image([bases[i % 2], mids[i % 3], own], format=fmt))
+    return images, unique([lay for img in images for lay in img.layers])
+
+
+def s3_objects(s3: S3Server, bucket: str) -> dict[str, bytes]:
+    """Object bytes under the remote prefix, by cache name."""
+    client = s3.client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"].removeprefix(PREFIX + "/")] = body
+    return out
+
+
+def assert_everything_intact(fleet: Fleet, s3: S3Server, bucket: str) -> None:
+    """Every ``sha256_*`` in every node's cache dir and in S3 is a known layer, whole."""
+    for node, names in fleet.entries().items():
+        for entry in names:
+            assert entry in KNOWN, f"node {node}: unknown cache entry {entry}"
+            data = (fleet.cache_dir(node) / entry).read_bytes()
+            assert data == KNOWN[entry], (
+                f"node {node}: {entry} is corrupt or partial ({len(data)} bytes, "
+                f"expected {len(KNOWN[entry])})"
+            )
+    for entry, data in s3_objects(s3, bucket).items():
+        assert entry in KNOWN, f"S3: unknown object {PREFIX}/{entry}"
+        assert data == KNOWN[entry], f"S3: {PREFIX}/{entry} is corrupt or partial"
+
+
+def start(fleet: Fleet) -> Fleet:
+    try:
+        return fleet.start()
+    except FleetError as exc:
+        message = f"the layerwarm worker fleet did not start: {exc}"
+    pytest.fail(message, pytrace=False)
+
+
+def node_of(fleet: Fleet, host: str | None) -> str:
+    """The node a status ``host`` names (``b``, or a worker name like ``io@b``)."""
+    assert host is not None, "a layer in progress or done has no host in the status"
+    node = re.sub(r"^(io|cpu)@", "", host)
+    assert node in fleet.nodes, f"status host {host!r} is none of the nodes {sorted(fleet.nodes)}"
+    return node
+
+
+def by_digest(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {x["digest"]: x for x in status["layers"]}
+
+
+def assert_layer_done(entry: dict[str, Any], lay: Layer) -> None:
+    assert entry["state"] == "done", entry
+    assert entry["reason"] is None, entry
+    assert entry["bytes_total"] in (lay.size, len(lay.tar)), entry
+    assert entry["bytes_done"] == entry["bytes_total"], entry
+    assert entry["tier"] in ("disk", "remote", "registry"), entry
+
+
+def submit_json(fleet: Fleet, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    p = fleet.submit(*args, "--wait", "--json")
+    try:
+        status = json.loads(p.stdout)
+    except ValueError:
+        pytest.fail(
+            f"submit --wait --json printed no JSON (exit {p.returncode}): {p.stdout[:2000]!r}\n"
+            f"stderr: {p.stderr[-3000:]}\n{fleet.logs()}"
+        )
+    return p, status
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Server) -> str:
+    return s3.create_bucket(f"fleet-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3: S3Server, bucket: str
+) -> Iterator[Fleet]:
+    """Three nodes a, b, c with S3 as the shared tier; shared by the tests of this module."""
+    f = Fleet(
+        tmp_path_factory.mktemp("fleet"), NODES, broker_url_for(redis_url, FLEET_DB),
+        f"s3://{bucket}/{PREFIX}", s3.env(),
+    )
+    start(f)
+    yield f
+    f.stop()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_fleet_file_to_remote_fetches_each_layer_once(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str,
+    tmp_path: Path,
+) -> None:
+    images, layers = image_fleet(1000, 10)
+    refs = push(registry, registry_proxy, images)
+    file = tmp_path / "fleet.txt"
+    file.write_text("# the fleet\n" + "\n".join(refs) + "\n\n")
+
+    p, status = submit_json(fleet, "-f", str(file), "--to", "remote")
+    assert p.returncode == 0, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    assert status["state"] == "done"
+    assert status["target"] == "remote"
+    assert sorted(status["refs"]) == sorted(refs)
+    assert status["image_failures"] == []
+    layers_by_digest = by_digest(status)
+    assert len(status["layers"]) == len(layers) == 15, "one status entry per unique layer"
+    assert set(layers_by_digest) == {lay.digest for lay in layers}
+    for lay in layers:
+        entry = layers_by_digest[lay.digest]
+        assert_layer_done(entry, lay)
+        assert entry["target"] == "remote"
+        assert entry["tier"] == "registry", entry
+        node_of(fleet, entry["host"])
+    totals = status["totals"]
+    assert (totals["layers"], totals["done"], totals["failed"], totals["pending"]) == (15, 15, 0, 0)
+    assert totals["bytes_done"] == totals["bytes_total"]
+    assert totals["bytes_total"] == sum(x["bytes_total"] for x in status["layers"])
+
+    stored = s3_objects(s3, bucket)
+    for lay in layers:
+        assert stored.get(name(lay)) == lay.tar, f"{PREFIX}/{name(lay)} missing or wrong in S3"
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
+    assert_everything_intact(fleet, s3, bucket)
+
+    # The job is still there to ask about afterwards, with the same result.
+    again = fleet.status(status["id"])
+    assert again["state"] == "done"
+    assert by_digest(again).keys() == layers_by_digest.keys()
+    assert all(x["state"] == "done" for x in again["layers"])
+
+
+def test_to_node_puts_layers_on_that_node_only(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+) -> None:
+    base = layer(1100, "zstd", 300_000)
+    own1, own2 = layer(1101, "gzip"), layer(1102, "none")
+    images = [Image([base, own1]), Image([base, own2], format="docker")]
+    refs = push(registry, registry_proxy, images)
+
+    p = fleet.submit(*refs, "--to", "node:b", "--wait")
+    assert p.returncode == 0, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    for lay in (base, own1, own2):
+        hex12 = lay.digest.removeprefix("sha256:")[:12]
+        assert hex12 in p.stdout, f"summary table does not list {hex12}:\n{p.stdout}"
+        assert (fleet.cache_dir("b") / name(lay)).read_bytes() == lay.tar
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
+    mine = {name(x) for x in (base, own1, own2)}
+    cached = fleet.entries()
+    assert cached["a"] & mine == set(), "node:b work landed on node a"
+    assert cached["c"] & mine == set(), "node:b work landed on node c"
+    assert_everything_intact(fleet, s3, bucket)
+
+
+def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+) -> None:
+    shared = layer(1200, "gzip", 300_000)
+    own = [layer(1201, "zstd"), layer(1202, "none"), layer(1203, "gzip")]
+    images = [Image([shared, own[0]]), Image([shared, own[1], own[2]], format="docker")]
+    refs = push(registry, registry_proxy, images)
+    layers = [shared, *own]
+
+    p, status = submit_json(fleet, *refs, "--to", "all-nodes")
+    assert p.returncode == 0, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    assert status["state"] == "done"
+    assert status["target"] == "all-nodes"
+    pairs = Counter((x["digest"], x["target"]) for x in status["layers"])
+    assert pairs == Counter({(lay.digest, f"node:{n}"): 1 for lay in layers for n in NODES}), (
+        "all-nodes: one status entry per (layer, node)"
+    )
+    tiers: dict[str, list[str]] = {}
+    for entry in status["layers"]:
+        lay = next(x for x in layers if x.digest == entry["digest"])
+        assert_layer_done(entry, lay)
+        assert node_of(fleet, entry["host"]) == entry["target"].removeprefix("node:"), entry
+        tiers.setdefault(lay.digest, []).append(entry["tier"])
+    for lay in layers:
+        assert sorted(tiers[lay.digest]) == ["registry", "remote", "remote"], (lay.digest, tiers)
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
+        for n in NODES:
+            path = fleet.cache_dir(n) / name(lay)
+            assert path.is_file(), f"node {n} lacks {name(lay)}"
+            assert path.read_bytes() == lay.tar
+    assert status["totals"]["layers"] == status["totals"]["done"] == 12
+    assert_everything_intact(fleet, s3, bucket)
+
+
+def test_two_jobs_at_once_over_overlapping_fleets_fetch_each_layer_once(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str,
+    tmp_path: Path,
+) -> None:
+    images, layers = image_fleet(1300, 6)
+    refs = push(registry, registry_proxy, images)
+    files = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    files[0].write_text("\n".join(refs[:4]) + "\n")
+    files[1].write_text("\n".join(refs[2:]) + "\n")
+
+    procs = [
+        subprocess.Popen(
+            cli_cmd("submit", "-f", str(f)), env=fleet.env(), cwd=REPO_ROOT, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for f in files
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out, _err in outs:
+        assert re.fullmatch(r"\S+\n", out), f"submit without --wait must print the job id: {out!r}"
+    ids = [out.strip() for out, _err in outs]
+    assert ids[0] != ids[1]
+
+    final = fleet.wait_done(*ids, timeout=120)
+    registry_tiers: Counter[str] = Counter()
+    for job_id, job_refs in zip(ids, (refs[:4], refs[2:]), strict=True):
+        st = final[job_id]
+        assert st["id"] == job_id
+        assert st["state"] == "done", json.dumps(st, indent=1)[:3000]
+        assert st["target"] == "remote"
+        assert sorted(st["refs"]) == sorted(job_refs)
+        job_layers = unique([lay for i in job_refs for lay in images[refs.index(i)].layers])
+        assert set(by_digest(st)) == {lay.digest for lay in job_layers}
+        for lay in job_layers:
+            entry = by_digest(st)[lay.digest]
+            assert_layer_done(entry, lay)
+            registry_tiers[lay.digest] += entry["tier"] == "registry"
+    stored = s3_objects(s3, bucket)
+    for lay in layers:
+        assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
+        assert registry_tiers[lay.digest] == 1, f"{lay.digest}: 'registry' tier in both jobs"
+        assert stored.get(name(lay)) == lay.tar
+    assert_everything_intact(fleet, s3, bucket)
+
+
+def test_permanent_error_fails_that_layer_only(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+) -> None:
+    good1, good2 = layer(1400, "gzip"), layer(1401, "zstd")
+    lying = layer(1402, "zstd", 150_000, override_diff_id="sha256:" + "0" * 64)
+    refs = push(registry, registry_proxy, [Image([good1, lying]), Image([good2])])
+
+    started = time.monotonic()
+    p, status = submit_json(fleet, *refs)
+    assert p.returncode == 1, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    assert time.monotonic() - started < 60, "a permanent error must not be retried for long"
+    assert status["state"] == "failed"
+    entries_ = by_digest(status)
+    bad = entries_[lying.digest]
+    assert bad["state"] == "failed"
+    assert lying.diff_id in bad["reason"], bad["reason"]
+    assert "sha256:" + "0" * 64 in bad["reason"], bad["reason"]
+    for lay in (good1, good2):
+        assert_layer_done(entries_[lay.digest], lay)
+    totals = status["totals"]
+    assert (totals["layers"], totals["done"], totals["failed"]) == (3, 2, 1)
+    assert registry_proxy.count("GET", f"/blobs/{lying.digest}") == 1, "permanent: no retry"
+    assert all(name(lying) not in names for names in fleet.entries().values())
+    assert name(lying) not in s3_objects(s3, bucket)
+    assert_everything_intact(fleet, s3, bucket)
+
+
+def test_nodes_lists_every_live_host(fleet: Fleet) -> None:
+    p = fleet.run("nodes", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.stdout.split()) == sorted(NODES), p.stdout
+    assert len(p.stdout.splitlines()) == len(NODES), "one node name a line"
+    p = fleet.run("nodes", "--json", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert sorted(json.loads(p.stdout)) == sorted(NODES)
+
+
+def test_status_of_unknown_job_is_one_clear_line(fleet: Fleet) -> None:
+    job_id = f"nonexistent-{uuid.uuid4().hex}"
+    for extra in ([], ["--json"]):
+        p = fleet.run("status", job_id, *extra, timeout=60)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1, p.stderr
+        assert "no job" in lines[0] and job_id in lines[0], lines[0]
+        assert p.stdout == ""
+
+
+@pytest.mark.parametrize("module", ["workers.cli", "pipeline.cli"])
+def test_one_machine_warm_needs_no_broker(
+    module: str, registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    lay = layer(1500, "zstd")
+    refs = push(registry, registry_proxy, [Image([lay])])
+    env = {"LAYERWARM_BROKER_URL": "redis://127.0.0.1:1/0"}
+    started = time.monotonic()
+    if module == "pipeline.cli":
+        p = run_layerwarm("warm", *refs, cache_dir=cache_dir, env=env, timeout=60)
+    else:
+        from tests.support.cli import layerwarm_env
+
+        p = subprocess.run(
+            cli_cmd("warm", *refs), env=layerwarm_env(cache_dir, env), cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - started < 30, "warm waited on the unreachable broker"
+    assert entries(cache_dir) == {name(lay)}
+    assert (cache_dir / name(lay)).read_bytes() == lay.tar
+    assert "Traceback" not in p.stderr
+
+
+def test_kill_9_of_the_fetching_worker_loses_nothing(
+    tmp_path: Path, redis_url: str, registry: RegistryServer, s3: S3Server
+) -> None:
+    bucket = s3.create_bucket(f"kill-{uuid.uuid4().hex[:8]}")
+    big = layer(1600, "zstd", 32_000_000)
+    small1, small2 = layer(1601, "gzip"), layer(1602, "none")
+    with ThrottledProxy(registry.url) as proxy:
+        refs = push(registry, proxy, [Image([small1, big, small2])])
+        # ~2.5 MB/s: the big blob takes several seconds, long enough to catch it mid-fetch.
+        proxy.throttle_path(f"/blobs/{big.digest}", 2_500_000)
+        fleet = Fleet(
+            tmp_path / "fleet", NODES, broker_url_for(redis_url, KILL_DB),
+            f"s3://{bucket}/{PREFIX}", s3.env(), visibility_timeout=VISIBILITY_TIMEOUT,
+        )
+        start(fleet)
+        try:
+            job_id = fleet.submit_id(*refs, "--to", "remote")
+            deadline = time.monotonic() + 60
+            while True:
+                entry = by_digest(fleet.status(job_id)).get(big.digest)
+                if entry and entry["state"] == "fetching" and entry["bytes_done"] > 0:
+                    break
+                assert not entry or entry["state"] in ("pending", "fetching"), (
+                    f"the big layer got past fetching before it could be interrupted: {entry}"
+                )
+                assert time.monotonic() < deadline, f"big layer never seen fetching: {entry}"
+                time.sleep(0.2)
+            victim = node_of(fleet, entry["host"])
+            killed = fleet.kill9(victim)
+            killed_at = time.monotonic()
+            proxy.unthrottle()
+            assert killed, "nothing was killed"
+
+            status = fleet.wait_done(job_id, timeout=150)[job_id]
+            recovered_in = time.monotonic() - killed_at
+            assert status["state"] == "done", json.dumps(status, indent=1)[:3000]
+            for lay in (small1, big, small2):
+                assert_layer_done(by_digest(status)[lay.digest], lay)
+            assert status["totals"]["failed"] == 0
+            stored = s3_objects(s3, bucket)
+            for lay in (small1, big, small2):
+                assert stored.get(name(lay)) == lay.tar, f"{name(lay)} missing or wrong in S3"
+            assert any(name(big) in names for names in fleet.entries().values())
+            assert_everything_intact(fleet, s3, bucket)
+            assert proxy.count("GET", f"/blobs/{big.digest}") >= 2, (
+                "the big blob was served once: the kill did not interrupt its fetch"
+            )
+            # A host whose IO worker is dead is no live host.
+            live = json.loads(fleet.run("nodes", "--json", timeout=60).stdout)
+            assert victim not in live and set(live) == set(NODES) - {victim}, live
+            # The lost task comes back about when the visibility timeout says, not minutes
+            # later (kombu only sweeps for expired unacked messages every so often).
+            assert recovered_in < VISIBILITY_TIMEOUT + 40, (
+                f"the job took {recovered_in:.0f}s after the kill to finish, with a "
+                f"visibility timeout of {VISIBILITY_TIMEOUT}s: the killed task was redelivered late"
+            )
+        finally:
+            fleet.stop()
