@@ -102,6 +102,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_FAILED if plan.failures else EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.digest import Digest
+    from pipeline.tiers.disk import DiskTier
+    from pipeline.tiers.remote import open_remote
+    from pipeline.verify import verify_disk, verify_remote
+
+    settings = _settings(args)
+    try:
+        digests = [Digest.parse(d, allow_cache_name=True) for d in args.digests] or None
+    except LayerwarmError as e:
+        raise UsageError(str(e)) from None
+    disk = DiskTier(settings.cache_dir)
+    checked = verify_disk(disk, digests, report_only=args.report)
+    if settings.remote_url:
+        remote = open_remote(settings.remote_url)
+        checked += verify_remote(remote, disk, digests, report_only=args.report)
+    if args.json:
+        print(json.dumps([{"digest": str(c.digest), "tier": c.tier, "state": c.state,
+                           "reason": c.reason, "removed": c.removed} for c in checked], indent=2))
+    else:
+        for c in checked:
+            note = f": {c.reason}" if c.reason else ""
+            note += " (removed)" if c.removed else ""
+            print(f"{c.state:<12} {c.tier:<6} {c.digest}{note}")
+        counts = {k: sum(1 for c in checked if c.state == k)
+                  for k in ("ok", "bad", "unverifiable", "missing")}
+        print(f"{len(checked)} entries: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return EXIT_FAILED if any(c.state in ("bad", "missing") for c in checked) else EXIT_OK
+
+
 def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     """Which images (and, for commands that work here rather than on workers, where)."""
     p.add_argument("refs", nargs="*", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
@@ -138,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: unique layers, where each is, bytes to fetch")
     image_args(plan)
     plan.set_defaults(func=cmd_plan)
+    verify = sub.add_parser("verify", help="re-hash cache entries; remove (or report) bad ones")
+    verify.add_argument("digests", nargs="*", metavar="DIGEST",
+                        help="sha256:<hex> or sha256_<hex> (default: every entry)")
+    verify.add_argument("--report", action="store_true", help="list bad entries, remove nothing")
+    verify.add_argument("--remote", metavar="URL", help="check the remote tier too")
+    verify.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(func=cmd_verify, insecure_registry=[], io_threads=None, cpu_threads=None)
     return parser
 
 

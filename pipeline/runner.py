@@ -8,6 +8,7 @@ release the GIL). Each unique layer is materialized once however many refs share
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,7 +110,21 @@ def warm(
                 return LayerResult(layer, error=reason)
 
         results = list(io.map(one, plan.layers))
+    _record_images(plan, env.disk)
     return WarmReport(plan, results)
+
+
+def _record_images(plan: Plan, disk: DiskTier) -> None:
+    """Which image uses which layer, for `usage` and gc; a failure here fails no warm."""
+    if not disk.root.is_dir():
+        return
+    try:
+        for image in plan.images:
+            platform = str(image.platform) if image.platform else None
+            layers = [x.digest for x in image.layers]
+            disk.meta.record_image(image.manifest_digest, str(image.ref), platform, layers)
+    except sqlite3.Error as e:
+        log.warning("could not record images in %s: %s", disk.meta.path, e)
 
 
 def locate(layers: Sequence[LayerSpec], env: Environment) -> dict[LayerSpec, Source | None]:

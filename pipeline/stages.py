@@ -221,7 +221,34 @@ def decompress(
             ) from None
         ingest.commit()
     staging.unlink(missing_ok=True)
+    _record(layer, disk, verifier.count)
     return verifier.count
+
+
+def _record(layer: LayerSpec, disk: DiskTier, size: int) -> None:
+    disk.meta.record_layer(layer.digest, layer.diff_id, layer.media_type, layer.size, size)
+
+
+def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
+    """The entry's size if the disk tier has it as recorded; else None (a miss).
+
+    An entry whose size differs from its row (truncated by hand, a bad disk) is removed
+    here, so the caller fetches it again. The caller holds the digest's lock.
+    """
+    size = disk.size(layer.digest)
+    if size is None:
+        return None
+    row = disk.meta.layer(layer.digest)
+    if row is not None and row.uncompressed_size != size:
+        log.warning("disk entry %s has %d bytes, %d recorded: fetching it again",
+                    disk.path(layer.digest), size, row.uncompressed_size)
+        disk.remove(layer.digest)
+        return None
+    if row is None:
+        _record(layer, disk, size)  # named only after verification: adopt it
+    else:
+        disk.meta.touch(layer.digest)
+    return size
 
 
 def _check_limits(layer: LayerSpec, out: int, read: int, limits: Limits) -> None:
@@ -269,6 +296,7 @@ def restore(
                 verifier.update(chunk)
         verifier.verify()
         ingest.commit()
+    _record(layer, disk, verifier.count)
     return verifier.count
 
 
@@ -320,7 +348,7 @@ def materialize(
     remote_ok = remote is not None
     republish = False
     with disk.lock(layer.digest):
-        size = disk.size(layer.digest)
+        size = check_disk(layer, disk)
         if size is not None:
             path = disk.path(layer.digest)
             log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)

@@ -168,7 +168,9 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     try:
         # Where it should be already? A node target also accepts a copy from the remote tier.
         if tgt.node is not None:
-            if disk.has(spec.digest):
+            with disk.lock(spec.digest):
+                on_disk = stages.check_disk(spec, disk) is not None
+            if on_disk:
                 return self.done(job_id, spec, target, "disk")
             if remote is not None and stages.restore(spec, disk, remote, progress) is not None:
                 return self.done(job_id, spec, target, "remote")

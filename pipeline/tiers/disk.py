@@ -4,6 +4,7 @@
     <root>/.staging/      compressed blobs between fetch and decompress
     <root>/.tmp/          files being written; never read as entries; gc sweeps them
     <root>/.locks/        one lock file per digest, locked with flock(2)
+    <root>/.meta.db       what each entry should be (pipeline/metadata.py)
 
 An entry's name appears only through `Ingest.commit()`, after the caller has verified the
 bytes: write to .tmp, fsync, rename, fsync the directory. A crash at any point leaves
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.digest import Digest
-from pipeline.errors import NoSpace, PermanentError
+from pipeline.errors import InvalidDigest, NoSpace, PermanentError
+from pipeline.metadata import Metadata
 
 
 class DiskTier:
@@ -31,6 +33,7 @@ class DiskTier:
         self.tmp_dir = self.root / ".tmp"
         self.staging_dir = self.root / ".staging"
         self.locks_dir = self.root / ".locks"
+        self.meta = Metadata(self.root / ".meta.db")
         self._ready = False
 
     def _ensure_dirs(self) -> None:
@@ -59,6 +62,27 @@ class DiskTier:
 
     def has(self, digest: Digest) -> bool:
         return self.size(digest) is not None
+
+    def remove(self, digest: Digest) -> bool:
+        """Drop an entry and its row; the caller holds the digest's lock."""
+        self.meta.forget(digest)
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def entries(self) -> list[Digest]:
+        """Every well-formed entry name in the cache directory."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            try:
+                out.append(Digest.parse(p.name, allow_cache_name=True))
+            except InvalidDigest:
+                continue  # not ours (or hostile): never touched
+        return [d for d in out if d.cache_name == self.path(d).name and self.path(d).is_file()]
 
     @contextmanager
     def space_guard(self) -> Iterator[None]:

@@ -1,0 +1,126 @@
+"""What the disk tier knows about its entries, in SQLite (WAL) beside them: `.meta.db`.
+
+    layers   digest, diff_id, media type, sizes, created, last used
+    images   which image (manifest digest, ref, platform) uses which layer
+
+The files stay the source of truth: a row says what an entry should be (so `verify` can
+re-hash it and a warm can notice a truncated one), never that it exists. Each thread
+gets its own connection; WAL and a busy timeout let many processes share the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.digest import Digest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    digest TEXT PRIMARY KEY,
+    diff_id TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    compressed_size INTEGER NOT NULL,
+    uncompressed_size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    manifest_digest TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    platform TEXT,
+    layer_digest TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (manifest_digest, ref, layer_digest)
+);
+"""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    digest: Digest
+    diff_id: Digest
+    media_type: str
+    compressed_size: int
+    uncompressed_size: int
+    created: float
+    last_used: float
+
+
+class Metadata:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    @contextmanager
+    def _db(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if not create and not self.path.exists():
+                yield None  # nothing recorded yet; reading must not create the file
+                return
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.executescript(_SCHEMA)
+            self._local.conn = conn
+        yield conn
+
+    def record_layer(
+        self, digest: Digest, diff_id: Digest, media_type: str, compressed_size: int,
+        uncompressed_size: int,
+    ) -> None:
+        now = time.time()
+        with self._db(create=True) as db:
+            assert db is not None
+            db.execute(
+                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                "SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
+                "compressed_size=excluded.compressed_size, "
+                "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used",
+                (str(digest), str(diff_id), media_type, compressed_size, uncompressed_size,
+                 now, now),
+            )
+
+    def touch(self, digest: Digest) -> None:
+        with self._db(create=False) as db:
+            if db is not None:
+                db.execute(
+                    "UPDATE layers SET last_used=? WHERE digest=?", (time.time(), str(digest))
+                )
+
+    def record_image(
+        self, manifest_digest: Digest, ref: str, platform: str | None, layers: Sequence[Digest]
+    ) -> None:
+        with self._db(create=True) as db:
+            assert db is not None
+            db.executemany(
+                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                [(str(manifest_digest), ref, platform, str(d), i) for i, d in enumerate(layers)],
+            )
+
+    def layer(self, digest: Digest) -> LayerRecord | None:
+        with self._db(create=False) as db:
+            if db is None:
+                return None
+            row = db.execute("SELECT * FROM layers WHERE digest=?", (str(digest),)).fetchone()
+        return _record(row) if row else None
+
+    def layers(self) -> list[LayerRecord]:
+        with self._db(create=False) as db:
+            rows = [] if db is None else db.execute("SELECT * FROM layers").fetchall()
+        return [_record(r) for r in rows]
+
+    def forget(self, digest: Digest) -> None:
+        with self._db(create=False) as db:
+            if db is not None:
+                db.execute("DELETE FROM layers WHERE digest=?", (str(digest),))
+
+
+def _record(row: tuple) -> LayerRecord:
+    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:])

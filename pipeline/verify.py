@@ -1,0 +1,91 @@
+"""`layerwarm verify`: re-hash cache entries against their recorded diff_id.
+
+A bad entry (content or size not what was recorded) is removed, or only listed with
+`report_only`; an entry with no record cannot be judged and says so. Remote entries are
+checked against the diff-id in their own metadata, through a temp file on the disk tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.codecs import CHUNK
+from pipeline.digest import Digest, Verifier
+from pipeline.errors import LayerwarmError, VerificationError
+from pipeline.tiers.disk import DiskTier
+from pipeline.tiers.remote import RemoteTier
+
+
+@dataclass(frozen=True)
+class Checked:
+    digest: Digest
+    tier: Literal["disk", "remote"]
+    state: Literal["ok", "bad", "unverifiable", "missing"]
+    reason: str | None = None
+    removed: bool = False
+
+
+def _hash_file(path: Path, diff_id: Digest, size: int | None, what: str) -> None:
+    verifier = Verifier(diff_id, size=size, what=what)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            verifier.update(chunk)
+    verifier.verify()
+
+
+def verify_disk(
+    disk: DiskTier, digests: Sequence[Digest] | None = None, *, report_only: bool = False
+) -> list[Checked]:
+    out = []
+    for digest in digests if digests is not None else disk.entries():
+        with disk.lock(digest):
+            path = disk.path(digest)
+            if not path.is_file():
+                out.append(Checked(digest, "disk", "missing", f"no entry {path.name}"))
+                continue
+            row = disk.meta.layer(digest)
+            if row is None:
+                out.append(Checked(digest, "disk", "unverifiable", "no recorded diff_id"))
+                continue
+            try:
+                _hash_file(path, row.diff_id, row.uncompressed_size, f"disk entry {path}")
+            except VerificationError as e:
+                removed = not report_only and disk.remove(digest)
+                out.append(Checked(digest, "disk", "bad", str(e), removed))
+                continue
+            out.append(Checked(digest, "disk", "ok"))
+    return out
+
+
+def verify_remote(
+    remote: RemoteTier, disk: DiskTier, digests: Sequence[Digest] | None = None, *,
+    report_only: bool = False,
+) -> list[Checked]:
+    out = []
+    wanted = digests if digests is not None else [e.digest for e in remote.list()]
+    for digest in wanted:
+        entry = remote.stat(digest)
+        if entry is None:
+            out.append(Checked(digest, "remote", "missing", f"not in {remote.url}"))
+            continue
+        try:
+            diff_id = Digest.parse(entry.metadata.get("diff-id", ""))
+        except LayerwarmError:
+            out.append(Checked(digest, "remote", "unverifiable", "no diff-id in its metadata"))
+            continue
+        size = entry.metadata.get("uncompressed-size", "")
+        with disk.ingest(digest) as temp:  # never committed: a scratch file in .tmp
+            temp.file.close()
+            remote.download(digest, temp.path)
+            try:
+                _hash_file(temp.path, diff_id, int(size) if size.isdigit() else None,
+                           f"remote entry {remote.url}/{digest.cache_name}")
+            except VerificationError as e:
+                removed = not report_only and remote.delete(digest)
+                out.append(Checked(digest, "remote", "bad", str(e), removed))
+                continue
+        out.append(Checked(digest, "remote", "ok"))
+    return out
