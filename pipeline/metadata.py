@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS layers (
     compressed_size INTEGER NOT NULL,
     uncompressed_size INTEGER NOT NULL,
     created REAL NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    publish_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS images (
     manifest_digest TEXT NOT NULL,
@@ -50,6 +51,7 @@ class LayerRecord:
     uncompressed_size: int
     created: float
     last_used: float
+    publish_pending: bool
 
 
 class Metadata:
@@ -79,13 +81,20 @@ class Metadata:
         with self._db(create=True) as db:
             assert db is not None
             db.execute(
-                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(digest) DO UPDATE "
                 "SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
                 "compressed_size=excluded.compressed_size, "
                 "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used",
                 (str(digest), str(diff_id), media_type, compressed_size, uncompressed_size,
                  now, now),
             )
+
+    def set_publish_pending(self, digest: Digest, pending: bool) -> None:
+        """A layer on disk that the remote tier still lacks (it was down): publish later."""
+        with self._db(create=False) as db:
+            if db is not None:
+                db.execute("UPDATE layers SET publish_pending=? WHERE digest=?",
+                           (int(pending), str(digest)))
 
     def touch(self, digest: Digest) -> None:
         with self._db(create=False) as db:
@@ -123,4 +132,4 @@ class Metadata:
 
 
 def _record(row: tuple) -> LayerRecord:
-    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:])
+    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:7], bool(row[7]))

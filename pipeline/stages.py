@@ -312,13 +312,23 @@ def publish(
     path = disk.path(layer.digest)
     size = path.stat().st_size
     if not force:
-        entry = remote.stat(layer.digest)
+        try:
+            entry = remote.stat(layer.digest)
+        except RemoteTierUnavailable:
+            disk.meta.set_publish_pending(layer.digest, True)
+            raise
         if entry is not None and entry.size == size:
+            disk.meta.set_publish_pending(layer.digest, False)
             return False
     progress.stage(layer, "publishing", size)
-    remote.upload(
-        layer.digest, path, remote_metadata(layer, size), lambda n: progress.advance(layer, n)
-    )
+    try:
+        remote.upload(
+            layer.digest, path, remote_metadata(layer, size), lambda n: progress.advance(layer, n)
+        )
+    except RemoteTierUnavailable:
+        disk.meta.set_publish_pending(layer.digest, True)
+        raise
+    disk.meta.set_publish_pending(layer.digest, False)
     log.info("layer published to remote: %s (%d bytes) %s", layer.digest, size, remote.url)
     return True
 
@@ -353,10 +363,14 @@ def materialize(
             path = disk.path(layer.digest)
             log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)
             result.source, result.uncompressed_size = "disk", size
-            result.seconds = time.monotonic() - started
-            progress.stage(layer, "done", None)
-            return result
-        if remote is not None:
+            row = disk.meta.layer(layer.digest)
+            # A disk hit touches nothing remote, unless an earlier publish could not run.
+            pending = remote is not None and row is not None and row.publish_pending
+            if not pending:
+                result.seconds = time.monotonic() - started
+                progress.stage(layer, "done", None)
+                return result
+        if remote is not None and size is None:
             try:
                 size = restore(layer, disk, remote, progress)
             except RemoteTierUnavailable as e:
@@ -374,20 +388,23 @@ def materialize(
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)
                 return result
-        log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
-        staging = fetch(client, layer, disk, progress)
-        size = run_cpu(lambda: decompress(layer, disk, staging, progress, limits))
-        log.info(
-            "layer decompressed and cached: %s (%d bytes) %s",
-            layer.digest, size, disk.path(layer.digest),
-        )
-        result.source, result.uncompressed_size = "registry", size
+        if size is None:
+            log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
+            staging = fetch(client, layer, disk, progress)
+            size = run_cpu(lambda: decompress(layer, disk, staging, progress, limits))
+            log.info(
+                "layer decompressed and cached: %s (%d bytes) %s",
+                layer.digest, size, disk.path(layer.digest),
+            )
+            result.source, result.uncompressed_size = "registry", size
     if remote is not None and remote_ok:
         try:
             result.published = publish(layer, disk, remote, progress, force=republish)
         except RemoteTierUnavailable as e:
             # The layer is warm on this host; the shared tier catches up on a later run.
             log.warning("publish to remote tier failed, layer stays on disk: %s", e)
+    elif remote is not None:
+        disk.meta.set_publish_pending(layer.digest, True)
     result.seconds = time.monotonic() - started
     progress.stage(layer, "done", None)
     return result

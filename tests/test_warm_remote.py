@@ -124,18 +124,33 @@ def test_corrupt_remote_entry_is_not_trusted(
     assert (shared / name).read_bytes() == lay.tar, "the bad remote copy is replaced"
 
 
-def test_unreachable_remote_still_warms_from_registry(
-    registry: RegistryServer, tmp_path: Path
+def test_unreachable_remote_still_warms_and_publishes_later(
+    registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, tmp_path: Path
 ) -> None:
     lay = Layer(random_tar(74, 100_000), "zstd")
     r = f"t/{uuid.uuid4().hex[:10]}"
     registry.push_image(r, "1", Image([lay]))
+    ref = f"{registry_proxy.host}/{r}:1"
     cache_dir = tmp_path / "cache"
-    p = run_layerwarm(
-        "warm", "--remote", "s3://layers/prod", f"{registry.host}/{r}:1", cache_dir=cache_dir,
-        env={"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
-             "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"},
-    )
+    bucket = s3.create_bucket(f"later-{uuid.uuid4().hex[:8]}")
+    down = {**s3.env(), "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
+    p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir, env=down)
     assert p.returncode == 0, p.stderr
-    assert entries(cache_dir) == {"sha256_" + lay.digest.removeprefix("sha256:")}
+    name = "sha256_" + lay.digest.removeprefix("sha256:")
+    assert entries(cache_dir) == {name}
     assert "remote tier unavailable" in p.stderr
+
+    # The shared tier is back: the next warm is a disk hit that still owes a publish.
+    registry_proxy.reset()
+    p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir,
+                      env=s3.env())
+    assert p.returncode == 0, p.stderr
+    assert "disk cache hit" in p.stderr and "layer published to remote" in p.stderr
+    assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 0
+    body = s3.client().get_object(Bucket=bucket, Key=f"x/{name}")["Body"].read()
+    assert body == lay.tar
+
+    # Owed nothing any more: a third warm touches nothing remote.
+    p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir, env=down)
+    assert p.returncode == 0, p.stderr
+    assert "remote tier unavailable" not in p.stderr and "publish" not in p.stderr

@@ -196,11 +196,11 @@ def status_text(status: dict[str, Any]) -> str:
     rows = [
         (x["digest"][:19], x["target"], x["state"],
          f"{human_bytes(x['bytes_done'])} / {human_bytes(x['bytes_total'])}",
-         x["tier"] or "-", x["host"] or "-")
+         x["tier"] or "-", x["host"] or "-", x.get("publish") or "-")
         for x in status["layers"]
     ]
     if rows:
-        header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST")
+        header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST", "PUBLISH")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

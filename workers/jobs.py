@@ -118,6 +118,7 @@ def _public_layer(x: dict[str, Any]) -> dict[str, Any]:
         "tier": x.get("tier"),
         "host": x.get("host"),
         "reason": x.get("reason"),
+        "publish": x.get("publish"),  # None (no remote tier), "pending" or "done"
     }
 
 

@@ -100,12 +100,14 @@ def _backoff(error: TransientError, failures: int) -> float:
 class LayerTask(Task):
     """What every layer stage shares: its job record, its failure handling."""
 
-    def done(self, job_id: str, layer: LayerSpec, target: str, tier: str) -> dict[str, Any]:
+    def done(self, job_id: str, layer: LayerSpec, target: str, tier: str,
+             **extra: Any) -> dict[str, Any]:
         c = context()
         size = c.env.disk.size(layer.digest)
         c.jobs.update_layer(
             job_id, str(layer.digest), target, state="done", tier=tier, host=c.node,
             bytes_done=layer.size, bytes_total=layer.size, uncompressed_size=size, reason=None,
+            **extra,
         )
         log.info("layer %s done for %s from %s on %s", layer.digest, target, tier, c.node)
         return {"digest": str(layer.digest), "target": target, "tier": tier, "host": c.node}
@@ -170,6 +172,11 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if tgt.node is not None:
             with disk.lock(spec.digest):
                 on_disk = stages.check_disk(spec, disk) is not None
+                row = disk.meta.layer(spec.digest) if on_disk else None
+            if on_disk and remote is not None and row is not None and row.publish_pending:
+                # Warm here already, but an earlier publish could not reach the remote tier.
+                publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
+                return self.done(job_id, spec, target, "disk", publish="pending")
             if on_disk:
                 return self.done(job_id, spec, target, "disk")
             if remote is not None and stages.restore(spec, disk, remote, progress) is not None:
@@ -236,6 +243,9 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 log.info("layer decompressed and cached: %s (%d bytes) %s",
                          spec.digest, size, disk.path(spec.digest))
         if c.env.remote is not None:
+            if Target.parse(target).node is not None:
+                # The node has the layer: its job is done; the shared copy follows.
+                self.done(job_id, spec, target, "registry", publish="pending")
             publish.apply_async((job_id, layer, target), {"token": token},
                                 queue=node_io_queue(c.node))
             return {"digest": str(spec.digest), "publish_on": c.node}
@@ -262,11 +272,22 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             stages.publish(spec, c.env.disk, remote, progress)
         if token:
             c.leases.release(spec.digest, token)
-        return self.done(job_id, spec, target, "registry")
+        if Target.parse(target).node is not None:
+            c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
+            return {"digest": str(spec.digest), "published_by": c.node}
+        return self.done(job_id, spec, target, "registry", publish="done")
     except TransientError as e:
-        raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                   node_io_queue(c.node), job_id=job_id, layer=layer,
-                                   target=target) from e
+        if Target.parse(target).node is None:
+            raise self.retry_transient(job_id, spec, target, e, token, failures,
+                                       node_io_queue(c.node), job_id=job_id, layer=layer,
+                                       target=target) from e
+        # The node is warm; keep trying the shared tier, patiently, for as long as it takes.
+        if token:
+            c.leases.release(spec.digest, token)
+        c.jobs.update_layer(job_id, str(spec.digest), target, state="done",
+                            publish="pending", publish_error=describe_error(e))
+        raise self.retry(countdown=min(_backoff(e, failures), 300.0), queue=node_io_queue(c.node),
+                         kwargs={"failures": failures + 1, "token": None}) from e
     except (LayerwarmError, OSError) as e:
         self.fail(job_id, spec, target, e, token)
         raise
