@@ -10,6 +10,7 @@ gets its own connection; WAL and a busy timeout let many processes share the fil
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from pipeline.digest import Digest
 
+log = logging.getLogger("layerwarm")
+_INIT = threading.Lock()  # one thread of a process sets a database up at a time
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     digest TEXT PRIMARY KEY,
@@ -66,12 +69,28 @@ class Metadata:
             if not create and not self.path.exists():
                 yield None  # nothing recorded yet; reading must not create the file
                 return
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.executescript(_SCHEMA)
+            conn = self._connect()
             self._local.conn = conn
         yield conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        # Switching to WAL needs a moment alone with the file, and SQLite answers "locked"
+        # at once (no busy wait) when another process is doing the same: try again.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with _INIT:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                return conn
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.05)
 
     def record_layer(
         self, digest: Digest, diff_id: Digest, media_type: str, compressed_size: int,
@@ -91,17 +110,20 @@ class Metadata:
 
     def set_publish_pending(self, digest: Digest, pending: bool) -> None:
         """A layer on disk that the remote tier still lacks (it was down): publish later."""
-        with self._db(create=False) as db:
-            if db is not None:
-                db.execute("UPDATE layers SET publish_pending=? WHERE digest=?",
-                           (int(pending), str(digest)))
+        self._update("UPDATE layers SET publish_pending=? WHERE digest=?",
+                     (int(pending), str(digest)))
 
     def touch(self, digest: Digest) -> None:
-        with self._db(create=False) as db:
-            if db is not None:
-                db.execute(
-                    "UPDATE layers SET last_used=? WHERE digest=?", (time.time(), str(digest))
-                )
+        self._update("UPDATE layers SET last_used=? WHERE digest=?", (time.time(), str(digest)))
+
+    def _update(self, sql: str, args: tuple) -> None:
+        # Bookkeeping on an existing row: losing one update is better than failing a warm.
+        try:
+            with self._db(create=False) as db:
+                if db is not None:
+                    db.execute(sql, args)
+        except sqlite3.Error as e:
+            log.warning("metadata update in %s failed: %s", self.path, e)
 
     def record_image(
         self, manifest_digest: Digest, ref: str, platform: str | None, layers: Sequence[Digest]

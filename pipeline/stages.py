@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -226,7 +227,11 @@ def decompress(
 
 
 def _record(layer: LayerSpec, disk: DiskTier, size: int) -> None:
-    disk.meta.record_layer(layer.digest, layer.diff_id, layer.media_type, layer.size, size)
+    # The entry is verified and named; a metadata hiccup must not turn that into a failure.
+    try:
+        disk.meta.record_layer(layer.digest, layer.diff_id, layer.media_type, layer.size, size)
+    except sqlite3.Error as e:
+        log.warning("could not record %s in %s: %s", layer.digest, disk.meta.path, e)
 
 
 def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
