@@ -28,10 +28,15 @@ def read_refs(args: argparse.Namespace) -> list[Reference]:
     items: list[tuple[str, str]] = [("argument", r) for r in args.refs]
     for name in args.file or []:
         try:
-            text = sys.stdin.read() if name == "-" else Path(name).read_text()
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"cannot read {name}: {e.strerror}") from None
-        for n, line in enumerate(text.splitlines(), 1):
+        except UnicodeDecodeError as e:
+            raise UsageError(f"cannot read {name}: not UTF-8 text (byte {e.start})") from None
+        # Lines end at \n only: str.splitlines() would also split at control characters
+        # such as \x1e, turning one hostile line into two references.
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             line = line.split("#", 1)[0].strip()
             if line:
                 items.append((f"{name}:{n}", line))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform as _platform
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,19 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
+_PLATFORM_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def _platform_fields(obj: dict[str, Any]) -> Platform | None:
+    """os/architecture[/variant] from JSON, only if each is a short plain name (they end up
+    in messages and comparisons; a newline or an object there is hostile, not a platform)."""
+    os_, arch, variant = obj.get("os"), obj.get("architecture"), obj.get("variant")
+    fields = [os_, arch] + ([variant] if variant is not None else [])
+    if not all(isinstance(f, str) and _PLATFORM_FIELD.fullmatch(f) for f in fields):
+        return None
+    return Platform(os_, arch, variant)
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -92,8 +106,9 @@ class Descriptor:
             raise InvalidDigest(f"{where}: {e}") from None
         plat = None
         if isinstance(obj.get("platform"), dict):
-            p = obj["platform"]
-            plat = Platform(str(p.get("os", "")), str(p.get("architecture", "")), p.get("variant"))
+            plat = _platform_fields(obj["platform"])
+            if plat is None:
+                raise InvalidManifest(f"{where}: platform fields are not short plain names")
         annotations = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else {}
         return cls(media_type, digest, size, plat, annotations)
 
@@ -186,7 +201,5 @@ def parse_config(data: bytes) -> ImageConfig:
         diff_ids = tuple(Digest.parse(d) for d in rootfs["diff_ids"])
     except InvalidDigest as e:
         raise InvalidDigest(f"image config diff_id: {e}") from None
-    plat = None
-    if isinstance(obj.get("os"), str) and isinstance(obj.get("architecture"), str):
-        plat = Platform(obj["os"], obj["architecture"], obj.get("variant"))
-    return ImageConfig(diff_ids, plat)
+    # The config's platform is only informative: an odd one is dropped, not an error.
+    return ImageConfig(diff_ids, _platform_fields(obj))

@@ -17,7 +17,7 @@ DOCKER_HUB_API = "registry-1.docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # ASCII only: no lookalike letters
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
@@ -61,6 +61,9 @@ class Reference:
         if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
             if not _HOST.fullmatch(first):
                 raise bad(f"invalid registry host {first!r}")
+            port = first.rpartition(":")[2] if not first.endswith("]") else ""
+            if port.isdigit() and not 0 < int(port) < 65536:
+                raise bad(f"invalid port {port} in registry host {first!r}")
             registry, path = first, rest
         else:
             registry, path = DOCKER_HUB, name

@@ -119,10 +119,11 @@ def fetch(
     for source in layer.sources:
         try:
             with disk.space_guard():
+                resumed = partial.exists()
                 try:
                     _download(client, source, layer, partial, progress)
                 except VerificationError:
-                    if not partial.exists():
+                    if not resumed:
                         raise
                     # The kept prefix may be what was wrong: one clean try before failing.
                     log.warning("blob %s: resumed download did not verify; starting over",

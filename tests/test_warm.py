@@ -152,6 +152,7 @@ def test_flipped_byte_caches_nothing_and_names_both_digests(
     assert "digest mismatch" in line and f"expected {bad.digest}, got sha256:" in line
     assert entries(cache_dir) == {name(good)}  # the good layer is unaffected
     assert leftovers(cache_dir) == []
+    assert registry_proxy.count("GET", f"/blobs/{bad.digest}") == 1, "not retried: permanent"
 
 
 def test_diff_id_mismatch_caches_nothing(registry: RegistryServer, cache_dir: Path) -> None:

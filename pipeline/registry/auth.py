@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from pipeline.errors import TransientError, Unauthorized, UsageError
+from pipeline.errors import PermanentError, TransientError, Unauthorized, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,12 @@ class Challenge:
     params: Mapping[str, str]
 
 
-_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)(?=\s|$|,)")
-_PARAM = re.compile(r'\s*,?\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+# `\s*(?:,\s*)?`, not `\s*,?\s*`: the latter backtracks quadratically on long runs of
+# spaces, and the header comes from whoever answers the request.
+_SCHEME = re.compile(r"\s*(?:,\s*)?([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)(?=\s|$|,)")
+_PARAM = re.compile(r'\s*(?:,\s*)?([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+MAX_CHALLENGE = 8192
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]{1,16384}")
 
 
 def parse_challenges(header: str) -> list[Challenge]:
@@ -209,6 +213,8 @@ def parse_challenges(header: str) -> list[Challenge]:
     tokens instead of splitting on commas. Several challenges may share one header.
     """
     out: list[Challenge] = []
+    if len(header) > MAX_CHALLENGE:
+        return out  # no real challenge is this long; treat it as none
     pos = 0
     while pos < len(header):
         m = _SCHEME.match(header, pos)
@@ -355,6 +361,11 @@ class Authenticator:
             raise Unauthorized(
                 f"token server {realm_host} gave no token for {scope} on {host} "
                 f"(HTTP {resp.status_code})"
+            )
+        if not _TOKEN_CHARS.fullmatch(token):
+            raise PermanentError(
+                f"token server {realm_host} for {host} sent a token that cannot be used in "
+                "an HTTP header (control characters or spaces)"
             )
         expires_in = body.get("expires_in")
         ttl = float(expires_in) if isinstance(expires_in, int | float) else _TOKEN_MIN_TTL

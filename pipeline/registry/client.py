@@ -28,6 +28,7 @@ from requests.auth import AuthBase
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import (
     DigestMismatch,
+    InvalidDigest,
     InvalidManifest,
     NotFound,
     PermanentError,
@@ -109,8 +110,13 @@ def _error_detail(resp: requests.Response) -> str:
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, *_STREAM_ERRORS):
         text = ""
-    text = " ".join((text or resp.reason or "").split())[:300]
+    text = _printable(" ".join((text or resp.reason or "").split())[:300])
     return f"HTTP {resp.status_code}" + (f" {text}" if text else "")
+
+
+def _printable(text: str) -> str:
+    """Server-sent text goes into one-line messages on a terminal: no escape sequences."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,12 @@ class RegistryClient:
             sha = Digest.of_bytes(data)
             expected = ref.digest
             if expected is None and claimed and claimed.startswith("sha256:"):
-                expected = Digest.parse(claimed)  # a tag fetch: check what the registry says
+                try:  # a tag fetch: check what the registry says, if it says it well
+                    expected = Digest.parse(claimed)
+                except InvalidDigest:
+                    raise InvalidManifest(
+                        f"{what} from {ref.name}: the registry's Docker-Content-Digest header "
+                        f"is not a digest ({_printable(claimed[:80])!r})") from None
             if expected is not None:
                 actual = sha if expected.algorithm == "sha256" else Digest.of_bytes(
                     data, expected.algorithm)
