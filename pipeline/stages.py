@@ -34,6 +34,7 @@ from pipeline.errors import (
 )
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
+from pipeline.sinks import HashingWriter
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteTier
 
@@ -207,11 +208,15 @@ def decompress(
     with disk.space_guard(), disk.ingest(layer.digest) as ingest, open(staging, "rb") as src:
         what = f"layer {layer.digest}"
         counting = _Counting(src, layer, progress)
+        sink, produced = HashingWriter(ingest.file, verifier), 0
         try:
-            for chunk in iter_decompressed(counting, compression, what):
-                verifier.update(chunk)
-                _check_limits(layer, verifier.count, counting.count, limits)
-                ingest.file.write(chunk)
+            try:
+                for chunk in iter_decompressed(counting, compression, what):
+                    produced += len(chunk)
+                    _check_limits(layer, produced, counting.count, limits)
+                    sink.put(chunk)
+            finally:
+                sink.close()
             verifier.verify()
         except VerificationError as e:
             staging.unlink(missing_ok=True)

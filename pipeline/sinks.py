@@ -1,0 +1,74 @@
+"""Hash and write a stream of chunks on their own threads, while the caller produces more.
+
+Decompressing, hashing and writing a layer one after another leaves two of them idle at
+any moment; ISA-L inflate, hashlib and file writes all release the GIL, so running them
+on three threads makes the slowest one the limit instead of their sum. Queues are
+bounded, so memory stays flat whatever the layer's size.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+from pipeline.digest import Verifier
+
+_DONE = object()
+SYNC_EVERY = 64 << 20  # start writeback as we go, so the final fsync has little left
+
+
+class _Stage:
+    def __init__(self, name: str, work: Callable[[bytes], None], depth: int) -> None:
+        self.queue: queue.Queue[object] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self._work = work
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _DONE:
+            if self.error is None:
+                try:
+                    self._work(item)  # type: ignore[arg-type]
+                except BaseException as e:  # handed to the producer, raised there
+                    self.error = e
+
+
+class HashingWriter:
+    """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread."""
+
+    def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
+        self._out, self._unsynced = out, 0
+        self._stages = [
+            _Stage("layerwarm-hash", verifier.update, depth),
+            _Stage("layerwarm-write", self._write, depth),
+        ]
+
+    def _write(self, chunk: bytes) -> None:
+        self._out.write(chunk)
+        self._unsynced += len(chunk)
+        if self._unsynced >= SYNC_EVERY:
+            self._out.flush()
+            os.fdatasync(self._out.fileno())
+            self._unsynced = 0
+
+    def put(self, chunk: bytes) -> None:
+        self._raise()
+        for stage in self._stages:
+            stage.queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait for both threads to finish; raise what either of them raised."""
+        for stage in self._stages:
+            stage.queue.put(_DONE)
+        for stage in self._stages:
+            stage.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        for stage in self._stages:
+            if stage.error is not None:
+                raise stage.error
