@@ -57,8 +57,18 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_RESTARTS = 5  # per child within RESTART_WINDOW seconds, then the host gives up
+RESTART_WINDOW = 60.0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run the IO and the CPU worker of one host; stop both when either stops."""
+    """Run the IO and the CPU worker of one host.
+
+    A Celery worker that exits on its own with an error (it gives up after some broker
+    hiccups) is started again, a few times a minute at most. One killed by a signal (an
+    operator, the OOM killer) or failing too often stops the whole host: a host with half
+    its pools is no host, and the host's own supervisor decides what happens next.
+    """
     from workers.routing import FLEET_QUEUE, check_node, node_cpu_queue, node_io_queue
 
     node = check_node(args.node)
@@ -71,28 +81,47 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
               "--without-mingle", "--without-gossip", "-E", "-l", args.loglevel]
-    procs = [
-        subprocess.Popen([*celery, "-n", f"io@{node}", "-c", str(io),
-                          "-Q", f"{FLEET_QUEUE},{node_io_queue(node)}"], env=env),
-        subprocess.Popen([*celery, "-n", f"cpu@{node}", "-c", str(cpu),
-                          "-Q", node_cpu_queue(node)], env=env),
-    ]
-
+    commands = {
+        f"io@{node}": [*celery, "-n", f"io@{node}", "-c", str(io),
+                       "-Q", f"{FLEET_QUEUE},{node_io_queue(node)}"],
+        f"cpu@{node}": [*celery, "-n", f"cpu@{node}", "-c", str(cpu),
+                        "-Q", node_cpu_queue(node)],
+    }
+    procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
+    restarts: dict[str, list[float]] = {name: [] for name in commands}
+    stopping = False
     signalled: set[int] = set()
 
     def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         # Once per child: Celery takes a second SIGTERM as "cold shutdown, now".
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None and p.pid not in signalled:
                 signalled.add(p.pid)
                 p.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while all(p.poll() is None for p in procs):
+    while not stopping:
         time.sleep(0.2)
-    stop(signal.SIGTERM, None)  # one stopped: a host with half its pools is no host
-    codes = [p.wait() for p in procs]
+        for name, p in procs.items():
+            code = p.poll()
+            if code is None or stopping:
+                continue
+            now = time.monotonic()
+            recent = [t for t in restarts[name] if now - t < RESTART_WINDOW]
+            if code > 0 and len(recent) < MAX_RESTARTS:
+                print(f"layerwarm: {name} exited with code {code}; starting it again",
+                      file=sys.stderr, flush=True)
+                restarts[name] = [*recent, now]
+                procs[name] = subprocess.Popen(commands[name], env=env)
+            else:
+                print(f"layerwarm: {name} stopped (code {code}); stopping the host",
+                      file=sys.stderr, flush=True)
+                stop(signal.SIGTERM, None)
+                break
+    codes = [p.wait() for p in procs.values()]
     return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
 
 

@@ -29,7 +29,14 @@ from celery.exceptions import Retry
 from pipeline import stages
 from pipeline.config import Settings
 from pipeline.digest import Digest
-from pipeline.errors import LayerwarmError, PermanentError, TransientError
+from pipeline.errors import (
+    LayerwarmError,
+    NotFound,
+    PermanentError,
+    RemoteTierUnavailable,
+    TransientError,
+    VerificationError,
+)
 from pipeline.manifest import Platform
 from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
@@ -91,9 +98,10 @@ def layer_from_json(data: dict[str, Any]) -> LayerSpec:
     )
 
 
-def _backoff(error: TransientError, failures: int) -> float:
-    if error.retry_after is not None:
-        return error.retry_after
+def _backoff(error: Exception, failures: int) -> float:
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        return retry_after
     return min(2.0**failures, 60.0) * random.uniform(0.5, 1.5)
 
 
@@ -122,18 +130,22 @@ class LayerTask(Task):
             reason=describe_error(error),
         )
 
-    def retry_transient(self, job_id: str, layer: LayerSpec, target: str, error: TransientError,
-                        token: str | None, failures: int, queue: str, **kwargs: Any) -> Retry:
-        """Retry with backoff (honouring Retry-After) or, past the limit, fail the layer."""
+    def retry_transient(self, job_id: str, layer: LayerSpec, target: str, error: Exception,
+                        token: str | None, failures: int, queue: str) -> Retry:
+        """Retry with backoff (honouring Retry-After) or, past the limit, fail the layer.
+
+        The retry keeps the task's arguments and starts again from the tiers: every stage
+        is idempotent by content address, so a partial first try costs nothing but time.
+        """
         if token:
             context().leases.release(layer.digest, token)
         if failures >= MAX_TRANSIENT_RETRIES:
             self.fail(job_id, layer, target, error, None)
             raise error
-        log.warning("layer %s: %s; retry %d", layer.digest, error, failures + 1)
+        log.warning("layer %s: %s; retry %d", layer.digest, describe_error(error), failures + 1)
         return self.retry(
             countdown=_backoff(error, failures), queue=queue,
-            kwargs={**kwargs, "failures": failures + 1, "token": None},
+            kwargs={"failures": failures + 1, "token": None},
         )
 
 
@@ -179,8 +191,16 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 return self.done(job_id, spec, target, "disk", publish="pending")
             if on_disk:
                 return self.done(job_id, spec, target, "disk")
-            if remote is not None and stages.restore(spec, disk, remote, progress) is not None:
-                return self.done(job_id, spec, target, "remote")
+            if remote is not None:
+                try:
+                    if stages.restore(spec, disk, remote, progress) is not None:
+                        return self.done(job_id, spec, target, "remote")
+                except (RemoteTierUnavailable, VerificationError, NotFound) as e:
+                    # The node's warm does not wait for the shared tier: go to the registry;
+                    # the publish after it keeps trying the remote tier.
+                    log.warning("layer %s: remote tier not usable (%s); using the registry",
+                                spec.digest, describe_error(e))
+                    remote = None
         else:
             if remote is None:
                 raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
@@ -215,17 +235,21 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         return {"digest": str(spec.digest), "staged_on": c.node}
     except Retry:
         raise
-    except TransientError as e:
-        raise self.retry_transient(job_id, spec, target, e, token, failures, tgt.fetch_queue,
-                                   job_id=job_id, layer=layer, target=target) from e
     except (LayerwarmError, OSError) as e:
-        self.fail(job_id, spec, target, e, token)
-        raise
+        if not isinstance(e, TransientError):
+            self.fail(job_id, spec, target, e, token)
+            raise
+        raise self.retry_transient(job_id, spec, target, e, token, failures,
+                                   tgt.fetch_queue) from e
+    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
+        log.exception("layer %s: unexpected error in fetch", spec.digest)
+        raise self.retry_transient(job_id, spec, target, e, token, failures,
+                                   tgt.fetch_queue) from e
 
 
 @app.task(name="layerwarm.decompress", bind=True, base=LayerTask, max_retries=None)
 def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-               token: str | None = None) -> dict[str, Any]:
+               token: str | None = None, failures: int = 0) -> dict[str, Any]:
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
@@ -252,9 +276,15 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if token:
             c.leases.release(spec.digest, token)
         return self.done(job_id, spec, target, "registry")
+    except Retry:
+        raise
     except (LayerwarmError, OSError) as e:
         self.fail(job_id, spec, target, e, token)
         raise
+    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
+        log.exception("layer %s: unexpected error in decompress", spec.digest)
+        raise self.retry_transient(job_id, spec, target, e, token, failures,
+                                   node_cpu_queue(c.node)) from e
 
 
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None)
@@ -276,11 +306,12 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
             return {"digest": str(spec.digest), "published_by": c.node}
         return self.done(job_id, spec, target, "registry", publish="done")
+    except Retry:
+        raise
     except TransientError as e:
         if Target.parse(target).node is None:
             raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                       node_io_queue(c.node), job_id=job_id, layer=layer,
-                                       target=target) from e
+                                       node_io_queue(c.node)) from e
         # The node is warm; keep trying the shared tier, patiently, for as long as it takes.
         if token:
             c.leases.release(spec.digest, token)
@@ -291,6 +322,10 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     except (LayerwarmError, OSError) as e:
         self.fail(job_id, spec, target, e, token)
         raise
+    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
+        log.exception("layer %s: unexpected error in publish", spec.digest)
+        raise self.retry_transient(job_id, spec, target, e, token, failures,
+                                   node_io_queue(c.node)) from e
 
 
 def enqueue_job(job_id: str, refs: Sequence[str], targets: Sequence[str],

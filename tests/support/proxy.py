@@ -2,17 +2,20 @@
 
 Put it between the code under test and a real server (usually the registry) to count
 requests ("was the blob fetched once?") and to inject faults at runtime: corrupt a byte,
-answer with a canned response, fail N times with a status, or cut a body mid-stream.
+answer with a canned response, fail N times with a status, fail a seeded-random share of
+requests, fail everything for a while (an outage), or cut a body mid-stream.
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple, Self
 from urllib.parse import urlsplit
@@ -46,6 +49,32 @@ class _Rule:
     body: bytes = b""
     headers: dict[str, str] | None = None
     offset: int = 0  # flip: body offset; reset: bytes sent before the cut
+    until: float | None = None  # fail_for: time.monotonic() after which the rule is dead
+    ratio: float | None = None  # fail_ratio: share of matching requests that fail
+    seed: int | str = 0
+    statuses: tuple[int, ...] = ()
+    max_streak: int | None = None
+    seen: dict[tuple[str, str], int] = field(default_factory=dict)
+    streak: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def roll(self, method: str, path: str) -> int | None:
+        """fail_ratio: the status to fail this request with, or None to let it through.
+
+        The n-th request for one method and path always gets the same answer for a seed,
+        whatever order concurrent clients send requests in.
+        """
+        key = (method, path)
+        n = self.seen.get(key, 0)
+        self.seen[key] = n + 1
+        rng = random.Random(f"{self.seed}|{method}|{path}|{n}")
+        streak = self.streak.get(key, 0)
+        if rng.random() < (self.ratio or 0.0) and (
+            self.max_streak is None or streak < self.max_streak
+        ):
+            self.streak[key] = streak + 1
+            return self.statuses[rng.randrange(len(self.statuses))]
+        self.streak[key] = 0
+        return None
 
 
 class Proxy:
@@ -140,6 +169,49 @@ class Proxy:
         """Answer the next ``times`` matching requests with ``status``, then forward again."""
         self._add(_Rule("fail", re.compile(path_regex), method, times, status, body, headers))
 
+    def fail_ratio(
+        self,
+        path_regex: str,
+        status: int | Sequence[int] = (500, 503),
+        ratio: float = 0.3,
+        seed: int | str = 0,
+        *,
+        max_streak: int | None = None,
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+    ) -> None:
+        """Fail a seeded-random ``ratio`` of matching requests with ``status`` (or one of
+        several statuses, also picked at random), forwarding the rest.
+
+        Decisions are per method and path: the n-th request for a path gets the same
+        answer for the same seed, however concurrent clients interleave. ``max_streak``
+        caps how many requests in a row one path may fail (None: no cap).
+        """
+        statuses = (status,) if isinstance(status, int) else tuple(status)
+        if not statuses or not 0.0 <= ratio <= 1.0:
+            raise ValueError("fail_ratio needs at least one status and 0 <= ratio <= 1")
+        self._add(_Rule(
+            "fail", re.compile(path_regex), method, None, statuses[0], b"", headers,
+            ratio=ratio, seed=seed, statuses=statuses, max_streak=max_streak,
+        ))  # fmt: skip
+
+    def fail_for(
+        self,
+        path_regex: str,
+        seconds: float,
+        status: int = 503,
+        headers: dict[str, str] | None = None,
+        *,
+        body: bytes = b"",
+        method: str | None = None,
+    ) -> None:
+        """An outage: answer every matching request with ``status`` for the next
+        ``seconds`` (from now), then forward again."""
+        until = time.monotonic() + seconds
+        self._add(
+            _Rule("fail", re.compile(path_regex), method, None, status, body, headers, until=until)
+        )
+
     def flip_byte(
         self,
         path_regex: str,
@@ -166,9 +238,14 @@ class Proxy:
                 live = rule.kind == kind and rule.times != 0 and rule.method in (None, method)
                 if not live or not rule.pattern.search(path):
                     continue
+                if rule.until is not None and time.monotonic() >= rule.until:
+                    continue
+                chosen = rule.roll(method, path) if rule.ratio is not None else rule.status
+                if chosen is None:
+                    continue
                 if rule.times is not None:
                     rule.times -= 1
-                return rule
+                return rule if chosen == rule.status else replace(rule, status=chosen)
         return None
 
     def _handle(self, req: _Handler) -> None:
