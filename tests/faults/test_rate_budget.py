@@ -16,20 +16,11 @@ import redis
 
 from pipeline.ratelimit import LocalRateLimiter
 from tests.support.cli import run_layerwarm
+from tests.support.faults import max_in_window
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from workers.ratelimit import RedisRateLimiter
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def test_local_bucket_spaces_requests_and_honours_a_penalty() -> None:
