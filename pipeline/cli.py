@@ -137,6 +137,189 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(c.state in ("bad", "missing") for c in checked) else EXIT_OK
 
 
+# ---------------------------------------------------------------- cache operations
+# ls / inspect / usage / rm / df: the logic is pipeline/cacheops.py; this block prints.
+
+
+def _when(t: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cache(args: argparse.Namespace, *, remote_from_env: bool = True):  # -> (DiskTier, remote)
+    from pipeline.tiers.disk import DiskTier
+    from pipeline.tiers.remote import open_remote
+
+    settings = _settings(args)
+    url = settings.remote_url if remote_from_env else args.remote
+    return DiskTier(settings.cache_dir), (open_remote(url) if url else None)
+
+
+def _images_json(images) -> list[dict]:
+    return [{"ref": i.ref, "manifest_digest": i.manifest_digest, "platform": i.platform}
+            for i in images]
+
+
+def _entry_json(e) -> dict:
+    return {"digest": str(e.digest), "size": e.size, "tiers": list(e.tiers),
+            "disk_size": e.disk_size, "remote_size": e.remote_size, "diff_id": e.diff_id,
+            "media_type": e.media_type, "compressed_size": e.compressed_size,
+            "uncompressed_size": e.uncompressed_size,
+            "created": None if e.created is None else _when(e.created),
+            "last_used": None if e.last_used is None else _when(e.last_used),
+            "images": _images_json(e.images)}
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from pipeline import cacheops
+    from pipeline.progress import human_bytes
+    from pipeline.report import _table
+
+    disk, remote = _cache(args)
+    found = cacheops.list_entries(disk, remote)
+    if args.json:
+        print(json.dumps([_entry_json(e) for e in found], indent=2))
+        return EXIT_OK
+    rows = [(str(e.digest), human_bytes(e.size), _when(e.last_used), "+".join(e.tiers),
+             str(e.image_count)) for e in found]
+    print("\n".join(_table(("LAYER", "SIZE", "LAST USED", "TIERS", "IMAGES"), rows, {1, 4})))
+    total = sum(e.size for e in found)
+    print(f"{len(found)} entries, {human_bytes(total)}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline import cacheops
+    from pipeline.progress import human_bytes
+    from pipeline.report import _table
+
+    [digest] = cacheops.parse_digests([args.digest])
+    disk, remote = _cache(args)
+    entry = cacheops.inspect(disk, digest, remote)
+    if entry is None:
+        print(f"layerwarm: {digest}: not in the cache", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(_entry_json(entry), indent=2))
+        return EXIT_OK
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else f"{human_bytes(n)} ({n} bytes)"
+
+    where = []
+    if entry.disk_size is not None:
+        where.append(f"disk {disk.path(digest)}")
+    if entry.remote_size is not None and remote is not None:
+        where.append(f"remote {remote.url.rstrip('/')}/{digest.cache_name}")
+    fields = [("digest", str(digest)), ("diff_id", entry.diff_id or "-"),
+              ("media type", entry.media_type or "-"),
+              ("compressed", size(entry.compressed_size)),
+              ("uncompressed", size(entry.uncompressed_size)),
+              ("created", _when(entry.created)), ("last used", _when(entry.last_used))]
+    fields += [("tier", w) for w in where]
+    for name, value in fields:
+        print(f"{name:<13} {value}")
+    print(f"{'images':<13} {entry.image_count}")
+    if entry.images:
+        rows = [(i.ref, i.manifest_digest, i.platform or "-") for i in entry.images]
+        print("\n".join("  " + line for line in _table(("REF", "MANIFEST", "PLATFORM"), rows,
+                                                          set())))
+    return EXIT_OK
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from pipeline import cacheops
+    from pipeline.report import _table
+
+    [digest] = cacheops.parse_digests([args.digest])
+    disk, _ = _cache(args, remote_from_env=False)
+    images = cacheops.usage(disk, digest)
+    cached = disk.has(digest)
+    if args.json:
+        print(json.dumps({"digest": str(digest), "cached": cached,
+                          "images": _images_json(images)}, indent=2))
+        return EXIT_OK
+    if images:
+        rows = [(i.ref, i.manifest_digest, i.platform or "-") for i in images]
+        print("\n".join(_table(("REF", "MANIFEST", "PLATFORM"), rows, set())))
+    state = "on disk" if cached else "not on disk"
+    print(f"{len({i.manifest_digest for i in images})} images use {digest} ({state})")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from pipeline import cacheops
+
+    digests = cacheops.parse_digests(args.digests)
+    disk, remote = _cache(args, remote_from_env=False)  # the remote only when asked for
+
+    def waiting(d: object) -> None:
+        print(f"layerwarm: {d}: in use, waiting for its lock", file=sys.stderr, flush=True)
+
+    failed = False
+    for r in cacheops.remove(disk, digests, remote, on_wait=waiting):
+        if r.tiers:
+            print(f"removed {r.digest} from {' and '.join(r.tiers)}")
+        if r.error or not r.tiers:
+            failed = True
+            print(f"error: {r.digest}: {r.error or 'not in the cache'}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_df(args: argparse.Namespace) -> int:
+    from pipeline import cacheops
+    from pipeline.progress import human_bytes
+
+    disk, _ = _cache(args, remote_from_env=False)
+    t = cacheops.totals(disk)
+    if args.json:
+        print(json.dumps({"cache_dir": str(disk.root), "entries": t.entries, "bytes": t.bytes,
+                          "images": t.images, "shared_entries": t.shared_entries,
+                          "referenced_bytes": t.referenced_bytes,
+                          "saved_bytes": t.saved_bytes}, indent=2))
+        return EXIT_OK
+    print(f"cache dir      {disk.root}")
+    print(f"entries        {t.entries}")
+    print(f"bytes          {human_bytes(t.bytes)} ({t.bytes} bytes)")
+    print(f"images         {t.images}")
+    print(f"shared         {t.shared_entries} (entries used by more than one image)")
+    print(f"saved          {human_bytes(t.saved_bytes)} ({t.saved_bytes} bytes): the images' "
+          f"layers add up to {human_bytes(t.referenced_bytes)}")
+    return EXIT_OK
+
+
+def _cache_commands(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, func, help: str, *, remote: str | None = None,
+            json_out: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
+        if remote:
+            p.add_argument("--remote", metavar="URL", help=remote)
+        if json_out:
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.set_defaults(func=func, remote=None, insecure_registry=[], io_threads=None,
+                       cpu_threads=None)
+        return p
+
+    digest_help = "sha256:<hex> or sha256_<hex>"
+    add("ls", cmd_ls, "list cached layers: size, last use, tiers, images using each",
+        remote="list the remote tier too (env LAYERWARM_REMOTE)")
+    p = add("inspect", cmd_inspect, "one layer: diff_id, media type, sizes, tiers, images",
+            remote="look in the remote tier too (env LAYERWARM_REMOTE)")
+    p.add_argument("digest", metavar="DIGEST", help=digest_help)
+    p = add("usage", cmd_usage, "which images (refs and manifest digests) use a layer")
+    p.add_argument("digest", metavar="DIGEST", help=digest_help)
+    p = add("rm", cmd_rm, "remove layers from disk (and the remote tier with --remote)",
+            remote="remove from this remote tier too (LAYERWARM_REMOTE is not used)",
+            json_out=False)
+    p.add_argument("digests", nargs="+", metavar="DIGEST", help=digest_help)
+    add("df", cmd_df, "totals: entries, bytes, bytes saved by sharing layers")
+
+
+# ---------------------------------------------------------------- end of cache operations
+
+
 def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     """Which images (and, for commands that work here rather than on workers, where)."""
     p.add_argument("refs", nargs="*", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
@@ -181,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(func=cmd_verify, insecure_registry=[], io_threads=None, cpu_threads=None)
+    _cache_commands(sub)  # ls, inspect, usage, rm, df
     return parser
 
 

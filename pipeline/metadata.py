@@ -57,6 +57,14 @@ class LayerRecord:
     publish_pending: bool
 
 
+@dataclass(frozen=True)
+class ImageRow:
+    manifest_digest: str
+    ref: str
+    platform: str | None
+    layer_digest: str
+
+
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -146,6 +154,19 @@ class Metadata:
         with self._db(create=False) as db:
             rows = [] if db is None else db.execute("SELECT * FROM layers").fetchall()
         return [_record(r) for r in rows]
+
+    # Queries for the cache commands (pipeline/cacheops.py); reads never create the file.
+
+    def image_rows(self, layer: Digest | None = None) -> list[ImageRow]:
+        """Which image (manifest digest, ref, platform) uses which layer; one layer's or all."""
+        sql = "SELECT manifest_digest, ref, platform, layer_digest FROM images"
+        args: tuple = ()
+        if layer is not None:
+            sql, args = sql + " WHERE layer_digest=?", (str(layer),)
+        with self._db(create=False) as db:
+            rows = [] if db is None else db.execute(sql + " ORDER BY ref, manifest_digest",
+                                                    args).fetchall()
+        return [ImageRow(*r) for r in rows]
 
     def forget(self, digest: Digest) -> None:
         with self._db(create=False) as db:

@@ -1,0 +1,209 @@
+"""Operate the cache: what it holds (`ls`, `inspect`, `usage`, `df`) and removing layers (`rm`).
+
+The files stay the source of truth: an entry is listed because `sha256_<hex>` exists on disk
+(or in the remote tier), and `.meta.db` only adds what it knows about it. A row without a
+file is not listed. Reading never creates the cache directory or its database.
+
+Digests from users are parsed strictly (`sha256:<hex>` or `sha256_<hex>`) before anything
+becomes a path, object key or lock name; `rm` holds the digest's lock, so it waits for a
+warm that is materializing that layer. This module decides and returns values; the CLI
+prints them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipeline.digest import Digest
+from pipeline.errors import InvalidDigest, LayerwarmError, UsageError
+from pipeline.metadata import ImageRow
+from pipeline.tiers.disk import DiskTier
+from pipeline.tiers.remote import RemoteTier
+
+
+def parse_digests(texts: Sequence[str]) -> list[Digest]:
+    """Every text as a Digest, or UsageError (one line) for the first one that is not."""
+    out = []
+    for text in texts:
+        try:
+            out.append(Digest.parse(text, allow_cache_name=True))
+        except InvalidDigest:
+            shown = repr(text if len(text) <= 80 else text[:77] + "...")  # repr: one line
+            raise UsageError(
+                f"invalid digest {shown}: want sha256:<64 hex> or sha256_<64 hex>"
+            ) from None
+    return out
+
+
+@dataclass(frozen=True)
+class ImageUse:
+    ref: str
+    manifest_digest: str
+    platform: str | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One layer as the cache knows it. Unknown values (no row, no metadata) are None."""
+
+    digest: Digest
+    disk_size: int | None  # None: not on disk
+    remote_size: int | None  # None: not in the remote tier, or no remote asked
+    images: tuple[ImageUse, ...] = ()
+    diff_id: str | None = None
+    media_type: str | None = None
+    compressed_size: int | None = None
+    uncompressed_size: int | None = None
+    created: float | None = None
+    last_used: float | None = None
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tuple(t for t, s in (("disk", self.disk_size), ("remote", self.remote_size))
+                     if s is not None)
+
+    @property
+    def size(self) -> int:
+        return self.disk_size if self.disk_size is not None else self.remote_size or 0
+
+    @property
+    def image_count(self) -> int:
+        """Distinct images (manifest digests) using the layer; one image may have many refs."""
+        return len({i.manifest_digest for i in self.images})
+
+
+def _uses(rows: Sequence[ImageRow]) -> dict[str, tuple[ImageUse, ...]]:
+    out: dict[str, list[ImageUse]] = defaultdict(list)
+    for r in rows:
+        out[r.layer_digest].append(ImageUse(r.ref, r.manifest_digest, r.platform))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _entry(disk: DiskTier, digest: Digest, disk_size: int | None, remote_size: int | None,
+           images: tuple[ImageUse, ...], remote_meta: dict[str, str] | None = None) -> Entry:
+    row = disk.meta.layer(digest) if disk_size is not None else None
+    if row is not None:
+        return Entry(digest, disk_size, remote_size, images, str(row.diff_id), row.media_type,
+                     row.compressed_size, row.uncompressed_size, row.created, row.last_used)
+    meta = remote_meta or {}
+
+    def number(key: str) -> int | None:
+        value = meta.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    return Entry(digest, disk_size, remote_size, images, meta.get("diff-id"),
+                 meta.get("media-type"), number("compressed-size"), number("uncompressed-size"))
+
+
+def list_entries(disk: DiskTier, remote: RemoteTier | None = None) -> list[Entry]:
+    """Every entry on disk (and in `remote`), joined with what `.meta.db` records."""
+    uses = _uses(disk.meta.image_rows())
+    remote_sizes = {e.digest: e.size for e in remote.list()} if remote is not None else {}
+    out = []
+    for digest in sorted(set(disk.entries()) | set(remote_sizes)):
+        disk_size = disk.size(digest)
+        if disk_size is None and digest not in remote_sizes:
+            continue  # removed while we listed
+        out.append(_entry(disk, digest, disk_size, remote_sizes.get(digest),
+                          uses.get(str(digest), ())))
+    return out
+
+
+def inspect(disk: DiskTier, digest: Digest, remote: RemoteTier | None = None) -> Entry | None:
+    """One layer in detail, or None when no tier holds it."""
+    disk_size = disk.size(digest)
+    stat = remote.stat(digest) if remote is not None else None
+    if disk_size is None and stat is None:
+        return None
+    images = _uses(disk.meta.image_rows(digest)).get(str(digest), ())
+    return _entry(disk, digest, disk_size, stat.size if stat else None, images,
+                  stat.metadata if stat else None)
+
+
+def usage(disk: DiskTier, digest: Digest) -> tuple[ImageUse, ...]:
+    """The images recorded as using the layer (whether or not it is cached right now)."""
+    return _uses(disk.meta.image_rows(digest)).get(str(digest), ())
+
+
+@dataclass(frozen=True)
+class Removed:
+    digest: Digest
+    tiers: tuple[str, ...]  # where it was removed from; empty: it was in none
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.tiers) and self.error is None
+
+
+def remove(
+    disk: DiskTier, digests: Sequence[Digest], remote: RemoteTier | None = None,
+    on_wait: Callable[[Digest], None] | None = None,
+) -> list[Removed]:
+    """Remove each layer from disk (and `remote`) under its lock; its row goes with it.
+
+    A warm materializing the layer holds the same lock, so this waits for it (`on_wait` is
+    called first) instead of removing under it. Images keep their record of using the
+    layer: the next warm of any of them fetches it again.
+    """
+    out = []
+    for digest in digests:
+        tiers: list[str] = []
+        try:
+            if disk.root.is_dir():  # nothing to remove (or lock) on a cache never written
+                lock = disk.lock(digest)
+                if not lock.acquire(blocking=False):
+                    if on_wait is not None:
+                        on_wait(digest)
+                    lock.acquire()
+                try:
+                    if disk.remove(digest):
+                        tiers.append("disk")
+                    if remote is not None and remote.delete(digest):
+                        tiers.append("remote")
+                finally:
+                    lock.release()
+            elif remote is not None and remote.delete(digest):
+                tiers.append("remote")
+        except (LayerwarmError, OSError) as e:
+            out.append(Removed(digest, tuple(tiers), str(e)))
+            continue
+        out.append(Removed(digest, tuple(tiers)))
+    return out
+
+
+@dataclass(frozen=True)
+class Totals:
+    entries: int
+    bytes: int
+    images: int  # distinct images (manifest digests) using at least one entry
+    shared_entries: int  # entries used by more than one image
+    referenced_bytes: int  # sum over images of their cached layers' sizes
+    unique_bytes: int  # sum over cached layers that some image uses, each once
+
+    @property
+    def saved_bytes(self) -> int:
+        """What sharing saves: the images' layers counted per image, minus one copy each."""
+        return self.referenced_bytes - self.unique_bytes
+
+
+def totals(disk: DiskTier) -> Totals:
+    sizes = {str(e.digest): e.size for e in list_entries(disk)}
+    layers_of: dict[str, set[str]] = defaultdict(set)
+    for r in disk.meta.image_rows():
+        if r.layer_digest in sizes:
+            layers_of[r.manifest_digest].add(r.layer_digest)
+    users: dict[str, int] = defaultdict(int)
+    for layers in layers_of.values():
+        for d in layers:
+            users[d] += 1
+    return Totals(
+        entries=len(sizes),
+        bytes=sum(sizes.values()),
+        images=len(layers_of),
+        shared_entries=sum(1 for n in users.values() if n > 1),
+        referenced_bytes=sum(sizes[d] for layers in layers_of.values() for d in layers),
+        unique_bytes=sum(sizes[d] for d in users),
+    )
