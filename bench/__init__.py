@@ -1,0 +1,25 @@
+"""layerwarm's benchmark harness (issue 5): layerwarm against the tools users would pick.
+
+    python3 -m bench                      # full workload, 3 runs, print the table
+    python3 -m bench --quick --runs 1     # small workload, < 3 minutes
+    python3 -m bench --only 1,3,6 --out bench/RESULTS.md
+
+It builds a deterministic workload (``bench.workload``) into a local ``docker-registry``
+(the tests' ``RegistryServer``), then for each scenario measures layerwarm and its peer in
+the same run, side by side, and prints: scenario, layerwarm time, peer time, ratio
+(layerwarm / peer), target, met?
+
+    1  cold `warm` of the big gzip image      skopeo copy + pigz -dc          <= 0.60
+    2  same, zstd image                        skopeo copy + zstd -dc          <= 0.60
+    3  decompress + verify the big gzip layer  gzip -dc > /dev/null            <= 0.45
+    4  cold `warm` of the gzip fleet           skopeo x4 into one layout + pigz <= 0.60
+    5  registry bytes / unique layer bytes     (skopeo, for comparison)        = 1.00
+    6  warm again, all on disk                 skopeo inspect of each image    <= 0.80
+    7  restore the fleet from S3               boto3 download_file, same conc. <= 1.15
+    8  the fleet through Celery (2 hosts)      the embedded runner             <= 1.25
+    9  peak RSS of `warm` on the big image     -                               <= 150 MiB
+    10 tiny layers through Celery (2 hosts)    (the embedded runner)           >= 100 layers/s
+
+The harness only reports; no test asserts timing. ``bench.workload.build(scale, seed)``
+is the deterministic builder tests can compare across builds.
+"""

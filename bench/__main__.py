@@ -1,0 +1,98 @@
+"""``python3 -m bench``: build the workload, run the scenarios, print (and write) the table."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report
+from bench.scenarios import ORDER, Bench, run_all
+from bench.services import push_workload, start_registry
+from bench.workload import build, default_cache_dir
+
+
+def parse_only(text: str) -> list[int]:
+    try:
+        nums = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--only wants numbers like 1,3,6, not {text!r}"
+        ) from None
+    bad = [n for n in nums if n not in ORDER]
+    if bad:
+        raise argparse.ArgumentTypeError(f"no scenario {bad[0]} (1-10)")
+    return nums
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small workload (< 3 minutes)")
+    p.add_argument("--runs", type=int, default=3, help="runs per scenario (3); median")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (1)")
+    p.add_argument("--only", type=parse_only, default=list(ORDER), metavar="N,N",
+                   help="scenarios to run, e.g. 1,3,6 (all)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write the results as Markdown")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="where built blobs and the registry storage are kept "
+                        "(~/.cache/layerwarm-bench/<seed>-<scale>-v<N>)")
+    p.add_argument("--keep-scratch", action="store_true", help="keep the scratch directory")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+
+    scale = "quick" if args.quick else "full"
+    cache_dir = args.cache_dir or default_cache_dir(scale, args.seed)
+    started = time.monotonic()
+    facts = report.machine_facts()
+    load_before = report.load_average()
+    t0 = time.monotonic()
+    workload = build(scale, args.seed, cache_dir, jobs=2)
+    build_s = time.monotonic() - t0
+    registry = start_registry(cache_dir / "registry")
+    scratch = Path(tempfile.mkdtemp(prefix="layerwarm-bench-"))
+    bench = None
+    try:
+        t0 = time.monotonic()
+        push_workload(registry, workload)
+        push_s = time.monotonic() - t0
+        bench = Bench(workload, registry, args.runs, scratch)
+        rows = run_all(bench, args.only)
+    finally:
+        if bench is not None:
+            bench.close()
+        registry.stop()
+        if not args.keep_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    total_s = time.monotonic() - started
+
+    print()
+    print(report.text_table(rows))
+    print()
+    print(report.notes(rows))
+    cold = "dropped before each side of scenarios 1, 2, 4, 7, 8 and 10 (`echo 3 > " \
+        "/proc/sys/vm/drop_caches`)" if bench.cold else \
+        "NOT dropped: /proc/sys/vm/drop_caches refused here, so every figure is warm-cache"
+    run_facts = [
+        ("workload", f"{scale} scale, seed {args.seed}: {len(workload.images)} images, "
+                     f"{len({x.digest for x in workload.layers.values()})} blobs "
+                     f"(built/loaded in {build_s:.0f} s, pushed in {push_s:.0f} s; "
+                     f"cache {cache_dir})"),
+        ("runs", f"{args.runs} per scenario; whole run {total_s / 60:.1f} min"),
+        ("page cache", cold),
+        ("load average", f"{load_before} at start, {report.load_average()} at end "
+                         "(other work was running on this machine)"),
+    ]  # fmt: skip
+    if args.out:
+        command = "python3 -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text(report.markdown(rows, facts, run_facts, command))
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0 if all(r.met is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

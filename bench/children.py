@@ -1,0 +1,79 @@
+"""Small programs the harness runs as child processes (``python -m bench.children ...``).
+
+    decompress ROOT DIGEST DIFF_ID MEDIA_TYPE SIZE
+        layerwarm's own decompress + diff_id verification of one staged blob, in one
+        process (``pipeline.stages.decompress`` into a ``DiskTier`` at ROOT, whose
+        ``.staging/`` already holds the blob); prints {"seconds", "size"} as JSON, timing
+        only the call (not interpreter start-up).
+
+    s3get --bucket B --out DIR --concurrency N KEY...
+        the peer of restoring from S3: boto3 ``download_file`` of each key into DIR, N at
+        a time, as a user would write it (default TransferConfig). The endpoint and
+        credentials come from the environment (``AWS_ENDPOINT_URL_S3`` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from pipeline.digest import Digest
+    from pipeline.stages import LayerSpec, decompress
+    from pipeline.tiers.disk import DiskTier
+
+    digest = Digest.parse(args.digest)
+    spec = LayerSpec(digest, Digest.parse(args.diff_id), args.media_type, args.size)
+    disk = DiskTier(Path(args.root))
+    staging = disk.staging_path(digest)
+    started = time.perf_counter()
+    size = decompress(spec, disk, staging)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "size": size}))
+    return 0
+
+
+def cmd_s3get(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client("s3", config=Config(max_pool_connections=max(10, args.concurrency * 10)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(key: str) -> None:
+        s3.download_file(args.bucket, key, str(out / key.rsplit("/", 1)[-1]))
+
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(one, args.keys))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.children")
+    sub = parser.add_subparsers(required=True)
+    d = sub.add_parser("decompress")
+    d.add_argument("root")
+    d.add_argument("digest")
+    d.add_argument("diff_id")
+    d.add_argument("media_type")
+    d.add_argument("size", type=int)
+    d.set_defaults(func=cmd_decompress)
+    g = sub.add_parser("s3get")
+    g.add_argument("--bucket", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--concurrency", type=int, default=16)
+    g.add_argument("keys", nargs="+")
+    g.set_defaults(func=cmd_s3get)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

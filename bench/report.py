@@ -1,0 +1,151 @@
+"""The results table (plain text for the terminal, Markdown for RESULTS.md) and machine facts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.scenarios import Row
+
+HEADER = ("#", "scenario", "layerwarm", "peer", "ratio", "target", "met?")
+
+
+def _met(row: Row) -> str:
+    return "n/a" if row.met is None else ("yes" if row.met else "NO")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    return (str(row.num), row.title, row.lw, row.peer, row.ratio, row.target, _met(row))
+
+
+def text_table(rows: Sequence[Row]) -> str:
+    table = [HEADER, *(cells(r) for r in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in table]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def notes(rows: Sequence[Row]) -> str:
+    out = []
+    for r in rows:
+        for n in r.notes:
+            out.append(f"- **{r.num}** {n}")
+    return "\n".join(out)
+
+
+def _version(argv: list[str], pattern: str = r"\d+(\.\d+)+") -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "not installed"
+    m = re.search(pattern, p.stdout + p.stderr)
+    return m.group(0) if m else "?"
+
+
+def _py_version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return "not installed"
+    return str(getattr(mod, "__version__", "?"))
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "")  # fmt: skip
+        sha_ni = " sha_ni" in flags + " "
+    except OSError:
+        sha_ni = False
+    mem = "?"
+    try:
+        kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, AttributeError):
+        pass
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "pipeline", "workers"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = head + (" (pipeline/ or workers/ modified)" if dirty else "")
+    except OSError:
+        commit = "?"
+    import zlib
+
+    return [
+        ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("layerwarm commit", commit),
+        ("CPU", f"{cpu}, nproc {os.cpu_count()}, SHA-NI {'yes' if sha_ni else 'no'}"),
+        ("memory", mem),
+        ("kernel", platform.release()),
+        ("Python", f"{sys.version.split()[0]} (zlib {zlib.ZLIB_RUNTIME_VERSION}, "
+                   f"zstandard {_py_version('zstandard')}, isal {_py_version('isal')}, "
+                   f"boto3 {_py_version('boto3')}, celery {_py_version('celery')})"),
+        ("tools", f"skopeo {_version(['skopeo', '--version'])}, "
+                  f"pigz {_version(['pigz', '--version'])}, "
+                  f"zstd {_version(['zstd', '--version'])}, "
+                  f"gzip {_version(['gzip', '--version'])}, "
+                  f"docker-registry {_version(['docker-registry', '--version'])}, "
+                  f"redis-server {_version(['redis-server', '--version'])}"),
+    ]  # fmt: skip
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def markdown(
+    rows: Sequence[Row],
+    facts: Sequence[tuple[str, str]],
+    run_facts: Sequence[tuple[str, str]],
+    command: str,
+) -> str:
+    met = [r for r in rows if r.met]
+    missed = [r for r in rows if r.met is False]
+    lines = [
+        "# layerwarm benchmark results",
+        "",
+        f"Produced by `{command}` (see `bench/__init__.py` for what each scenario measures; "
+        "issue 5 for the targets). Ratio = layerwarm / peer, lower is better for times; "
+        "the median of the per-run ratios, each run measuring both sides back to back.",
+        "",
+        markdown_table(rows),
+        "",
+        f"Targets met: {', '.join(str(r.num) for r in met) or 'none'}. "
+        f"Not met: {', '.join(str(r.num) for r in missed) or 'none'}.",
+        "",
+        "## Notes per scenario",
+        "",
+        notes(rows),
+        "",
+        "## Machine and run",
+        "",
+        *(f"- {k}: {v}" for k, v in [*facts, *run_facts]),
+        "",
+    ]
+    return "\n".join(lines)
