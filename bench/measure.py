@@ -1,8 +1,9 @@
 """Run real commands and measure them: wall time, exit status, peak RSS; drop page caches.
 
-``run`` starts a child with ``subprocess.Popen`` and reaps it with ``os.wait4``, which
-returns that one child's resource usage, so ``maxrss`` is the peak RSS of exactly the
-process measured (not of every child the harness ever waited for).
+``run`` starts a child with ``subprocess.Popen`` and reaps it with ``os.wait4``. Its
+``maxrss`` is the child's own high-water mark (``VmHWM``), polled from /proc while it
+runs: Linux carries the *parent's* peak into a child's ``ru_maxrss`` across fork and
+exec, so wait4's figure would report the harness's size, not the command's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,31 @@ class RunResult:
         return self
 
 
+class _HighWater:
+    """Polls /proc/PID/status for VmHWM (kB) until stopped; keeps the largest value seen."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.kib, self._pid, self._every = 0, pid, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            try:
+                with open(f"/proc/{self._pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.kib = max(self.kib, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass  # exiting, or already a zombie: keep what we saw
+            self._done.wait(self._every)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -60,10 +86,12 @@ def run(
             )  # fmt: skip
             timer = threading.Timer(timeout, proc.kill)
             timer.start()
+            hwm = _HighWater(proc.pid)
             try:
-                _pid, status, usage = os.wait4(proc.pid, 0)
+                _pid, status, _usage = os.wait4(proc.pid, 0)
             finally:
                 timer.cancel()
+                hwm.stop()
             seconds = time.perf_counter() - started
             proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
@@ -76,7 +104,7 @@ def run(
             stdout = out_tmp.read().decode(errors="replace")
         result = RunResult(
             list(argv), seconds, proc.returncode, stdout, err.read().decode(errors="replace"),
-            int(usage.ru_maxrss),
+            hwm.kib,
         )
     return result.check() if check else result
 

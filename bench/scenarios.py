@@ -616,7 +616,7 @@ class Bench:
         row.met = worst <= 150
         row.data.update(rss_mib=peak)
         row.notes.append(
-            "peak RSS (ru_maxrss from wait4) of the `layerwarm warm` process, max over "
+            "peak RSS (VmHWM polled from /proc) of the `layerwarm warm` process, max over "
             "runs: " + ", ".join(f"{c} {v:.0f} MiB" for c, v in sorted(peak.items()))
         )
         return row
