@@ -2,6 +2,7 @@
 
     layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
     layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
+    layerwarm:jobs:active       sorted set of jobs not known to be finished (for the sweeper)
 
 Both expire after the job TTL. A job's overall state is derived from its layers when read,
 so no writer has to keep a summary consistent.
@@ -20,6 +21,7 @@ from pipeline.errors import UsageError
 
 FINISHED = ("done", "failed")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+ACTIVE = "layerwarm:jobs:active"
 
 
 def check_job_id(job_id: str) -> str:
@@ -45,6 +47,7 @@ class JobStore:
                 "image_failures": "[]",
             })
             p.expire(key, self.ttl)
+            p.zadd(ACTIVE, {job_id: time.time()})
             p.execute()
 
     def planned(
@@ -54,8 +57,10 @@ class JobStore:
         key = self._key(job_id)
         with self.client.pipeline() as p:
             if layers:
+                now = time.time()
                 p.hset(key + ":layers", mapping={
-                    f"{x['digest']}|{x['target']}": json.dumps({**x, "state": "pending"})
+                    f"{x['digest']}|{x['target']}": json.dumps(
+                        {**x, "state": "pending", "updated": now})
                     for x in layers
                 })
                 p.expire(key + ":layers", self.ttl)
@@ -77,6 +82,31 @@ class JobStore:
             p.hset(key, field, json.dumps(state))
             p.expire(key, self.ttl)
             p.execute()
+
+    def stalled(self, older_than: float) -> list[tuple[str, dict[str, Any]]]:
+        """Unfinished layers of active jobs whose record nobody touched for `older_than` s.
+
+        A running stage writes progress every half second and a waiting one retries every
+        few; silence for that long means the message that should carry the layer on was
+        lost (Redis can drop one when it restarts between a pop and its bookkeeping).
+        Finished and expired jobs leave the active set here.
+        """
+        now, out = time.time(), []
+        for raw in self.client.zrange(ACTIVE, 0, -1):
+            job_id = raw.decode()
+            key = self._key(job_id)
+            if not self.client.exists(key):
+                self.client.zrem(ACTIVE, job_id)
+                continue
+            if self.client.hget(key, "planned") != b"1":
+                continue
+            layers = [json.loads(v) for v in self.client.hgetall(key + ":layers").values()]
+            if all(x.get("state") in FINISHED for x in layers):
+                self.client.zrem(ACTIVE, job_id)
+                continue
+            out += [(job_id, x) for x in layers if x.get("state") not in FINISHED
+                    and now - float(x.get("updated", 0)) > older_than]
+        return out
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         key = self._key(job_id)

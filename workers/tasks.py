@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Retry
+from celery.signals import worker_ready
 
 from pipeline import stages
 from pipeline.config import Settings
@@ -42,12 +43,13 @@ from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
 from pipeline.stages import LayerSpec
-from workers.app import JOB_TTL, app, broker_url
+from workers.app import JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
 from workers.jobs import JobStore
 from workers.leases import Leases
 from workers.progress import JobProgress
 from workers.ratelimit import RedisRateLimiter
 from workers.routing import Target, check_node, node_cpu_queue, node_io_queue
+from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
 MAX_TRANSIENT_RETRIES = 6
@@ -326,6 +328,13 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         log.exception("layer %s: unexpected error in publish", spec.digest)
         raise self.retry_transient(job_id, spec, target, e, token, failures,
                                    node_io_queue(c.node)) from e
+
+
+@worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    # One sweeper per IO worker process; CPU workers only decompress.
+    if str(getattr(sender, "hostname", "")).startswith("io@"):
+        start_sweeper(context().jobs, stall=2 * VISIBILITY_TIMEOUT)
 
 
 def enqueue_job(job_id: str, refs: Sequence[str], targets: Sequence[str],
