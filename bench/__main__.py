@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = args.cache_dir or default_cache_dir(scale, args.seed)
     started = time.monotonic()
     facts = report.machine_facts()
+    code_before = report.code_version()
     load_before = report.load_average()
     t0 = time.monotonic()
     workload = build(scale, args.seed, cache_dir, jobs=2)
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     cold = "dropped before each side of scenarios 1, 2, 4, 7, 8 and 10 (`echo 3 > " \
         "/proc/sys/vm/drop_caches`)" if bench.cold else \
         "NOT dropped: /proc/sys/vm/drop_caches refused here, so every figure is warm-cache"
+    code_after = report.code_version()
+    code = code_before if code_before == code_after else \
+        f"{code_before} at start, {code_after} at end (the code changed during the run)"
     run_facts = [
+        ("layerwarm commit", code),
         ("workload", f"{scale} scale, seed {args.seed}: {len(workload.images)} images, "
                      f"{len({x.digest for x in workload.layers.values()})} blobs "
                      f"(built/loaded in {build_s:.0f} s, pushed in {push_s:.0f} s; "

@@ -82,21 +82,10 @@ def machine_facts() -> list[tuple[str, str]]:
         mem = f"{kib / 1024 / 1024:.1f} GiB"
     except (OSError, AttributeError):
         pass
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
-                                "pipeline", "workers"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = head + (" (pipeline/ or workers/ modified)" if dirty else "")
-    except OSError:
-        commit = "?"
     import zlib
 
     return [
         ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("layerwarm commit", commit),
         ("CPU", f"{cpu}, nproc {os.cpu_count()}, SHA-NI {'yes' if sha_ni else 'no'}"),
         ("memory", mem),
         ("kernel", platform.release()),
@@ -110,6 +99,20 @@ def machine_facts() -> list[tuple[str, str]]:
                   f"docker-registry {_version(['docker-registry', '--version'])}, "
                   f"redis-server {_version(['redis-server', '--version'])}"),
     ]  # fmt: skip
+
+
+def code_version() -> str:
+    """The layerwarm commit, and whether pipeline/ or workers/ differ from it."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "pipeline", "workers"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "?"
+    return head + (" + uncommitted changes in pipeline/ or workers/" if dirty else "")
 
 
 def load_average() -> str:
