@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bench is not None:
             bench.close()
-        registry.stop()
+        registry.cleanup()  # its workdir: config and log; storage stays in the cache
         if not args.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     total_s = time.monotonic() - started
