@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +22,8 @@ from tests.support.s3 import S3Server
 
 AUTH_USER = "alice"
 AUTH_PASSWORD = "s3cret-pw"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# LAYERWARM_TEST_REDIS_URL lets two checkouts run their suites at once on one machine.
+REDIS_URL = os.environ.get("LAYERWARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 S = TypeVar("S", bound=ServerProcess)
 
@@ -90,7 +92,7 @@ def docker_config(tmp_path: Path, auth_registry: RegistryServer) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """URL of the Redis on 127.0.0.1:6379 (started by .ci/run); fails if it does not answer."""
+    """URL of the test Redis (127.0.0.1:6379, started by .ci/run); fails if it does not answer."""
     import redis
 
     try:
@@ -98,7 +100,7 @@ def redis_url() -> str:
         return REDIS_URL
     except redis.RedisError as exc:
         message = (
-            f"Redis does not answer on 127.0.0.1:6379 ({exc}); start it with "
+            f"Redis does not answer at {REDIS_URL} ({exc}); start it with "
             "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
         )
     pytest.fail(message, pytrace=False)
