@@ -2,6 +2,7 @@
 
     layers   digest, diff_id, media type, sizes, created, last used
     images   which image (manifest digest, ref, platform) uses which layer
+    counters running totals since the cache was made (hits, bytes, evictions, ...)
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
 re-hash it and a warm can notice a truncated one), never that it exists. Each thread
@@ -41,6 +42,10 @@ CREATE TABLE IF NOT EXISTS images (
     layer_digest TEXT NOT NULL,
     position INTEGER NOT NULL,
     PRIMARY KEY (manifest_digest, ref, layer_digest)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
 );
 """
 
@@ -167,6 +172,24 @@ class Metadata:
             rows = [] if db is None else db.execute(sql + " ORDER BY ref, manifest_digest",
                                                     args).fetchall()
         return [ImageRow(*r) for r in rows]
+
+    def bump(self, name: str, amount: float = 1.0) -> None:
+        """Add ``amount`` to the running total ``name`` (created at 0)."""
+        try:
+            with self._db(create=True) as db:
+                assert db is not None
+                db.execute(
+                    "INSERT INTO counters VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (name, amount),
+                )
+        except sqlite3.Error as e:  # a lost count must not fail the work it counts
+            log.warning("metadata counter %s in %s failed: %s", name, self.path, e)
+
+    def counters(self) -> dict[str, float]:
+        with self._db(create=False) as db:
+            rows = [] if db is None else db.execute("SELECT name, value FROM counters").fetchall()
+        return dict(rows)
 
     def forget(self, digest: Digest) -> None:
         with self._db(create=False) as db:
