@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO, Literal
+from typing import Literal, Protocol
 
 import zstandard
 
@@ -36,6 +36,12 @@ LAYER_MEDIA_TYPES: dict[str, Compression] = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
 }
 
+class Readable(Protocol):
+    """What decompression reads from: a file, or a download still being written."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 _MAGIC: dict[Compression, bytes] = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 CHUNK = 1 << 20
 
@@ -53,7 +59,7 @@ def check_magic(head: bytes, compression: Compression, what: str) -> None:
         raise VerificationError(f"{what}: media type says {compression} but the data is not")
 
 
-def iter_decompressed(src: BinaryIO, compression: Compression, what: str) -> Iterator[bytes]:
+def iter_decompressed(src: Readable, compression: Compression, what: str) -> Iterator[bytes]:
     """Yield the decompressed bytes of `src`, raising VerificationError on corrupt input."""
     head = src.read(CHUNK)
     check_magic(head, compression, what)
@@ -68,7 +74,7 @@ def iter_decompressed(src: BinaryIO, compression: Compression, what: str) -> Ite
         yield from _unzstd(head, src, what)
 
 
-def _gunzip(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
+def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
     # A gzip file may hold several members back to back; each needs a fresh decompressor.
     d = _inflate.decompressobj(wbits=31)
     data = head
@@ -96,7 +102,7 @@ def _gunzip(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
         raise VerificationError(f"{what}: corrupt gzip data ({e})") from None
 
 
-def _unzstd(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
+def _unzstd(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
     d = zstandard.ZstdDecompressor()
     reader = d.stream_reader(_Prefixed(head, src), read_across_frames=True, read_size=CHUNK)
     try:
@@ -112,7 +118,7 @@ def _unzstd(head: bytes, src: BinaryIO, what: str) -> Iterator[bytes]:
 class _Prefixed:
     """A reader that returns `head` first, then the rest of `src` (magic already read)."""
 
-    def __init__(self, head: bytes, src: BinaryIO) -> None:
+    def __init__(self, head: bytes, src: Readable) -> None:
         self._head, self._src = head, src
 
     def read(self, n: int = -1) -> bytes:

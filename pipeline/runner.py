@@ -98,7 +98,7 @@ def warm(
             try:
                 return materialize(
                     layer, client=env.client, disk=env.disk, remote=env.remote,
-                    progress=progress, run_cpu=lambda fn: cpu.submit(fn).result(),
+                    progress=progress, submit_cpu=cpu.submit,
                     limits=settings.limits,
                 )
             except Exception as e:  # one layer's failure must not stop the others

@@ -6,7 +6,9 @@
 
 `materialize` looks disk -> remote -> registry under the digest's host lock, so two
 processes on one host fetch a layer once. It is the one composition used by the embedded
-runner; the Celery tasks call the stages one by one with the same functions.
+runner, and there decompression follows the download as it arrives (pipeline/follow.py)
+instead of waiting for it; the Celery tasks call the stages one by one with the same
+functions.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, TypeVar
 
-from pipeline.codecs import CHUNK, compression_for, iter_decompressed
+from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import (
@@ -32,6 +36,7 @@ from pipeline.errors import (
     TransientError,
     VerificationError,
 )
+from pipeline.follow import GrowingFile, StreamAbandoned
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter
@@ -103,17 +108,37 @@ def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
 
 
 def fetch(
-    client: RegistryClient, layer: LayerSpec, disk: DiskTier, progress: Progress = NO_PROGRESS
+    client: RegistryClient,
+    layer: LayerSpec,
+    disk: DiskTier,
+    progress: Progress = NO_PROGRESS,
+    growing: GrowingFile | None = None,
 ) -> Path:
     """Download the layer blob to its staging file, verified; return the staging path.
 
     A cut connection resumes with a Range request from the bytes already verified, and a
     `.partial` file left by a crashed process is resumed rather than downloaded again.
     The caller holds the digest's lock, so no one else writes these files meanwhile.
+    `growing`, if given, hears of every write, so a reader can follow the download.
     """
+    try:
+        return _fetch(client, layer, disk, progress, growing)
+    except BaseException:
+        if growing is not None:
+            growing.fail()
+        raise
+
+
+def _fetch(
+    client: RegistryClient,
+    layer: LayerSpec,
+    disk: DiskTier,
+    progress: Progress,
+    growing: GrowingFile | None,
+) -> Path:
     staging = disk.staging_path(layer.digest)
-    if staging.exists() and staging.stat().st_size == layer.size:
-        return staging  # verified by an earlier fetch whose decompress did not run
+    if _staging_verified(staging, layer):
+        return staging  # an earlier fetch whose decompress did not run
     partial = staging.with_name(staging.name + ".partial")
     progress.stage(layer, "fetching", layer.size)
     last: Exception | None = None
@@ -122,7 +147,7 @@ def fetch(
             with disk.space_guard():
                 resumed = partial.exists()
                 try:
-                    _download(client, source, layer, partial, progress)
+                    _download(client, source, layer, partial, progress, growing)
                 except VerificationError:
                     if not resumed:
                         raise
@@ -131,8 +156,10 @@ def fetch(
                                 layer.digest)
                     partial.unlink()
                     progress.stage(layer, "fetching", layer.size)
-                    _download(client, source, layer, partial, progress)
+                    _download(client, source, layer, partial, progress, growing)
             os.replace(partial, staging)
+            if growing is not None:
+                growing.finish()
             return staging
         except NotFound as e:  # another repository holding the same blob may serve it
             last = e
@@ -141,6 +168,29 @@ def fetch(
             raise
     partial.unlink(missing_ok=True)
     raise last or NotFound(f"blob {layer.digest}: no repository to fetch it from")
+
+
+def _staging_verified(staging: Path, layer: LayerSpec) -> bool:
+    """Whether a staging file left by an earlier fetch holds exactly the blob.
+
+    Staging files are not fsynced (the entry made from them is), so after a power cut one
+    can have the right size and the wrong bytes: hash it again rather than trust its size.
+    """
+    try:
+        if staging.stat().st_size != layer.size:
+            return False
+        verifier = Verifier(layer.digest, size=layer.size, what="staged layer blob")
+        with open(staging, "rb") as f:
+            while chunk := f.read(CHUNK):
+                verifier.update(chunk)
+        verifier.verify()
+        return True
+    except FileNotFoundError:
+        return False
+    except VerificationError:
+        log.warning("staged blob %s does not verify: fetching it again", staging)
+        staging.unlink(missing_ok=True)
+        return False
 
 
 def _resume_point(out: BinaryIO, verifier: Verifier) -> None:
@@ -154,14 +204,29 @@ def _resume_point(out: BinaryIO, verifier: Verifier) -> None:
         verifier.reset()
 
 
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0:]
+
+
 def _download(
-    client: RegistryClient, ref: Reference, layer: LayerSpec, dest: Path, progress: Progress
+    client: RegistryClient,
+    ref: Reference,
+    layer: LayerSpec,
+    dest: Path,
+    progress: Progress,
+    growing: GrowingFile | None,
 ) -> None:
     verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
     resuming = dest.exists()
-    with open(dest, "r+b" if resuming else "wb") as out:
+    # Readable (a follower preads a duplicate of this descriptor) and unbuffered (each
+    # chunk must be in the file when `growing.wrote` says so). Chunks are 1 MiB anyway.
+    with open(dest, "r+b" if resuming else "w+b", buffering=0) as out:
         if resuming:
             _resume_point(out, verifier)
+        if growing is not None:
+            growing.attach(out.fileno(), verifier.count)
         if verifier.count:
             log.info("blob %s: resuming at byte %d", layer.digest, verifier.count)
             progress.advance(layer, verifier.count)
@@ -175,9 +240,13 @@ def _download(
                         out.seek(0)
                         out.truncate()
                         verifier.reset()
+                        if growing is not None:
+                            growing.attach(out.fileno(), 0)
                     for chunk in stream.iter_chunks(CHUNK):
                         verifier.update(chunk)
-                        out.write(chunk)
+                        _write_all(out, chunk)
+                        if growing is not None:
+                            growing.wrote(len(chunk))
                         progress.advance(layer, len(chunk))
                 break
             except TransientError as e:
@@ -185,9 +254,7 @@ def _download(
                     raise
                 log.warning("blob %s: %s; resuming at byte %d", layer.digest, e, verifier.count)
                 time.sleep(min(0.5 * 2**attempt, 8.0) if e.retry_after is None else e.retry_after)
-        verifier.verify()
-        out.flush()
-        os.fsync(out.fileno())
+        verifier.verify()  # no fsync: a staging file is hashed again before reuse
 
 
 def decompress(
@@ -202,33 +269,65 @@ def decompress(
     Returns the uncompressed size. The staging file is removed once the entry exists, or
     when its content can never become one (wrong diff_id, a bomb).
     """
-    compression = compression_for(layer.media_type)
-    progress.stage(layer, "decompressing", layer.size)
-    verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
-    with disk.space_guard(), disk.ingest(layer.digest) as ingest, open(staging, "rb") as src:
-        what = f"layer {layer.digest}"
-        counting = _Counting(src, layer, progress)
-        sink, produced = HashingWriter(ingest.file, verifier), 0
+    with open(staging, "rb") as src:
         try:
-            try:
-                for chunk in iter_decompressed(counting, compression, what):
-                    produced += len(chunk)
-                    _check_limits(layer, produced, counting.count, limits)
-                    sink.put(chunk)
-            finally:
-                sink.close()
-            verifier.verify()
-        except VerificationError as e:
+            size = decompress_stream(layer, disk, src, progress, limits)
+        except VerificationError:
             staging.unlink(missing_ok=True)
-            if not isinstance(e, DigestMismatch | SizeMismatch):
-                raise
-            raise VerificationError(
-                f"layer {layer.digest}: decompressed content is {verifier.actual}, "
-                f"but the image config says diff_id {layer.diff_id}"
-            ) from None
-        ingest.commit()
+            raise
     staging.unlink(missing_ok=True)
-    _record(layer, disk, verifier.count)
+    return size
+
+
+def decompress_stream(
+    layer: LayerSpec,
+    disk: DiskTier,
+    src: Readable,
+    progress: Progress = NO_PROGRESS,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Decompress the blob read from `src` into the disk tier, verified; the entry's size.
+
+    `src` must end only after the blob's own digest is verified: the entry is named as soon
+    as the output matches the diff_id.
+    """
+    progress.stage(layer, "decompressing", layer.size)
+    with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+        size = inflate_verified(layer, src, ingest.file, progress, limits)
+        ingest.commit()
+    _record(layer, disk, size)
+    return size
+
+
+def inflate_verified(
+    layer: LayerSpec,
+    src: Readable,
+    out: BinaryIO,
+    progress: Progress = NO_PROGRESS,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Decompress `src` into `out` within the limits, verifying the diff_id; the size.
+
+    Inflating, hashing and writing run on three threads (pipeline/sinks.py).
+    """
+    compression = compression_for(layer.media_type)
+    verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
+    counting = _Counting(src, layer, progress)
+    sink, produced = HashingWriter(out, verifier), 0
+    try:
+        try:
+            for chunk in iter_decompressed(counting, compression, f"layer {layer.digest}"):
+                produced += len(chunk)
+                _check_limits(layer, produced, counting.count, limits)
+                sink.put(chunk)
+        finally:
+            sink.close()
+        verifier.verify()
+    except (DigestMismatch, SizeMismatch):
+        raise VerificationError(
+            f"layer {layer.digest}: decompressed content is {verifier.actual}, "
+            f"but the image config says diff_id {layer.diff_id}"
+        ) from None
     return verifier.count
 
 
@@ -278,7 +377,7 @@ def _check_limits(layer: LayerSpec, out: int, read: int, limits: Limits) -> None
 class _Counting:
     """Reports compressed bytes read, so decompression shows progress against `size`."""
 
-    def __init__(self, src: BinaryIO, layer: LayerSpec, progress: Progress) -> None:
+    def __init__(self, src: Readable, layer: LayerSpec, progress: Progress) -> None:
         self._src, self._layer, self._progress = src, layer, progress
         self.count = 0
 
@@ -344,8 +443,110 @@ def publish(
     return True
 
 
-def _direct(fn: Callable[[], T]) -> T:
-    return fn()
+def on_own_thread(fn: Callable[[], T]) -> Future[T]:
+    """Run `fn` on a thread of its own; the default place for CPU work outside a pool."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="layerwarm-cpu", daemon=True).start()
+    return future
+
+
+class _AfterFetch:
+    """Progress of a decompression that follows a download: held back until it ends.
+
+    Both stages of one layer run at once there, and a bar shows one stage at a time.
+    """
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress, self._lock = progress, threading.Lock()
+        self._released, self._held = False, 0
+        self._stage: tuple[LayerSpec, str, int | None] | None = None
+
+    def planned(self, layers: Sequence[LayerSpec]) -> None:
+        self._progress.planned(layers)
+
+    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
+        with self._lock:
+            if self._released:
+                self._progress.stage(layer, stage, total)
+            else:
+                self._stage = (layer, stage, total)
+
+    def advance(self, layer: LayerSpec, nbytes: int) -> None:
+        with self._lock:
+            if self._released:
+                self._progress.advance(layer, nbytes)
+            else:
+                self._held += nbytes
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            if self._stage is not None:
+                self._progress.stage(*self._stage)
+                if self._held:
+                    self._progress.advance(self._stage[0], self._held)
+
+
+def fetch_and_decompress(
+    client: RegistryClient,
+    layer: LayerSpec,
+    disk: DiskTier,
+    progress: Progress = NO_PROGRESS,
+    submit_cpu: Callable[[Callable[[], int]], Future[int]] = on_own_thread,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Fetch the blob and decompress it into the disk tier, the second following the first.
+
+    The decompression (on `submit_cpu`, where CPU work belongs) reads the staging file as
+    the download writes it, so inflating, hashing and writing the entry overlap the
+    transfer. It sees the end of the file only once the blob's digest is verified. If the
+    download starts over (a server ignoring Range) the decompression is abandoned and runs
+    again from the finished staging file. Returns the entry's size.
+    """
+    staging = disk.staging_path(layer.digest)
+    if staging.exists():  # an earlier fetch finished; only its decompress is left
+        staging = fetch(client, layer, disk, progress)
+        return submit_cpu(lambda: decompress(layer, disk, staging, progress, limits)).result()
+    growing, held = GrowingFile(), _AfterFetch(progress)
+    following = submit_cpu(
+        lambda: decompress_stream(layer, disk, growing.reader(), held, limits))
+    try:
+        try:
+            staging = fetch(client, layer, disk, progress, growing)
+        except BaseException:
+            _wait_quietly(following)  # it stops at once: fetch marked the file failed
+            raise
+        held.release()
+        try:
+            size = following.result()
+        except (StreamAbandoned, VerificationError) as e:
+            # An error about bytes the download later replaced says nothing about the blob.
+            if isinstance(e, VerificationError) and not growing.restarted:
+                staging.unlink(missing_ok=True)  # its content can never become an entry
+                raise
+            log.info("layer %s: download started over; decompressing the staged blob",
+                     layer.digest)
+            return submit_cpu(
+                lambda: decompress(layer, disk, staging, progress, limits)).result()
+    finally:
+        growing.close()
+    staging.unlink(missing_ok=True)
+    return size
+
+
+def _wait_quietly(future: Future[int]) -> None:
+    try:
+        future.result()
+    except BaseException:  # the caller raises the error that caused this one
+        pass
 
 
 def materialize(
@@ -355,12 +556,12 @@ def materialize(
     disk: DiskTier,
     remote: RemoteTier | None = None,
     progress: Progress = NO_PROGRESS,
-    run_cpu: Callable[[Callable[[], int]], int] = _direct,
+    submit_cpu: Callable[[Callable[[], int]], Future[int]] = on_own_thread,
     limits: Limits = DEFAULT_LIMITS,
 ) -> LayerResult:
     """Make the layer present on disk (and remote): disk -> remote -> registry.
 
-    `run_cpu` runs decompression where CPU work belongs (the runner's CPU pool).
+    `submit_cpu` runs decompression where CPU work belongs (the runner's CPU pool).
     Raises LayerwarmError subclasses; the caller records them per layer.
     """
     started = time.monotonic()
@@ -401,8 +602,7 @@ def materialize(
                 return result
         if size is None:
             log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
-            staging = fetch(client, layer, disk, progress)
-            size = run_cpu(lambda: decompress(layer, disk, staging, progress, limits))
+            size = fetch_and_decompress(client, layer, disk, progress, submit_cpu, limits)
             log.info(
                 "layer decompressed and cached: %s (%d bytes) %s",
                 layer.digest, size, disk.path(layer.digest),
