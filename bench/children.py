@@ -1,10 +1,15 @@
 """Small programs the harness runs as child processes (``python -m bench.children ...``).
 
     decompress ROOT DIGEST DIFF_ID MEDIA_TYPE SIZE
-        layerwarm's own decompress + diff_id verification of one staged blob, in one
-        process (``pipeline.stages.decompress`` into a ``DiskTier`` at ROOT, whose
-        ``.staging/`` already holds the blob); prints {"seconds", "size"} as JSON, timing
-        only the call (not interpreter start-up).
+        layerwarm's whole decompress stage for one staged blob, in one process
+        (``pipeline.stages.decompress`` into a ``DiskTier`` at ROOT, whose ``.staging/``
+        already holds the blob: inflate, verify the diff_id, write, fsync, rename); prints
+        {"seconds", "size"} as JSON, timing only the call (not interpreter start-up).
+
+    inflate BLOB DIGEST DIFF_ID MEDIA_TYPE SIZE
+        the same stage's inflate + diff_id verification (``pipeline.stages.inflate_verified``,
+        the function ``decompress`` runs) with the output going to /dev/null, as the
+        peer's does; prints {"seconds", "size"}.
 
     s3get --bucket B --out DIR --concurrency N KEY...
         the peer of restoring from S3: boto3 ``download_file`` of each key into DIR, N at
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +39,20 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     size = decompress(spec, disk, staging)
     seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "size": size}))
+    return 0
+
+
+def cmd_inflate(args: argparse.Namespace) -> int:
+    from pipeline.digest import Digest
+    from pipeline.stages import LayerSpec, inflate_verified
+
+    spec = LayerSpec(Digest.parse(args.digest), Digest.parse(args.diff_id), args.media_type,
+                     args.size)
+    with open(args.blob, "rb") as src, open(os.devnull, "wb") as out:
+        started = time.perf_counter()
+        size = inflate_verified(spec, src, out)
+        seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "size": size}))
     return 0
 
@@ -65,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("media_type")
     d.add_argument("size", type=int)
     d.set_defaults(func=cmd_decompress)
+    i = sub.add_parser("inflate")
+    for name in ("blob", "digest", "diff_id", "media_type"):
+        i.add_argument(name)
+    i.add_argument("size", type=int)
+    i.set_defaults(func=cmd_inflate)
     g = sub.add_parser("s3get")
     g.add_argument("--bucket", required=True)
     g.add_argument("--out", required=True)
