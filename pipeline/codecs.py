@@ -61,7 +61,7 @@ def check_magic(head: bytes, compression: Compression, what: str) -> None:
 
 def iter_decompressed(src: Readable, compression: Compression, what: str) -> Iterator[bytes]:
     """Yield the decompressed bytes of `src`, raising VerificationError on corrupt input."""
-    head = src.read(CHUNK)
+    head = _read_head(src, 4)
     check_magic(head, compression, what)
     if compression == "none":
         chunk = head
@@ -72,6 +72,15 @@ def iter_decompressed(src: Readable, compression: Compression, what: str) -> Ite
         yield from _gunzip(head, src, what)
     else:
         yield from _unzstd(head, src, what)
+
+
+def _read_head(src: Readable, n: int) -> bytes:
+    """The first `n` bytes (fewer only at the end): enough for the magic, no more, since a
+    large first read slowed zstandard's later output (see `_unzstd`)."""
+    head = b""
+    while len(head) < n and (more := src.read(n - len(head))):
+        head += more
+    return head
 
 
 def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
@@ -104,7 +113,10 @@ def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
 
 def _unzstd(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
     d = zstandard.ZstdDecompressor()
-    reader = d.stream_reader(_Prefixed(head, src), read_across_frames=True, read_size=CHUNK)
+    # zstd's own input size (128 KiB): with 1 MiB reads, writing the output chunks took
+    # several times more system time (measured here on 500 MiB: 1.7 s of sys against 0.2).
+    reader = d.stream_reader(_Prefixed(head, src), read_across_frames=True,
+                             read_size=zstandard.DECOMPRESSION_RECOMMENDED_INPUT_SIZE)
     try:
         while True:
             out = reader.read(CHUNK)
