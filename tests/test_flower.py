@@ -23,6 +23,7 @@ from tests.support.images import Image, Layer, random_tar
 from tests.support.procs import free_port
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
+from workers.tasks import INLINE_DECOMPRESS_BYTES
 
 FLOWER_DB = 9
 PREFIX = "layers"
@@ -133,11 +134,13 @@ def flower(fleet: Fleet, tmp_path: Path) -> Iterator[Flower]:
 def test_flower_shows_workers_and_stage_tasks_without_credentials(
     fleet: Fleet, flower: Flower, auth_registry: RegistryServer
 ) -> None:
+    # Larger than INLINE_DECOMPRESS_BYTES, so each layer goes through all three stage tasks.
     layers = [
-        Layer(random_tar(2000, 200_000), "gzip"),
-        Layer(random_tar(2001, 150_000), "zstd"),
-        Layer(random_tar(2002, 100_000), "none"),
+        Layer(random_tar(2000, 900_000), "gzip"),
+        Layer(random_tar(2001, 800_000), "zstd"),
+        Layer(random_tar(2002, 400_000), "none"),
     ]
+    assert min(x.size for x in layers) > INLINE_DECOMPRESS_BYTES
     refs = []
     for img in (Image(layers[:2]), Image([layers[0], layers[2]], format="docker")):
         r = f"t/{uuid.uuid4().hex[:10]}"

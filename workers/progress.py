@@ -1,8 +1,8 @@
 """Stage progress from inside a task: into the job record and the task's Celery state.
 
-Writes are throttled (a stage change always writes; bytes at most every half second) so a
-fast layer does not turn into thousands of Redis writes. Celery state `PROGRESS` with
-bytes done/total is what Flower shows for a running task.
+Writes are throttled (a task's first stage always writes; later stages and bytes at most
+every half second) so a fast layer does not turn into many Redis writes. Celery state
+`PROGRESS` with bytes done/total is what Flower shows for a running task.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ class JobProgress:
             return  # the task records the outcome itself, with its tier
         with self._lock:
             self._stage, self._done, self._total = _JOB_STATE.get(stage, stage), 0, total or 0
-        self._write(layer)
+            # The first stage of a task always shows; later ones wait for the interval (the
+            # next `advance` writes them), so a tiny layer's stages cost no Redis writes.
+            due = not self._last or time.monotonic() - self._last >= self.INTERVAL
+        if due:
+            self._write(layer)
 
     def advance(self, layer: LayerSpec, nbytes: int) -> None:
         with self._lock:
