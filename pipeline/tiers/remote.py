@@ -91,7 +91,8 @@ class RemoteTier(Protocol):
         ...
 
     def list(self) -> Iterator[RemoteEntry]:
-        """Every well-formed layer entry (metadata left empty); other names are ignored."""
+        """Every well-formed layer entry with size and modified time (metadata left empty);
+        other names are ignored."""
         ...
 
 
