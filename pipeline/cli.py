@@ -364,7 +364,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would evict" if args.dry_run else "evicted"
     disk = DiskTier(settings.cache_dir)
     if args.remote is not None:
-        url = args.remote or settings.remote_url
+        url = args.remote or Settings.from_env().remote_url  # bare --remote: the env's
         if not url:
             raise UsageError("gc --remote: no remote tier (give --remote URL or LAYERWARM_REMOTE)")
         older = parse_duration(args.older_than, "--older-than") if args.older_than else None

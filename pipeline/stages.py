@@ -321,7 +321,13 @@ def publish(
 ) -> bool:
     """Upload the disk entry to the remote tier unless it is there already; True if uploaded."""
     path = disk.path(layer.digest)
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        # Evicted by gc between materializing and publishing (no lock is held here):
+        # nothing to publish; whoever needs the layer next fetches it again.
+        log.warning("layer %s left the disk tier before it was published", layer.digest)
+        return False
     if not force:
         try:
             entry = remote.stat(layer.digest)
