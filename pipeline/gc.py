@@ -332,6 +332,17 @@ def auto_collect(
     return report
 
 
+def scheduled_collect(disk: DiskTier, settings: Settings) -> GcReport | None:
+    """The periodic gc of a node (Celery beat): the automatic quota, else housekeeping.
+
+    None when the node has no quota (LAYERWARM_MAX_CACHE_SIZE unset): then it does nothing.
+    """
+    if settings.max_cache_size is None:
+        return None
+    # Below the high watermark nothing is evicted, but old temp files are still swept.
+    return auto_collect(disk, settings) or collect(disk, None)
+
+
 # ---------------------------------------------------------------- remote tier
 
 
