@@ -86,8 +86,10 @@ def _entry(disk: DiskTier, digest: Digest, disk_size: int | None, remote_size: i
            images: tuple[ImageUse, ...], remote_meta: dict[str, str] | None = None) -> Entry:
     row = disk.meta.layer(digest) if disk_size is not None else None
     if row is not None:
-        return Entry(digest, disk_size, remote_size, images, str(row.diff_id), row.media_type,
-                     row.compressed_size, row.uncompressed_size, row.created, row.last_used)
+        # An entry gc adopted (no row, rehashed) has no known media type or compressed size.
+        return Entry(digest, disk_size, remote_size, images, str(row.diff_id),
+                     row.media_type or None, row.compressed_size or None,
+                     row.uncompressed_size, row.created, row.last_used)
     meta = remote_meta or {}
 
     def number(key: str) -> int | None:

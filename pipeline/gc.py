@@ -134,6 +134,8 @@ def sweep(
     out = []
     for sub in (disk.tmp_dir, disk.staging_dir):
         try:
+            if not stat.S_ISDIR(os.lstat(sub).st_mode):
+                continue  # a link put in its place: what it points to is not ours
             items = list(os.scandir(sub))
         except FileNotFoundError:
             continue
@@ -191,10 +193,13 @@ def _reconcile(disk: DiskTier, report: GcReport) -> None:
                 continue
             path = disk.path(digest)
             try:
-                mtime = path.stat().st_mtime
+                st = os.stat(path, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a link to elsewhere is never read, let alone recorded
                 diff_id, size = _hash(path)
             except FileNotFoundError:
                 continue
+            mtime = st.st_mtime
             disk.meta.adopt_layer(digest, diff_id, size, mtime)
             report.adopted.append(digest)
             log.info("gc: adopted %s (no record; diff_id %s)", digest, diff_id)

@@ -344,3 +344,19 @@ def test_remote_gc_on_s3_deletes_only_layers_below_the_prefix(
     assert {e.digest for e in tier.list()} == {d for d, _ in seeded} - {
         e_digest for e_digest in (Digest.parse(e["digest"]) for e in got["evicted"])
     }
+
+
+def test_gc_never_deletes_or_reads_outside_the_cache(tmp_path: Path, cache_dir: Path) -> None:
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data").write_bytes(b"p" * 5000)
+    (cache_dir / ("sha256_" + "9" * 64)).symlink_to(outside / "data")
+    (cache_dir / ".tmp").mkdir()
+    (cache_dir / ".tmp" / "link").symlink_to(outside)
+    (cache_dir / ".staging").symlink_to(outside)  # a whole directory swapped for a link
+    (cache_dir / "sha256_not-hex").write_bytes(b"n")
+    got = _gc_json(cache_dir, "--max-size", "0", "--grace", "0s")
+    assert got["adopted"] == []  # a link is never rehashed as an entry
+    assert (outside / "data").read_bytes() == b"p" * 5000 and outside.is_dir()
+    assert (cache_dir / "sha256_not-hex").exists()  # not an entry name: never touched
+    assert not os.path.lexists(cache_dir / ".tmp" / "link")  # the link itself is swept
