@@ -227,8 +227,10 @@ def test_a_gc_loop_during_a_warm_never_loses_or_corrupts_an_entry(
     layers = [Layer(random_tar(740 + i, 150_000), ("gzip", "zstd", "none")[i % 3])
               for i in range(8)]  # fmt: skip
     refs = [_push(registry, *layers[i : i + 3]) for i in range(0, 8, 2)]
+    shared = (cache_dir.parent / "shared").as_uri()  # publish reads entries gc may evict
     warm = subprocess.Popen(
-        layerwarm_cmd("warm", "--io-threads", "4", *refs), env=layerwarm_env(cache_dir),
+        layerwarm_cmd("warm", "--io-threads", "4", "--remote", shared, *refs),
+        env=layerwarm_env(cache_dir),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     disk, rounds, evicted = DiskTier(cache_dir), 0, 0
@@ -249,7 +251,8 @@ def test_a_gc_loop_during_a_warm_never_loses_or_corrupts_an_entry(
         t.join()
     assert warm.returncode == 0, err
     assert rounds > 1 and evicted > 0, "gc ran and evicted while the warm ran"
-    _hashes_ok(cache_dir, layers)  # whatever survived is whole
+    _hashes_ok(cache_dir, layers)  # whatever survived is whole, on disk and remote
+    _hashes_ok(cache_dir.parent / "shared", layers)
     # Nothing half-made was named, nor left in .tmp; another warm restores every layer.
     again = run_layerwarm("warm", *refs, cache_dir=cache_dir)
     assert again.returncode == 0, again.stderr
