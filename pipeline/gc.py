@@ -97,8 +97,7 @@ class _Inode:
 
     size: int
     names: list[Digest] = field(default_factory=list)
-    last_used: float = 0.0
-    known_use: bool = False  # some name has a recorded last use (not just an mtime)
+    last_used: float = 0.0  # of its most recently used name (an mtime when no row)
 
 
 @contextmanager
@@ -218,7 +217,6 @@ def _inodes(disk: DiskTier) -> list[_Inode]:
         row = rows.get(digest)
         used = row.last_used if row is not None else st.st_mtime
         node.last_used = max(node.last_used, used)
-        node.known_use = node.known_use or row is not None
     return list(by_inode.values())
 
 
