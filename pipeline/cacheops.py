@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.digest import Digest
 from pipeline.errors import InvalidDigest, LayerwarmError, UsageError
@@ -58,6 +58,7 @@ class Entry:
     uncompressed_size: int | None = None
     created: float | None = None
     last_used: float | None = None
+    pinned_until: float | None = None  # protected from gc until then (`layerwarm pin`)
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -85,8 +86,10 @@ def _entry(disk: DiskTier, digest: Digest, disk_size: int | None, remote_size: i
            images: tuple[ImageUse, ...], remote_meta: dict[str, str] | None = None) -> Entry:
     row = disk.meta.layer(digest) if disk_size is not None else None
     if row is not None:
-        return Entry(digest, disk_size, remote_size, images, str(row.diff_id), row.media_type,
-                     row.compressed_size, row.uncompressed_size, row.created, row.last_used)
+        # An entry gc adopted (no row, rehashed) has no known media type or compressed size.
+        return Entry(digest, disk_size, remote_size, images, str(row.diff_id),
+                     row.media_type or None, row.compressed_size or None,
+                     row.uncompressed_size, row.created, row.last_used)
     meta = remote_meta or {}
 
     def number(key: str) -> int | None:
@@ -99,6 +102,12 @@ def _entry(disk: DiskTier, digest: Digest, disk_size: int | None, remote_size: i
 
 def list_entries(disk: DiskTier, remote: RemoteTier | None = None) -> list[Entry]:
     """Every entry on disk (and in `remote`), joined with what `.meta.db` records."""
+    pins = disk.meta.pinned_until()
+    return [replace(e, pinned_until=pins.get(str(e.digest))) if str(e.digest) in pins else e
+            for e in _list_entries(disk, remote)]
+
+
+def _list_entries(disk: DiskTier, remote: RemoteTier | None) -> list[Entry]:
     uses = _uses(disk.meta.image_rows())
     remote_sizes = {e.digest: e.size for e in remote.list()} if remote is not None else {}
     out = []
@@ -118,8 +127,9 @@ def inspect(disk: DiskTier, digest: Digest, remote: RemoteTier | None = None) ->
     if disk_size is None and stat is None:
         return None
     images = _uses(disk.meta.image_rows(digest)).get(str(digest), ())
-    return _entry(disk, digest, disk_size, stat.size if stat else None, images,
-                  stat.metadata if stat else None)
+    entry = _entry(disk, digest, disk_size, stat.size if stat else None, images,
+                   stat.metadata if stat else None)
+    return replace(entry, pinned_until=disk.meta.pinned_until().get(str(digest)))
 
 
 def usage(disk: DiskTier, digest: Digest) -> tuple[ImageUse, ...]:

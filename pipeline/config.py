@@ -63,6 +63,30 @@ class Limits:
         )
 
 
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _rate(env, name)  # a number above 0, or None when unset
+    if value is None:
+        return default
+    if value > 1:
+        raise UsageError(f"{name}={env[name]} must be a fraction at most 1, e.g. 0.9")
+    return value
+
+
+def _quota(env: Mapping[str, str]) -> dict[str, object]:
+    from pipeline.units import parse_size
+
+    raw = env.get("LAYERWARM_MAX_CACHE_SIZE")
+    high = _fraction(env, "LAYERWARM_CACHE_HIGH_WATERMARK", 0.9)
+    low = _fraction(env, "LAYERWARM_CACHE_LOW_WATERMARK", 0.8)
+    if low > high:
+        raise UsageError(f"LAYERWARM_CACHE_LOW_WATERMARK={low} is above the high one ({high})")
+    return {
+        "max_cache_size": parse_size(raw, "LAYERWARM_MAX_CACHE_SIZE") if raw else None,
+        "cache_high_watermark": high,
+        "cache_low_watermark": low,
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path
@@ -72,6 +96,10 @@ class Settings:
     cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     limits: Limits = field(default_factory=Limits)
     registry_rate: float | None = None  # requests/s per registry host; None: no budget
+    # Automatic quota of the disk tier: after a warm, above high x max, gc to low x max.
+    max_cache_size: int | None = None  # bytes; None: no automatic gc
+    cache_high_watermark: float = 0.9
+    cache_low_watermark: float = 0.8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,6 +115,7 @@ class Settings:
             cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", os.cpu_count() or 2),
             limits=Limits.from_env(env),
             registry_rate=_rate(env, "LAYERWARM_REGISTRY_RATE"),
+            **_quota(env),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -3,6 +3,7 @@
     layers   digest, diff_id, media type, sizes, created, last used
     images   which image (manifest digest, ref, platform) uses which layer
     counters running totals since the cache was made (hits, bytes, evictions, ...)
+    pins     layers protected from gc until a time, and the image ref that pinned them
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
 re-hash it and a warm can notice a truncated one), never that it exists. Each thread
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pins (
+    layer_digest TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (layer_digest, ref)
 );
 """
 
@@ -190,6 +197,62 @@ class Metadata:
         with self._db(create=False) as db:
             rows = [] if db is None else db.execute("SELECT name, value FROM counters").fetchall()
         return dict(rows)
+
+    def adopt_layer(self, digest: Digest, diff_id: Digest, size: int, last_used: float) -> None:
+        """Record an entry found without a row (copied in by hand, or its row was lost).
+
+        Only what rehashing the file tells is known: media type and compressed size stay
+        unknown ("" and 0), and its last use is the file's mtime, so an adopted entry keeps
+        its place in the LRU order. An existing row (a warm won the race) is kept.
+        """
+        with self._db(create=True) as db:
+            assert db is not None
+            db.execute(
+                "INSERT OR IGNORE INTO layers VALUES (?, ?, '', 0, ?, ?, ?, 0)",
+                (str(digest), str(diff_id), size, last_used, last_used),
+            )
+
+    def pin(self, layers: Sequence[Digest], ref: str, until: float) -> None:
+        """Protect `layers` from gc until `until` (epoch seconds); a new pin of a ref wins."""
+        with self._db(create=True) as db:
+            assert db is not None
+            db.executemany(
+                "INSERT INTO pins VALUES (?, ?, ?) ON CONFLICT(layer_digest, ref) "
+                "DO UPDATE SET until=excluded.until",
+                [(str(d), ref, until) for d in layers],
+            )
+
+    def unpin(self, ref: str) -> int:
+        """Drop every pin `ref` made; returns how many layers it had pinned."""
+        with self._db(create=False) as db:
+            if db is None:
+                return 0
+            return db.execute("DELETE FROM pins WHERE ref=?", (ref,)).rowcount
+
+    def pins(self, now: float | None = None) -> list[tuple[str, str, float]]:
+        """(layer digest, ref, until) of every pin still in force at `now`."""
+        now = time.time() if now is None else now
+        with self._db(create=False) as db:
+            if db is None:
+                return []
+            return db.execute(
+                "SELECT layer_digest, ref, until FROM pins WHERE until > ? "
+                "ORDER BY ref, layer_digest", (now,),
+            ).fetchall()
+
+    def pinned_until(self, now: float | None = None) -> dict[str, float]:
+        """Each pinned layer's digest and the end of its longest pin still in force."""
+        out: dict[str, float] = {}
+        for digest, _, until in self.pins(now):
+            out[digest] = max(until, out.get(digest, 0.0))
+        return out
+
+    def drop_expired_pins(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._db(create=False) as db:
+            if db is None:
+                return 0
+            return db.execute("DELETE FROM pins WHERE until <= ?", (now,)).rowcount
 
     def forget(self, digest: Digest) -> None:
         with self._db(create=False) as db:

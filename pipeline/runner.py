@@ -111,7 +111,18 @@ def warm(
 
         results = list(io.map(one, plan.layers))
     _record_images(plan, env.disk)
+    _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)
+
+
+def _auto_gc(plan: Plan, disk: DiskTier, settings: Settings) -> None:
+    """The automatic quota (LAYERWARM_MAX_CACHE_SIZE), sparing what this warm materialized."""
+    from pipeline.gc import auto_collect
+
+    try:
+        auto_collect(disk, settings, protect={x.digest for x in plan.layers})
+    except (LayerwarmError, OSError, sqlite3.Error) as e:  # the warm itself succeeded
+        log.warning("automatic gc of %s failed: %s", disk.root, describe_error(e))
 
 
 def _record_images(plan: Plan, disk: DiskTier) -> None:

@@ -420,7 +420,10 @@ def publish(
 ) -> bool:
     """Upload the disk entry to the remote tier unless it is there already; True if uploaded."""
     path = disk.path(layer.digest)
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return _evicted_before_publish(layer)
     if not force:
         try:
             entry = remote.stat(layer.digest)
@@ -438,9 +441,20 @@ def publish(
     except RemoteTierUnavailable:
         disk.meta.set_publish_pending(layer.digest, True)
         raise
+    except FileNotFoundError:
+        if path.exists():
+            raise
+        return _evicted_before_publish(layer)
     disk.meta.set_publish_pending(layer.digest, False)
     log.info("layer published to remote: %s (%d bytes) %s", layer.digest, size, remote.url)
     return True
+
+
+def _evicted_before_publish(layer: LayerSpec) -> bool:
+    # gc may evict between materializing and publishing (no lock is held meanwhile):
+    # nothing is left to publish; whoever needs the layer next fetches it again.
+    log.warning("layer %s left the disk tier before it was published", layer.digest)
+    return False
 
 
 def on_own_thread(fn: Callable[[], T]) -> Future[T]:

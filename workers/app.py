@@ -13,6 +13,7 @@ import os
 
 from celery import Celery
 
+from pipeline.units import parse_duration
 from workers.routing import FLEET_QUEUE
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -29,6 +30,9 @@ def broker_url() -> str:
 
 VISIBILITY_TIMEOUT = _seconds("LAYERWARM_VISIBILITY_TIMEOUT", 3 * 3600)
 JOB_TTL = _seconds("LAYERWARM_JOB_TTL", 7 * 86400)
+# How often `layerwarm beat` has every node run gc (a node without a quota does nothing).
+GC_INTERVAL = parse_duration(os.environ.get("LAYERWARM_GC_INTERVAL") or "1h",
+                             "LAYERWARM_GC_INTERVAL")
 
 # kombu looks for expired unacknowledged messages every `interval` seconds but scans only
 # every `throttle`-th time (by default 10 x 10 s). Scan at every check, a few times per
@@ -59,3 +63,12 @@ app.conf.update(
     result_expires=int(JOB_TTL),
     result_extended=True,  # Flower shows task names and args from the result backend
 )
+
+# Read by `layerwarm beat` (celery beat) only; workers ignore it. Run one beat per fleet.
+app.conf.beat_schedule = {
+    "layerwarm-gc-all-nodes": {
+        "task": "layerwarm.gc_all_nodes",
+        "schedule": GC_INTERVAL,
+        "options": {"queue": FLEET_QUEUE, "expires": GC_INTERVAL},
+    },
+}

@@ -5,6 +5,7 @@
     layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
     layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
     layerwarm flower               Celery's web monitor for this app
+    layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
 
 Celery and Redis are imported only by these commands, so `warm` and `plan` start fast and
 need no broker.
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -249,6 +251,21 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return EXIT_FAILED  # not reached
 
 
+def cmd_beat(args: argparse.Namespace) -> int:
+    """Run Celery beat: every LAYERWARM_GC_INTERVAL it has each live node run gc."""
+    _broker_env(args)
+    from workers.app import GC_INTERVAL  # a bad LAYERWARM_GC_INTERVAL fails here, clearly
+
+    schedule = args.schedule or os.path.join(tempfile.gettempdir(),
+                                             f"layerwarm-beat-{os.getuid()}")
+    print(f"layerwarm: beat: gc on every node each {GC_INTERVAL:.0f}s; state in {schedule}",
+          file=sys.stderr, flush=True)
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "-l", args.loglevel,
+            "-s", schedule]
+    os.execv(sys.executable, argv)
+    return EXIT_FAILED  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = base.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -295,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protect the UI and API (or env FLOWER_BASIC_AUTH)")
     broker(f)
     f.set_defaults(func=cmd_flower)
+
+    b = sub.add_parser("beat", help="run the scheduler that has every node run gc "
+                       "(one per fleet)")
+    b.add_argument("--schedule", metavar="FILE",
+                   help="where beat keeps its last run times (default: in the temp dir)")
+    b.add_argument("--loglevel", default="info", help="Celery log level (info)")
+    broker(b)
+    b.set_defaults(func=cmd_beat)
     return parser
 
 

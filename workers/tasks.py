@@ -6,6 +6,8 @@
                           remote tier, in this same task)
     layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue)
     layerwarm.publish     disk -> remote tier on the same host (its IO queue)
+    layerwarm.gc_all_nodes  (Celery beat) send one layerwarm.gc to every live node's IO queue
+    layerwarm.gc          gc of this node's disk to its quota (pipeline.gc.scheduled_collect)
 
 Arguments are small JSON: job id, the layer's digests/type/size/source repos, the target,
 a lease token. Never bytes, never credentials: workers read their own Docker config.
@@ -29,7 +31,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import stages
+from pipeline import gc, stages
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import (
@@ -45,7 +47,7 @@ from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
 from pipeline.stages import LayerSpec
-from workers.app import JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
+from workers.app import GC_INTERVAL, JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
 from workers.jobs import JobStore
 from workers.leases import Leases
 from workers.progress import JobProgress
@@ -360,6 +362,30 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         log.exception("layer %s: unexpected error in publish", spec.digest)
         raise self.retry_transient(job_id, spec, target, e, token, failures,
                                    node_io_queue(c.node)) from e
+
+
+@app.task(name="layerwarm.gc")
+def gc_node() -> dict[str, Any]:
+    """gc of this node's disk against its own LAYERWARM_MAX_CACHE_SIZE; no-op when unset."""
+    c = context()
+    report = gc.scheduled_collect(c.env.disk, c.settings)
+    if report is None:
+        return {"node": c.node, "skipped": "LAYERWARM_MAX_CACHE_SIZE is not set"}
+    return {"node": c.node, "evicted": len(report.evicted), "freed": report.freed,
+            "swept": len(report.swept), "size_after": report.size_after,
+            "under_quota": report.under_quota}
+
+
+@app.task(name="layerwarm.gc_all_nodes")
+def gc_all_nodes() -> dict[str, Any]:
+    """What beat sends: one gc per live worker host, on that host's own IO queue."""
+    from workers.cli import live_nodes  # the same "all nodes" as `submit --to all-nodes`
+
+    nodes = live_nodes()
+    for node in nodes:
+        # A gc that waited a whole interval in a queue is superseded by the next one.
+        gc_node.apply_async(queue=node_io_queue(node), expires=GC_INTERVAL)
+    return {"nodes": nodes}
 
 
 @worker_ready.connect

@@ -176,7 +176,7 @@ class DirectoryTier:
             except OSError as exc:
                 raise self._translate(exc, "list") from exc
             if stat.S_ISREG(st.st_mode):
-                yield RemoteEntry(digest, st.st_size, {})
+                yield RemoteEntry(digest, st.st_size, {}, st.st_mtime)
 
     # -- helpers ----------------------------------------------------------------------
 

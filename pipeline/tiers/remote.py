@@ -47,11 +47,14 @@ class RemoteEntry:
     `metadata` holds "diff-id", "media-type", "compressed-size" and "uncompressed-size"
     (all strings) when returned by `stat` or `download`. `list` leaves it empty: getting
     metadata from S3 costs one request per object, and listing must stay cheap.
+    `modified` (epoch seconds: S3 LastModified, a file's mtime) is set by `list`, for gc
+    by age; None where a tier does not say.
     """
 
     digest: Digest
     size: int
     metadata: dict[str, str]
+    modified: float | None = None
 
 
 @runtime_checkable
@@ -91,7 +94,8 @@ class RemoteTier(Protocol):
         ...
 
     def list(self) -> Iterator[RemoteEntry]:
-        """Every well-formed layer entry (metadata left empty); other names are ignored."""
+        """Every well-formed layer entry with size and modified time (metadata left empty);
+        other names are ignored."""
         ...
 
 

@@ -189,7 +189,8 @@ class S3Tier:
                 for obj in page.get("Contents", []):
                     digest = entry_name(obj["Key"][len(prefix) :])
                     if digest is not None:
-                        yield RemoteEntry(digest, int(obj["Size"]), {})
+                        modified = obj["LastModified"].timestamp()
+                        yield RemoteEntry(digest, int(obj["Size"]), {}, modified)
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, "list") from exc
 
