@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError, UsageError
@@ -19,6 +20,9 @@ from pipeline.manifest import Platform
 from pipeline.progress import TerminalProgress
 from pipeline.reference import Reference
 from pipeline.stages import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:  # imported where used, so commands that do not need it start fast
+    from pipeline.stats import HitRatio
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -138,7 +142,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- cache operations
-# ls / inspect / usage / rm / df: the logic is pipeline/cacheops.py; this block prints.
+# ls / inspect / usage / rm / df / metrics: the logic is pipeline/cacheops.py; this block prints.
 
 
 def _when(t: float | None) -> str:
@@ -275,16 +279,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_df(args: argparse.Namespace) -> int:
-    from pipeline import cacheops
+    from pipeline import cacheops, stats
     from pipeline.progress import human_bytes
 
     disk, _ = _cache(args, remote_from_env=False)
     t = cacheops.totals(disk)
+    hits = stats.hit_ratio(disk.meta.counters())
     if args.json:
         print(json.dumps({"cache_dir": str(disk.root), "entries": t.entries, "bytes": t.bytes,
                           "images": t.images, "shared_entries": t.shared_entries,
                           "referenced_bytes": t.referenced_bytes,
-                          "saved_bytes": t.saved_bytes}, indent=2))
+                          "saved_bytes": t.saved_bytes, **_hit_ratio_json(hits)}, indent=2))
         return EXIT_OK
     print(f"cache dir      {disk.root}")
     print(f"entries        {t.entries}")
@@ -293,6 +298,31 @@ def cmd_df(args: argparse.Namespace) -> int:
     print(f"shared         {t.shared_entries} (entries used by more than one image)")
     print(f"saved          {human_bytes(t.saved_bytes)} ({t.saved_bytes} bytes): the images' "
           f"layers add up to {human_bytes(t.referenced_bytes)}")
+    print(_hit_ratio_text(hits))
+    return EXIT_OK
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.1f}%"
+
+
+def _hit_ratio_text(h: HitRatio) -> str:
+    return (f"hit ratio      disk {_percent(h.disk)} ({h.disk_hits} of {h.disk_lookups} "
+            f"lookups), overall {_percent(h.overall)} ({h.cache_hits} of {h.layers} layers "
+            "from a cache tier)")
+
+
+def _hit_ratio_json(h: HitRatio) -> dict:
+    return {"hit_ratio": {"disk": h.disk, "overall": h.overall, "disk_hits": h.disk_hits,
+                          "disk_lookups": h.disk_lookups, "cache_hits": h.cache_hits,
+                          "layers": h.layers}}
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from pipeline import metrics
+
+    disk, _ = _cache(args, remote_from_env=False)
+    sys.stdout.write(metrics.render(disk))
     return EXIT_OK
 
 
@@ -321,7 +351,9 @@ def _cache_commands(sub: argparse._SubParsersAction) -> None:
             remote="remove from this remote tier too (LAYERWARM_REMOTE is not used)",
             json_out=False)
     p.add_argument("digests", nargs="+", metavar="DIGEST", help=digest_help)
-    add("df", cmd_df, "totals: entries, bytes, bytes saved by sharing layers")
+    add("df", cmd_df, "totals: entries, bytes, bytes saved by sharing layers, hit ratio")
+    add("metrics", cmd_metrics, "Prometheus text: hits, misses, bytes, seconds, cache size",
+        json_out=False)
 
 
 # ---------------------------------------------------------------- end of cache operations
@@ -549,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(func=cmd_verify, insecure_registry=[], io_threads=None, cpu_threads=None)
-    _cache_commands(sub)  # ls, inspect, usage, rm, df
+    _cache_commands(sub)  # ls, inspect, usage, rm, df, metrics
     _gc_commands(sub)  # gc, pin, unpin
     return parser
 

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,16 +182,26 @@ class Metadata:
 
     def bump(self, name: str, amount: float = 1.0) -> None:
         """Add ``amount`` to the running total ``name`` (created at 0)."""
+        self.bump_many({name: amount})
+
+    def bump_many(self, amounts: Mapping[str, float]) -> None:
+        """Add to several running totals in one transaction: all of them or none."""
         try:
             with self._db(create=True) as db:
                 assert db is not None
-                db.execute(
-                    "INSERT INTO counters VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                    (name, amount),
-                )
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(
+                        "INSERT INTO counters VALUES (?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                        list(amounts.items()),
+                    )
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
         except sqlite3.Error as e:  # a lost count must not fail the work it counts
-            log.warning("metadata counter %s in %s failed: %s", name, self.path, e)
+            log.warning("metadata counters %s in %s failed: %s", ", ".join(amounts), self.path, e)
 
     def counters(self) -> dict[str, float]:
         with self._db(create=False) as db:

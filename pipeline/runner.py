@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pipeline import stats
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
 from pipeline.manifest import Platform
@@ -96,11 +97,14 @@ def warm(
 
         def one(layer: LayerSpec) -> LayerResult:
             try:
-                return materialize(
+                result = materialize(
                     layer, client=env.client, disk=env.disk, remote=env.remote,
                     progress=progress, submit_cpu=cpu.submit,
                     limits=settings.limits,
                 )
+                stats.record(env.disk.meta,
+                             stats.result_counts(result, has_remote=env.remote is not None))
+                return result
             except Exception as e:  # one layer's failure must not stop the others
                 reason = describe_error(e)
                 if not isinstance(e, LayerwarmError | OSError):

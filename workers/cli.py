@@ -1,6 +1,7 @@
 """The `layerwarm` command: the embedded commands of pipeline.cli plus distributed mode.
 
     layerwarm worker --node N      run one worker host: an IO and a CPU Celery worker
+                                   (--metrics-port P: its cache in Prometheus text)
     layerwarm nodes                live worker hosts
     layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
     layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
@@ -89,6 +90,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"cpu@{node}": [*celery, "-n", f"cpu@{node}", "-c", str(cpu),
                         "-Q", node_cpu_queue(node)],
     }
+    if args.metrics_port is not None:
+        serve_metrics(env, args.metrics_address, args.metrics_port)
     procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
     restarts: dict[str, list[float]] = {name: [] for name in commands}
     stopping = False
@@ -125,6 +128,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 break
     codes = [p.wait() for p in procs.values()]
     return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+
+
+def serve_metrics(env: dict[str, str], address: str, port: int) -> None:
+    """`layerwarm metrics` for this host's cache over HTTP, for as long as the host runs.
+
+    Served by this supervising process (a daemon thread), not by a Celery worker: it
+    reads `.meta.db` and the directory at each scrape, so it sees what both pools count.
+    """
+    from pipeline.config import Settings
+    from pipeline.metrics import serve
+    from pipeline.tiers.disk import DiskTier
+
+    cache_dir = Settings.from_env(env).cache_dir
+    try:
+        serve(DiskTier(cache_dir), port, address)
+    except OSError as e:
+        raise LayerwarmError(
+            f"cannot serve metrics on {address}:{port}: {e.strerror or e}"
+        ) from None
+    print(f"layerwarm: metrics of {cache_dir} on http://{address}:{port}/metrics",
+          file=sys.stderr, flush=True)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return port
 
 
 def _store():  # noqa: ANN202 - JobStore, imported lazily with redis
@@ -282,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     w.add_argument("--remote", metavar="URL", help="shared tier (env LAYERWARM_REMOTE)")
     w.add_argument("--loglevel", default="info", help="Celery log level (info)")
+    w.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve this host's cache metrics (Prometheus text) on /metrics")
+    w.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
+                   help="address for --metrics-port (127.0.0.1; 0.0.0.0 for every interface)")
     broker(w)
     w.set_defaults(func=cmd_worker)
 

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import gc, stages
+from pipeline import gc, stages, stats
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import (
@@ -46,7 +47,8 @@ from pipeline.manifest import Platform
 from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
-from pipeline.stages import LayerSpec
+from pipeline.stages import LayerSpec, Source
+from pipeline.tiers.remote import RemoteTier
 from workers.app import GC_INTERVAL, JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
 from workers.jobs import JobStore
 from workers.leases import Leases
@@ -105,6 +107,30 @@ def layer_from_json(data: dict[str, Any]) -> LayerSpec:
         int(data["size"]),
         tuple(Reference.parse(s) for s in data["sources"]),
     )
+
+
+def _count(source: Source, started: float | None, *, missed: Sequence[str] = (),
+           fetched: int = 0) -> None:
+    """This node's running totals for one layer (pipeline/stats.py); never fails the task.
+
+    `started` is when the layer's fetch task began on this host (None: unknown, e.g. after
+    a retry), so the seconds cover fetch and decompress; publishing is counted by bytes.
+    """
+    seconds = None if started is None else max(0.0, time.time() - started)
+    counts = stats.layer_counts(source, missed=missed, fetched_bytes=fetched, seconds=seconds)
+    stats.record(context().env.disk.meta, counts)
+
+
+def _count_from_registry(layer: LayerSpec, started: float | None) -> None:
+    # It looked on disk, and in the remote tier when there is one, first.
+    missed = ("disk", "remote") if context().env.remote is not None else ("disk",)
+    _count("registry", started, missed=missed, fetched=layer.size)
+
+
+def _publish_counted(layer: LayerSpec, remote: RemoteTier, progress: JobProgress) -> None:
+    c = context()
+    if stages.publish(layer, c.env.disk, remote, progress):
+        stats.record(c.env.disk.meta, {stats.PUBLISHED: c.env.disk.size(layer.digest) or 0})
 
 
 def _backoff(error: Exception, failures: int) -> float:
@@ -206,6 +232,7 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
 def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
           failures: int = 0, token: str | None = None) -> dict[str, Any]:
     c = context()
+    started = time.time()
     spec, tgt = layer_from_json(layer), Target.parse(target)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
     disk, remote = c.env.disk, c.env.remote
@@ -215,6 +242,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             with disk.lock(spec.digest):
                 on_disk = stages.check_disk(spec, disk) is not None
                 row = disk.meta.layer(spec.digest) if on_disk else None
+            if on_disk:
+                _count("disk", started)
             if on_disk and remote is not None and row is not None and row.publish_pending:
                 # Warm here already, but an earlier publish could not reach the remote tier.
                 publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
@@ -223,7 +252,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 return self.done(job_id, spec, target, "disk")
             if remote is not None:
                 try:
-                    if stages.restore(spec, disk, remote, progress) is not None:
+                    if (size := stages.restore(spec, disk, remote, progress)) is not None:
+                        _count("remote", started, missed=("disk",), fetched=size)
                         return self.done(job_id, spec, target, "remote")
                 except (RemoteTierUnavailable, VerificationError, NotFound) as e:
                     # The node's warm does not wait for the shared tier: go to the registry;
@@ -235,6 +265,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             if remote is None:
                 raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
             if remote.stat(spec.digest) is not None:
+                _count("remote", started)
                 return self.done(job_id, spec, target, "remote")
 
         # One registry fetch per fleet: whoever holds the lease fetches; others come back
@@ -260,20 +291,22 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 if spec.size <= INLINE_DECOMPRESS_BYTES:
                     # Inflating this takes less than the hop to the CPU queue would.
                     stages.decompress(spec, disk, staging, progress, c.settings.limits)
+                    _count_from_registry(spec, started)
                     inline = True
         if inline and tgt.node is None and remote is not None:
             # A fleet layer is done once shared; for a tiny one that is quicker than a task.
-            stages.publish(spec, disk, remote, progress)
+            _publish_counted(spec, remote, progress)
             if token:
                 c.leases.release(spec.digest, token)
             return self.done(job_id, spec, target, "registry", publish="done")
         if inline:
             return self.decompressed(job_id, layer, spec, target, token)
         if disk.has(spec.digest):  # decompressed here before; only the remote tier lacks it
+            _count("disk", started, missed=("remote",) if remote is not None else ())
             publish.apply_async((job_id, layer, target), {"token": token},
                                 queue=node_io_queue(c.node))
         else:
-            decompress.apply_async((job_id, layer, target), {"token": token},
+            decompress.apply_async((job_id, layer, target), {"token": token, "started": started},
                                    queue=node_cpu_queue(c.node))
         return {"digest": str(spec.digest), "staged_on": c.node}
     except Retry:
@@ -293,7 +326,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
 @app.task(name="layerwarm.decompress", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-               token: str | None = None, failures: int = 0) -> dict[str, Any]:
+               token: str | None = None, failures: int = 0,
+               started: float | None = None) -> dict[str, Any]:
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
@@ -308,6 +342,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                                       queue=node_io_queue(c.node))
                     return {"digest": str(spec.digest), "refetch": True}
                 size = stages.decompress(spec, disk, staging, progress, c.settings.limits)
+                _count_from_registry(spec, started)
                 log.info("layer decompressed and cached: %s (%d bytes) %s",
                          spec.digest, size, disk.path(spec.digest))
         return self.decompressed(job_id, layer, spec, target, token)
@@ -335,7 +370,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
         kept = c.leases.kept(spec.digest, token) if token else nullcontext()
         with kept:
-            stages.publish(spec, c.env.disk, remote, progress)
+            _publish_counted(spec, remote, progress)
         if token:
             c.leases.release(spec.digest, token)
         if Target.parse(target).node is not None:

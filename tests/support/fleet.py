@@ -185,12 +185,14 @@ class Fleet:
         cpu_concurrency: int = 1,
         visibility_timeout: int = 20,
         lease_ttl: int = 10,
+        worker_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.root = root
         self.broker_url = broker_url
         self.remote_url = remote_url
         self.io_concurrency = io_concurrency
         self.cpu_concurrency = cpu_concurrency
+        self.worker_args = dict(worker_args or {})  # node -> more `layerwarm worker` flags
         self.nodes = {name: Node(name, root / "nodes" / name) for name in nodes}
         self.client_cache = root / "client" / "cache"
         self.shared_env: dict[str, str] = {
@@ -225,6 +227,7 @@ class Fleet:
                 "--io-concurrency", str(self.io_concurrency),
                 "--cpu-concurrency", str(self.cpu_concurrency),
                 "--cache-dir", str(node.cache_dir),
+                *self.worker_args.get(node.name, ()),
             )  # fmt: skip
             with open(node.log_path, "wb") as log:
                 node.proc = subprocess.Popen(
