@@ -222,8 +222,13 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         [{**layer, "target": t, "order": i} for i, (layer, t) in enumerate(work)],
         [{"ref": f.ref, "error": f.error} for f in result.failures],
     )
-    for layer, t in work:
-        fetch.apply_async((job_id, layer, t), queue=Target.parse(t).fetch_queue)
+
+    def send(item: tuple[dict[str, Any], str]) -> None:
+        fetch.apply_async((job_id, item[0], item[1]), queue=Target.parse(item[1]).fetch_queue)
+
+    # Each send is a Redis round trip or two; a job of thousands of layers sends side by side.
+    with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-send") as p:
+        list(p.map(send, work))
     return {"layers": len(result.layers), "tasks": len(work), "failed_refs": len(result.failures)}
 
 
