@@ -4,9 +4,10 @@
     decompress  staging -> sha256_<hex> in the disk tier  (sha256 of output == diff_id)
     publish     disk -> remote tier, with metadata        (skipped when already there)
 
-`materialize` looks disk -> remote -> registry under the digest's host lock, so two
-processes on one host fetch a layer once. It is the one composition used by the embedded
-runner; the Celery tasks call the stages one by one with the same functions.
+`materialize` looks disk -> disk by diff_id (a hard link, sharing.py) -> remote -> registry
+under the digest's host lock, so two processes on one host fetch a layer once. It is the
+one composition used by the embedded runner; the Celery tasks call the stages one by one
+with the same functions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, TypeVar
 
+from pipeline import sharing
 from pipeline.codecs import CHUNK, compression_for, iter_decompressed
 from pipeline.config import Limits
 from pipeline.digest import Digest, Verifier
@@ -40,7 +42,8 @@ from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 
-Source = Literal["disk", "remote", "registry"]
+# "link": satisfied from a disk entry with the same diff_id under another digest (sharing.py)
+Source = Literal["disk", "link", "remote", "registry"]
 T = TypeVar("T")
 FETCH_ATTEMPTS = 5
 DEFAULT_LIMITS = Limits()
@@ -65,6 +68,7 @@ class LayerResult:
     seconds: float = 0.0
     published: bool | None = None      # None: no remote tier, or it was not reachable
     error: str | None = None
+    shared_from: Digest | None = None  # source "link": the entry whose content it shares
 
     @property
     def ok(self) -> bool:
@@ -381,6 +385,9 @@ def materialize(
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)
                 return result
+        if size is None and (shared := sharing.share(layer, disk)) is not None:
+            result.source, result.uncompressed_size = "link", shared.size
+            result.shared_from, size = shared.source, shared.size  # published below, as usual
         if remote is not None and size is None:
             try:
                 size = restore(layer, disk, remote, progress)
