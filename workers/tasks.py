@@ -1,7 +1,7 @@
 """Celery tasks: thin wrappers that run pipeline stages and record progress.
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
-    layerwarm.fetch       tiers first (disk, remote); else the registry blob -> staging
+    layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging
     layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue)
     layerwarm.publish     disk -> remote tier on the same host (its IO queue)
 
@@ -27,7 +27,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import stages
+from pipeline import sharing, stages
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import (
@@ -146,8 +146,8 @@ class LayerTask(Task):
             raise error
         log.warning("layer %s: %s; retry %d", layer.digest, describe_error(error), failures + 1)
         return self.retry(
-            countdown=_backoff(error, failures), queue=queue,
-            kwargs={"failures": failures + 1, "token": None},
+            countdown=_backoff(error, failures), queue=queue,  # other kwargs (tier) carry on
+            kwargs={**(self.request.kwargs or {}), "failures": failures + 1, "token": None},
         )
 
 
@@ -187,6 +187,13 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             with disk.lock(spec.digest):
                 on_disk = stages.check_disk(spec, disk) is not None
                 row = disk.meta.layer(spec.digest) if on_disk else None
+                shared = None if on_disk else sharing.share(spec, disk)
+            if shared is not None:  # same content on this disk under another digest: linked
+                if remote is None:
+                    return self.done(job_id, spec, target, "link", shared_from=str(shared.source))
+                publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
+                return self.done(job_id, spec, target, "link", shared_from=str(shared.source),
+                                 publish="pending")
             if on_disk and remote is not None and row is not None and row.publish_pending:
                 # Warm here already, but an earlier publish could not reach the remote tier.
                 publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
@@ -224,12 +231,22 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                                  kwargs={"failures": failures, "token": None})
 
         kept = c.leases.kept(spec.digest, token) if token else nullcontext()
+        tier = "registry"
         with kept, disk.lock(spec.digest):
+            # A remote target: content this worker holds under another digest is linked
+            # here and published, instead of fetched (a node target looked above).
+            shared = None
+            if not disk.has(spec.digest) and tgt.node is None:
+                shared = sharing.share(spec, disk)
+            if shared is not None:
+                tier = "link"
+                c.jobs.update_layer(job_id, str(spec.digest), target,
+                                    shared_from=str(shared.source))
             if not disk.has(spec.digest):
                 log.info("fetching layer from registry: %s (%d bytes)", spec.digest, spec.size)
                 stages.fetch(c.env.client, spec, disk, progress)
         if disk.has(spec.digest):  # decompressed here before; only the remote tier lacks it
-            publish.apply_async((job_id, layer, target), {"token": token},
+            publish.apply_async((job_id, layer, target), {"token": token, "tier": tier},
                                 queue=node_io_queue(c.node))
         else:
             decompress.apply_async((job_id, layer, target), {"token": token},
@@ -291,7 +308,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
 
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None)
 def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-            token: str | None = None, failures: int = 0) -> dict[str, Any]:
+            token: str | None = None, failures: int = 0, tier: str = "registry") -> dict[str, Any]:
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
@@ -307,7 +324,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if Target.parse(target).node is not None:
             c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
             return {"digest": str(spec.digest), "published_by": c.node}
-        return self.done(job_id, spec, target, "registry", publish="done")
+        return self.done(job_id, spec, target, tier, publish="done")
     except Retry:
         raise
     except TransientError as e:
