@@ -194,6 +194,17 @@ def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> bool:
     return True
 
 
+def content_lock(disk: DiskTier, diff_id: Digest) -> DigestLock:
+    """A lock per diff_id, so two digests of one content are not fetched side by side.
+
+    Taken (blocking) only while holding a digest's lock, never the other way round, so it
+    cannot close a cycle; its own name, because an uncompressed layer's digest is its
+    diff_id and flock(2) on that digest's file would wait for ourselves.
+    """
+    disk.lock(diff_id)  # makes the lock directory (nothing is acquired)
+    return DigestLock(disk.locks_dir / f"content_{diff_id.cache_name}.lock")
+
+
 def source_for(disk: DiskTier, digest: Digest, diff_id: Digest) -> Digest | None:
     """The entry a warm would share for this layer, without changing anything."""
     found = candidates(disk, digest, diff_id)

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, TypeVar
@@ -372,7 +373,7 @@ def materialize(
     result = LayerResult(layer)
     remote_ok = remote is not None
     republish = False
-    with disk.lock(layer.digest):
+    with disk.lock(layer.digest), ExitStack() as content:
         size = check_disk(layer, disk)
         if size is not None:
             path = disk.path(layer.digest)
@@ -385,6 +386,8 @@ def materialize(
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)
                 return result
+        if size is None:  # one materialization per diff_id at a time: the next one links
+            content.enter_context(sharing.content_lock(disk, layer.diff_id))
         if size is None and (shared := sharing.share(layer, disk)) is not None:
             result.source, result.uncompressed_size = "link", shared.size
             result.shared_from, size = shared.source, shared.size  # published below, as usual

@@ -206,3 +206,23 @@ def test_a_busy_source_is_not_waited_for_without_bound(cache_dir: Path) -> None:
         shared = sharing.share(zs, disk)
     assert shared is not None and shared.how == "hardlink"
     assert disk.path(zs.digest).stat().st_ino == disk.path(gz.digest).stat().st_ino
+
+
+def test_one_warm_of_both_images_fetches_the_content_once(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    tar = random_tar(750, 300_000)
+    gz, zs = Layer(tar, "gzip"), Layer(tar, "zstd")
+    repo = f"share/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "gzip", Image([gz]))
+    registry.push_image(repo, "zstd", Image([zs]))
+    refs = [f"{registry_proxy.host}/{repo}:{tag}" for tag in ("gzip", "zstd")]
+
+    report = _json("warm", *refs, cache_dir=cache_dir)
+    # The two layers run side by side; whichever goes first fetches, the other links.
+    assert sorted(x["source"] for x in report["layers"]) == ["link", "registry"]
+    fetched = [registry_proxy.count("GET", f"/blobs/{x.digest}") for x in (gz, zs)]
+    assert sorted(fetched) == [0, 1], fetched
+    a, b = cache_dir / _name(gz), cache_dir / _name(zs)
+    assert a.stat().st_ino == b.stat().st_ino and a.read_bytes() == tar
+    assert report["totals"]["shared_by_diff_id"] == 1
