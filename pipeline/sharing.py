@@ -7,8 +7,8 @@ that file: no registry fetch, no second copy. Where a link is impossible (EXDEV,
 EPERM, ...) a reflink is tried, then a copy that is hashed while it is made.
 
 The new name still appears only through `Ingest.commit()`: the link is made in `.tmp/`,
-checked, then renamed to `sha256_<hex>`, while the new digest's lock (held by the caller)
-and the source digest's lock (taken here) are both held.
+hashed against the diff_id, then renamed to `sha256_<hex>`, while the new digest's lock
+(held by the caller) and the source digest's lock (taken here) are both held.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pipeline.digest import Digest, Verifier
 from pipeline.errors import VerificationError
 from pipeline.metadata import LayerRecord
 from pipeline.tiers.disk import DigestLock, DiskTier, Ingest
+from pipeline.verify import hash_file
 
 if TYPE_CHECKING:
     from pipeline.stages import LayerSpec
@@ -81,8 +82,8 @@ def share(layer: LayerSpec, disk: DiskTier, wait: float = SOURCE_LOCK_WAIT) -> S
         except FileNotFoundError:  # removed by hand behind the lock's back: look further
             continue
         except VerificationError as e:
-            # Only a copy is hashed, so only a copy finds this: the source is not what
-            # its row says. Drop it, as `verify` would, so no later warm trusts it.
+            # The source is not what its row says. Drop it, as `verify` would, so no
+            # later warm trusts it either.
             log.warning("not sharing %s for %s: %s; removing it", row.digest, layer.digest, e)
             disk.remove(row.digest)
             continue
@@ -131,23 +132,21 @@ def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Shared | No
     if st.st_size != size:
         return None
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
-        # Why a link or reflink is not re-hashed: the source entry was hashed against this
-        # diff_id before it was named, the link is checked below to be that very inode at
-        # the recorded size, and its lock keeps rm/gc/verify from swapping it meanwhile.
-        # Re-hashing would read the whole layer to re-prove what a disk hit of the source
-        # already trusts (check_disk checks the size only); `layerwarm verify` re-hashes
-        # both names on demand. A copy reads every byte anyway, so it is hashed.
         if _hardlink(src, ingest):
             how: How = "hardlink"
-            got = ingest.path.lstat()
-            same = (got.st_dev, got.st_ino, got.st_size) == (st.st_dev, st.st_ino, size)
         elif _reflink(src, ingest):
-            how, same = "reflink", os.fstat(ingest.file.fileno()).st_size == size
+            how = "reflink"
         else:
-            how, same = "copy", _copy(src, ingest, layer.diff_id, size)
-        if not same:
-            log.warning("%s of %s changed while it was shared; not using it", how, src)
-            return None
+            how = "copy"
+            _copy(src, ingest, layer.diff_id, size)  # hashed as it is copied
+        if how != "copy":
+            # Re-hashed, though the source was hashed when it was written: a row's diff_id
+            # is not always proof (check_disk adopts a file without a row by its size, with
+            # the diff_id the image claims), and a new name must only ever appear for
+            # content hashed against its diff_id. It costs one read of the file (usually
+            # from the page cache), far less than the fetch and decompression it replaces.
+            ingest.file.close()
+            hash_file(ingest.path, layer.diff_id, size, f"disk entry {src} ({how})")
         ingest.commit()
     # rename(2) onto a name of the same inode does nothing: never leave the temp name behind.
     ingest.path.unlink(missing_ok=True)
@@ -183,15 +182,14 @@ def _reflink(src: Path, ingest: Ingest) -> bool:
     return True
 
 
-def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> bool:
+def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> None:
     """Copy `src` into the ingest file, hashing as it goes; raises unless it is `diff_id`."""
-    verifier = Verifier(diff_id, size=size, what=f"disk entry {src}")
+    verifier = Verifier(diff_id, size=size, what=f"disk entry {src} (copy)")
     with open(src, "rb") as f:
         while chunk := f.read(CHUNK):
             verifier.update(chunk)
             ingest.file.write(chunk)
     verifier.verify()
-    return True
 
 
 def content_lock(disk: DiskTier, diff_id: Digest) -> DigestLock:
