@@ -308,8 +308,8 @@ def _print_sharing(t) -> None:  # t: cacheops.SharingTotals
 
     print(f"stored         {n(t.stored_bytes)}: each hard-linked file once")
     print(f"linked         {t.linked_entries} (entries sharing one file by diff_id)")
-    print(f"saved by links {n(t.cross_compression_saved_bytes)}: the same content under "
-          "two digests (gzip and zstd, ...) is stored once")
+    print(f"saved by links {n(t.cross_compression_saved_bytes)}: one file for digests "
+          "with one diff_id")
     print(f"saved overall  {n(t.cross_image_saved_bytes)}: the images would take "
           f"{human_bytes(t.image_bytes)} storing their own layers")
 
