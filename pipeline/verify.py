@@ -83,7 +83,7 @@ def verify_remote(
             remote.download(digest, temp.path)
             try:
                 hash_file(temp.path, diff_id, int(size) if size.isdigit() else None,
-                           f"remote entry {remote.url}/{digest.cache_name}")
+                          f"remote entry {remote.url}/{digest.cache_name}")
             except VerificationError as e:
                 removed = not report_only and remote.delete(digest)
                 out.append(Checked(digest, "remote", "bad", str(e), removed))
