@@ -12,8 +12,8 @@ prints them.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
 
 from pipeline.digest import Digest
@@ -199,12 +199,18 @@ class Totals:
         return self.referenced_bytes - self.unique_bytes
 
 
-def totals(disk: DiskTier) -> Totals:
-    sizes = {str(e.digest): e.size for e in list_entries(disk)}
+def _image_layers(disk: DiskTier, present: Container[str]) -> dict[str, set[str]]:
+    """Per image (manifest digest), its layers that are in `present`."""
     layers_of: dict[str, set[str]] = defaultdict(set)
     for r in disk.meta.image_rows():
-        if r.layer_digest in sizes:
+        if r.layer_digest in present:
             layers_of[r.manifest_digest].add(r.layer_digest)
+    return layers_of
+
+
+def totals(disk: DiskTier) -> Totals:
+    sizes = {str(e.digest): e.size for e in list_entries(disk)}
+    layers_of = _image_layers(disk, sizes)
     users: dict[str, int] = defaultdict(int)
     for layers in layers_of.values():
         for d in layers:
@@ -217,3 +223,65 @@ def totals(disk: DiskTier) -> Totals:
         referenced_bytes=sum(sizes[d] for layers in layers_of.values() for d in layers),
         unique_bytes=sum(sizes[d] for d in users),
     )
+
+
+# ---------------------------------------------------------------- sharing by diff_id
+# Entries with the same diff_id are hard links to one file (pipeline/sharing.py): a file is
+# identified by (st_dev, st_ino) and its bytes are counted once however many names it has.
+
+
+@dataclass(frozen=True)
+class SharingTotals:
+    stored_bytes: int  # on disk: each file once, however many entry names it has
+    linked_entries: int  # entries whose file has another entry name (same diff_id)
+    cross_compression_saved_bytes: int  # sizes of all names, minus each file once
+    image_bytes: int  # what the images would take if each stored its own cached layers
+    cross_image_saved_bytes: int  # image_bytes minus what is stored for those layers
+
+
+def _files(disk: DiskTier) -> dict[str, tuple[tuple[int, int], int]]:
+    """Entry name (as a digest string) -> ((st_dev, st_ino), size), for entries on disk."""
+    out = {}
+    for digest in disk.entries():
+        try:
+            st = disk.path(digest).stat()
+        except FileNotFoundError:
+            continue  # removed while we looked
+        out[str(digest)] = ((st.st_dev, st.st_ino), st.st_size)
+    return out
+
+
+def sharing_totals(disk: DiskTier) -> SharingTotals:
+    """Bytes saved by hard links (cross-compression) and by images sharing layers."""
+    files = _files(disk)
+    names = Counter(ino for ino, _ in files.values())
+    stored = sum(dict(files.values()).values())
+    image_layers = [d for layers in _image_layers(disk, files).values() for d in layers]
+    image_bytes = sum(files[d][1] for d in image_layers)
+    image_stored = sum(dict(files[d] for d in image_layers).values())
+    return SharingTotals(
+        stored_bytes=stored,
+        linked_entries=sum(1 for ino, _ in files.values() if names[ino] > 1),
+        cross_compression_saved_bytes=sum(size for _, size in files.values()) - stored,
+        image_bytes=image_bytes,
+        cross_image_saved_bytes=image_bytes - image_stored,
+    )
+
+
+def shares_with(disk: DiskTier, digest: Digest) -> list[Digest]:
+    """Other entries that are the same file as `digest`'s entry (hard links, same diff_id)."""
+    row = disk.meta.layer(digest)
+    try:
+        ino = disk.path(digest).stat().st_ino
+    except FileNotFoundError:
+        return []
+    if row is None:
+        return []
+    out = []
+    for other in disk.meta.with_diff_id(row.diff_id):
+        try:
+            if other.digest != digest and disk.path(other.digest).stat().st_ino == ino:
+                out.append(other.digest)
+        except FileNotFoundError:
+            continue
+    return out

@@ -210,7 +210,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"layerwarm: {digest}: not in the cache", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        print(json.dumps(_entry_json(entry), indent=2))
+        shares = [str(d) for d in cacheops.shares_with(disk, digest)]
+        print(json.dumps({**_entry_json(entry), "shares_content_with": shares}, indent=2))
         return EXIT_OK
 
     def size(n: int | None) -> str:
@@ -229,6 +230,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if entry.pinned_until is not None:
         fields.append(("pinned until", _when(entry.pinned_until)))
     fields += [("tier", w) for w in where]
+    fields += [("shares with", f"{d} (same file, same diff_id)")
+               for d in cacheops.shares_with(disk, digest)]
     for name, value in fields:
         print(f"{name:<13} {value}")
     print(f"{'images':<13} {entry.image_count}")
@@ -285,11 +288,13 @@ def cmd_df(args: argparse.Namespace) -> int:
     disk, _ = _cache(args, remote_from_env=False)
     t = cacheops.totals(disk)
     hits = stats.hit_ratio(disk.meta.counters())
+    sharing = cacheops.sharing_totals(disk)
     if args.json:
         print(json.dumps({"cache_dir": str(disk.root), "entries": t.entries, "bytes": t.bytes,
                           "images": t.images, "shared_entries": t.shared_entries,
                           "referenced_bytes": t.referenced_bytes,
-                          "saved_bytes": t.saved_bytes, **_hit_ratio_json(hits)}, indent=2))
+                          "saved_bytes": t.saved_bytes, **_hit_ratio_json(hits),
+                          **_sharing_json(sharing)}, indent=2))
         return EXIT_OK
     print(f"cache dir      {disk.root}")
     print(f"entries        {t.entries}")
@@ -299,6 +304,7 @@ def cmd_df(args: argparse.Namespace) -> int:
     print(f"saved          {human_bytes(t.saved_bytes)} ({t.saved_bytes} bytes): the images' "
           f"layers add up to {human_bytes(t.referenced_bytes)}")
     print(_hit_ratio_text(hits))
+    _print_sharing(sharing)
     return EXIT_OK
 
 
@@ -324,6 +330,26 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     disk, _ = _cache(args, remote_from_env=False)
     sys.stdout.write(metrics.render(disk))
     return EXIT_OK
+
+
+def _sharing_json(t) -> dict:  # t: cacheops.SharingTotals
+    return {"stored_bytes": t.stored_bytes, "linked_entries": t.linked_entries,
+            "cross_compression_saved_bytes": t.cross_compression_saved_bytes,
+            "image_bytes": t.image_bytes, "cross_image_saved_bytes": t.cross_image_saved_bytes}
+
+
+def _print_sharing(t) -> None:  # t: cacheops.SharingTotals
+    from pipeline.progress import human_bytes
+
+    def n(b: int) -> str:
+        return f"{human_bytes(b)} ({b} bytes)"
+
+    print(f"stored         {n(t.stored_bytes)}: each hard-linked file once")
+    print(f"linked         {t.linked_entries} (entries sharing one file by diff_id)")
+    print(f"saved by links {n(t.cross_compression_saved_bytes)}: one file for digests "
+          "with one diff_id")
+    print(f"saved overall  {n(t.cross_image_saved_bytes)}: the images would take "
+          f"{human_bytes(t.image_bytes)} storing their own layers")
 
 
 def _cache_commands(sub: argparse._SubParsersAction) -> None:

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS pins (
     until REAL NOT NULL,
     PRIMARY KEY (layer_digest, ref)
 );
+CREATE INDEX IF NOT EXISTS layers_diff_id ON layers (diff_id);
 """
 
 
@@ -169,6 +170,14 @@ class Metadata:
     def layers(self) -> list[LayerRecord]:
         with self._db(create=False) as db:
             rows = [] if db is None else db.execute("SELECT * FROM layers").fetchall()
+        return [_record(r) for r in rows]
+
+    def with_diff_id(self, diff_id: Digest) -> list[LayerRecord]:
+        """Rows of every entry holding this content (sharing by diff_id), oldest first."""
+        with self._db(create=False) as db:
+            rows = [] if db is None else db.execute(
+                "SELECT * FROM layers WHERE diff_id=? ORDER BY created", (str(diff_id),)
+            ).fetchall()
         return [_record(r) for r in rows]
 
     # Queries for the cache commands (pipeline/cacheops.py); reads never create the file.

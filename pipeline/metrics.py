@@ -6,7 +6,7 @@ that warms into the directory, and every restart, adds to the same numbers:
 
     layerwarm_cache_hits_total{tier}              disk / remote
     layerwarm_cache_misses_total{tier}            disk / remote
-    layerwarm_layers_materialized_total{source}   disk / remote / registry
+    layerwarm_layers_materialized_total{source}   disk / link / remote / registry
     layerwarm_bytes_fetched_total{source}         registry (compressed) / remote
     layerwarm_bytes_published_total{tier}         remote
     layerwarm_layer_materialize_seconds           histogram

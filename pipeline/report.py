@@ -9,6 +9,13 @@ from pipeline.progress import human_bytes
 from pipeline.runner import WarmReport
 from pipeline.stages import LayerResult, LayerSpec, Source
 
+# How a source reads in tables: "link" says why nothing was fetched.
+SOURCE_LABELS = {"link": "disk (shared by diff_id)"}
+
+
+def source_label(source: str | None) -> str | None:
+    return SOURCE_LABELS.get(source, source) if source else source
+
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -27,6 +34,7 @@ def warm_totals(report: WarmReport) -> dict[str, int]:
         "layers": len(results),
         "failed": sum(1 for r in results if not r.ok),
         "cache_hits": sum(1 for r in results if r.source == "disk"),
+        "shared_by_diff_id": sum(1 for r in results if r.source == "link"),
         "from_remote": sum(1 for r in results if r.source == "remote"),
         "from_registry": sum(1 for r in results if r.source == "registry"),
         "bytes_from_registry": report.bytes_from("registry"),
@@ -41,7 +49,7 @@ def warm_text(report: WarmReport) -> str:
             r.layer.digest.short,
             human_bytes(r.layer.size),
             human_bytes(r.uncompressed_size) if r.uncompressed_size is not None else "-",
-            r.source or "FAILED",
+            source_label(r.source) or "FAILED",
             f"{r.seconds:.2f}",
         )
         for r in report.results
@@ -54,6 +62,8 @@ def warm_text(report: WarmReport) -> str:
         f"({human_bytes(t['bytes_from_registry'])}), {t['from_remote']} from remote "
         f"({human_bytes(t['bytes_from_remote'])}), {t['cache_hits']} cache hits, "
         f"{t['failed']} failed"
+        + (f", {t['shared_by_diff_id']} shared by diff_id (no fetch)"
+           if t["shared_by_diff_id"] else "")
     )
     return "\n".join(lines)
 
@@ -81,6 +91,7 @@ def _result_json(r: LayerResult) -> dict[str, Any]:
         "seconds": round(r.seconds, 3),
         "published": r.published,
         "error": r.error,
+        "shared_from": str(r.shared_from) if r.shared_from else None,
     }
 
 
@@ -118,7 +129,8 @@ def plan_json(plan: Plan, where: dict[LayerSpec, Source | None]) -> dict[str, An
 
 def plan_text(plan: Plan, where: dict[LayerSpec, Source | None]) -> str:
     rows = [
-        (x.digest.short, human_bytes(x.size), where[x] or "registry", str(len(x.sources)))
+        (x.digest.short, human_bytes(x.size), source_label(where[x]) or "registry",
+         str(len(x.sources)))
         for x in plan.layers
     ]
     lines = [f"{len(plan.images)} images, {len(plan.layers)} unique layers"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline import stats
+from pipeline import sharing, stats
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
 from pipeline.manifest import Platform
@@ -143,11 +143,16 @@ def _record_images(plan: Plan, disk: DiskTier) -> None:
 
 
 def locate(layers: Sequence[LayerSpec], env: Environment) -> dict[LayerSpec, Source | None]:
-    """Where each layer is now, without changing anything: disk, remote, or nowhere."""
+    """Where each layer is now, without changing anything: disk, remote, or nowhere.
+
+    "link": not on disk under its digest, but its content is, under another one.
+    """
     where: dict[LayerSpec, Source | None] = {}
     for layer in layers:
         if env.disk.has(layer.digest):
             where[layer] = "disk"
+        elif sharing.source_for(env.disk, layer.digest, layer.diff_id) is not None:
+            where[layer] = "link"
         elif env.remote is not None and env.remote.stat(layer.digest) is not None:
             where[layer] = "remote"
         else:

@@ -4,11 +4,11 @@
     decompress  staging -> sha256_<hex> in the disk tier  (sha256 of output == diff_id)
     publish     disk -> remote tier, with metadata        (skipped when already there)
 
-`materialize` looks disk -> remote -> registry under the digest's host lock, so two
-processes on one host fetch a layer once. It is the one composition used by the embedded
-runner, and there decompression follows the download as it arrives (pipeline/follow.py)
-instead of waiting for it; the Celery tasks call the stages one by one with the same
-functions.
+`materialize` looks disk -> disk by diff_id (a hard link, sharing.py) -> remote -> registry
+under the digest's host lock, so two processes on one host fetch a layer once. It is the
+one composition used by the embedded runner, and there decompression follows the download
+as it arrives (pipeline/follow.py) instead of waiting for it; the Celery tasks call the
+stages one by one with the same functions.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, TypeVar
 
+from pipeline import sharing
 from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
 from pipeline.digest import Digest, Verifier
@@ -45,7 +47,8 @@ from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 
-Source = Literal["disk", "remote", "registry"]
+# "link": satisfied from a disk entry with the same diff_id under another digest (sharing.py)
+Source = Literal["disk", "link", "remote", "registry"]
 T = TypeVar("T")
 FETCH_ATTEMPTS = 5
 DEFAULT_LIMITS = Limits()
@@ -70,6 +73,7 @@ class LayerResult:
     seconds: float = 0.0
     published: bool | None = None      # None: no remote tier, or it was not reachable
     error: str | None = None
+    shared_from: Digest | None = None  # source "link": the entry whose content it shares
 
     @property
     def ok(self) -> bool:
@@ -583,7 +587,7 @@ def materialize(
     result = LayerResult(layer)
     remote_ok = remote is not None
     republish = False
-    with disk.lock(layer.digest):
+    with disk.lock(layer.digest), ExitStack() as content:
         size = check_disk(layer, disk)
         if size is not None:
             path = disk.path(layer.digest)
@@ -596,6 +600,11 @@ def materialize(
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)
                 return result
+        if size is None:  # one materialization per diff_id at a time: the next one links
+            content.enter_context(sharing.content_lock(disk, layer.diff_id))
+        if size is None and (shared := sharing.share(layer, disk)) is not None:
+            result.source, result.uncompressed_size = "link", shared.size
+            result.shared_from, size = shared.source, shared.size  # published below, as usual
         if remote is not None and size is None:
             try:
                 size = restore(layer, disk, remote, progress)

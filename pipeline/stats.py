@@ -2,8 +2,10 @@
 
 Every materialized layer adds, in one small transaction (`Metadata.bump_many`):
 
-    materialized.<source>         1, source disk / remote / registry (where it came from)
-    cache_hits.<tier>             1 for the tier that had it (disk or remote)
+    materialized.<source>         1, source disk / link / remote / registry (where it came
+                                  from; link: the same content on disk under another digest)
+    cache_hits.<tier>             1 for the tier that had it (disk or remote; a link is a
+                                  disk hit by content)
     cache_misses.<tier>           1 for each tier looked in first that lacked it
     bytes_fetched.<source>        compressed bytes from the registry, bytes from the remote tier
     bytes_published.remote        bytes uploaded to the remote tier
@@ -24,7 +26,7 @@ from pipeline.metadata import Metadata
 from pipeline.stages import LayerResult, Source
 
 TIERS = ("disk", "remote")
-SOURCES: tuple[Source, ...] = ("disk", "remote", "registry")
+SOURCES: tuple[Source, ...] = ("disk", "link", "remote", "registry")
 # From a disk hit (milliseconds) to a multi-GiB layer from a slow registry (minutes).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
            300.0, 600.0)  # fmt: skip
@@ -51,10 +53,10 @@ def layer_counts(
     """
     counts: dict[str, float] = {f"materialized.{source}": 1}
     if source != "registry":
-        counts[f"cache_hits.{source}"] = 1
+        counts[f"cache_hits.{'disk' if source == 'link' else source}"] = 1
     for tier in missed:
         counts[f"cache_misses.{tier}"] = 1
-    if fetched_bytes and source != "disk":
+    if fetched_bytes and source in ("remote", "registry"):
         counts[f"bytes_fetched.{source}"] = fetched_bytes
     if published_bytes:
         counts[PUBLISHED] = published_bytes
@@ -74,10 +76,11 @@ def result_counts(result: LayerResult, *, has_remote: bool) -> dict[str, float]:
     if result.source is None:
         return {}
     source = result.source
-    missed = {"disk": (), "remote": ("disk",), "registry": ("disk", "remote")}[source]
+    missed = {"disk": (), "link": (), "remote": ("disk",), "registry": ("disk", "remote")}[source]
     if not has_remote:
         missed = tuple(t for t in missed if t != "remote")
-    fetched = {"disk": 0, "remote": result.uncompressed_size or 0, "registry": result.layer.size}
+    fetched = {"disk": 0, "link": 0, "remote": result.uncompressed_size or 0,
+               "registry": result.layer.size}
     return layer_counts(
         source,
         missed=missed,
@@ -120,6 +123,6 @@ def hit_ratio(counters: Mapping[str, float]) -> HitRatio:
     return HitRatio(
         disk_hits=n("cache_hits.disk"),
         disk_lookups=n("cache_hits.disk") + n("cache_misses.disk"),
-        cache_hits=n("materialized.disk") + n("materialized.remote"),
+        cache_hits=n("materialized.disk") + n("materialized.link") + n("materialized.remote"),
         layers=sum(n(f"materialized.{s}") for s in SOURCES),
     )

@@ -28,7 +28,8 @@ class Checked:
     removed: bool = False
 
 
-def _hash_file(path: Path, diff_id: Digest, size: int | None, what: str) -> None:
+def hash_file(path: Path, diff_id: Digest, size: int | None, what: str) -> None:
+    """Raise VerificationError unless the file is `diff_id` (and `size` bytes, if given)."""
     verifier = Verifier(diff_id, size=size, what=what)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -51,7 +52,7 @@ def verify_disk(
                 out.append(Checked(digest, "disk", "unverifiable", "no recorded diff_id"))
                 continue
             try:
-                _hash_file(path, row.diff_id, row.uncompressed_size, f"disk entry {path}")
+                hash_file(path, row.diff_id, row.uncompressed_size, f"disk entry {path}")
             except VerificationError as e:
                 removed = not report_only and disk.remove(digest)
                 out.append(Checked(digest, "disk", "bad", str(e), removed))
@@ -81,8 +82,8 @@ def verify_remote(
             temp.file.close()
             remote.download(digest, temp.path)
             try:
-                _hash_file(temp.path, diff_id, int(size) if size.isdigit() else None,
-                           f"remote entry {remote.url}/{digest.cache_name}")
+                hash_file(temp.path, diff_id, int(size) if size.isdigit() else None,
+                          f"remote entry {remote.url}/{digest.cache_name}")
             except VerificationError as e:
                 removed = not report_only and remote.delete(digest)
                 out.append(Checked(digest, "remote", "bad", str(e), removed))

@@ -29,6 +29,7 @@ from typing import Any
 from pipeline import cli as base
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
+from pipeline.report import source_label
 
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
 
@@ -261,7 +262,7 @@ def status_text(status: dict[str, Any]) -> str:
     rows = [
         (x["digest"][:19], x["target"], x["state"],
          f"{human_bytes(x['bytes_done'])} / {human_bytes(x['bytes_total'])}",
-         x["tier"] or "-", x["host"] or "-", x.get("publish") or "-")
+         source_label(x["tier"]) or "-", x["host"] or "-", x.get("publish") or "-")
         for x in status["layers"]
     ]
     if rows:

@@ -149,6 +149,7 @@ def _public_layer(x: dict[str, Any]) -> dict[str, Any]:
         "host": x.get("host"),
         "reason": x.get("reason"),
         "publish": x.get("publish"),  # None (no remote tier), "pending" or "done"
+        "shared_from": x.get("shared_from"),  # tier "link": the digest whose file it shares
     }
 
 

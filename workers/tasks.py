@@ -1,7 +1,7 @@
 """Celery tasks: thin wrappers that run pipeline stages and record progress.
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
-    layerwarm.fetch       tiers first (disk, remote); else the registry blob -> staging
+    layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging
                           (a layer of at most 256 KiB goes on to disk, and the fleet's
                           remote tier, in this same task)
     layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue)
@@ -32,7 +32,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import gc, stages, stats
+from pipeline import gc, sharing, stages, stats
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import (
@@ -199,8 +199,8 @@ class LayerTask(Task):
             raise error
         log.warning("layer %s: %s; retry %d", layer.digest, describe_error(error), failures + 1)
         return self.retry(
-            countdown=_backoff(error, failures), queue=queue,
-            kwargs={"failures": failures + 1, "token": None},
+            countdown=_backoff(error, failures), queue=queue,  # other kwargs (tier) carry on
+            kwargs={**(self.request.kwargs or {}), "failures": failures + 1, "token": None},
         )
 
 
@@ -247,8 +247,16 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             with disk.lock(spec.digest):
                 on_disk = stages.check_disk(spec, disk) is not None
                 row = disk.meta.layer(spec.digest) if on_disk else None
+                shared = None if on_disk else sharing.share(spec, disk)
             if on_disk:
                 _count("disk", started)
+            if shared is not None:  # same content on this disk under another digest: linked
+                _count("link", started)
+                if remote is None:
+                    return self.done(job_id, spec, target, "link", shared_from=str(shared.source))
+                publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
+                return self.done(job_id, spec, target, "link", shared_from=str(shared.source),
+                                 publish="pending")
             if on_disk and remote is not None and row is not None and row.publish_pending:
                 # Warm here already, but an earlier publish could not reach the remote tier.
                 publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
@@ -289,7 +297,17 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
 
         kept = c.leases.kept(spec.digest, token) if token else nullcontext()
         inline = False
+        tier = "registry"
         with kept, disk.lock(spec.digest):
+            # A remote target: content this worker holds under another digest is linked
+            # here and published, instead of fetched (a node target looked above).
+            shared = None
+            if not disk.has(spec.digest) and tgt.node is None:
+                shared = sharing.share(spec, disk)
+            if shared is not None:
+                tier = "link"
+                c.jobs.update_layer(job_id, str(spec.digest), target,
+                                    shared_from=str(shared.source))
             if not disk.has(spec.digest):
                 log.info("fetching layer from registry: %s (%d bytes)", spec.digest, spec.size)
                 staging = stages.fetch(c.env.client, spec, disk, progress)
@@ -307,8 +325,11 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if inline:
             return self.decompressed(job_id, layer, spec, target, token)
         if disk.has(spec.digest):  # decompressed here before; only the remote tier lacks it
-            _count("disk", started, missed=("remote",) if remote is not None else ())
-            publish.apply_async((job_id, layer, target), {"token": token},
+            if tier == "link":
+                _count("link", started, missed=("remote",))
+            else:
+                _count("disk", started, missed=("remote",) if remote is not None else ())
+            publish.apply_async((job_id, layer, target), {"token": token, "tier": tier},
                                 queue=node_io_queue(c.node))
         else:
             decompress.apply_async((job_id, layer, target), {"token": token, "started": started},
@@ -365,7 +386,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-            token: str | None = None, failures: int = 0) -> dict[str, Any]:
+            token: str | None = None, failures: int = 0, tier: str = "registry") -> dict[str, Any]:
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
@@ -381,7 +402,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if Target.parse(target).node is not None:
             c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
             return {"digest": str(spec.digest), "published_by": c.node}
-        return self.done(job_id, spec, target, "registry", publish="done")
+        return self.done(job_id, spec, target, tier, publish="done")
     except Retry:
         raise
     except TransientError as e:

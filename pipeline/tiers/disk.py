@@ -3,7 +3,8 @@
     <root>/sha256_<hex>   a verified, decompressed layer tar (the layer digest names it)
     <root>/.staging/      compressed blobs between fetch and decompress
     <root>/.tmp/          files being written; never read as entries; gc sweeps them
-    <root>/.locks/        one lock file per digest, locked with flock(2)
+    <root>/.locks/        one lock file per digest, locked with flock(2) (and
+                          content_sha256_<hex>.lock per diff_id: pipeline/sharing.py)
     <root>/.meta.db       what each entry should be (pipeline/metadata.py)
 
 An entry's name appears only through `Ingest.commit()`, after the caller has verified the

@@ -42,7 +42,7 @@ _NAMES_IN = {
     ".": re.compile(rf"{CACHE_NAME}|\.staging|\.tmp|\.locks|\.meta\.db(?:-wal|-shm|-journal)?"),
     ".staging": re.compile(rf"{CACHE_NAME}(?:\.partial)?"),
     ".tmp": re.compile(rf"{CACHE_NAME}\..+"),
-    ".locks": re.compile(rf"{CACHE_NAME}\.lock"),
+    ".locks": re.compile(rf"(?:content_)?{CACHE_NAME}\.lock"),  # content_: per diff_id
 }
 DEFAULT_TIMEOUT = 60.0
 
