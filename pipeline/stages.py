@@ -44,6 +44,7 @@ from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteTier
+from pipeline.verify import hash_file
 
 log = logging.getLogger("layerwarm")
 
@@ -183,11 +184,7 @@ def _staging_verified(staging: Path, layer: LayerSpec) -> bool:
     try:
         if staging.stat().st_size != layer.size:
             return False
-        verifier = Verifier(layer.digest, size=layer.size, what="staged layer blob")
-        with open(staging, "rb") as f:
-            while chunk := f.read(CHUNK):
-                verifier.update(chunk)
-        verifier.verify()
+        hash_file(staging, layer.digest, layer.size, "staged layer blob")
         return True
     except FileNotFoundError:
         return False
@@ -346,8 +343,9 @@ def _record(layer: LayerSpec, disk: DiskTier, size: int) -> None:
 def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
     """The entry's size if the disk tier has it as recorded; else None (a miss).
 
-    An entry whose size differs from its row (truncated by hand, a bad disk) is removed
-    here, so the caller fetches it again. The caller holds the digest's lock.
+    An entry whose size differs from its row (truncated by hand, a bad disk), or that has no
+    row and does not hash to the diff_id, is removed here, so the caller fetches it again.
+    The caller holds the digest's lock.
     """
     size = disk.size(layer.digest)
     if size is None:
@@ -359,7 +357,16 @@ def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
         disk.remove(layer.digest)
         return None
     if row is None:
-        _record(layer, disk, size)  # named only after verification: adopt it
+        # No row (a crash between naming and recording, or a file put there by hand): a
+        # name alone is no proof, so hash it before adopting it as this layer.
+        try:
+            hash_file(disk.path(layer.digest), layer.diff_id, None,
+                      f"disk entry {disk.path(layer.digest)}")
+        except VerificationError as e:
+            log.warning("%s; fetching it again", e)
+            disk.remove(layer.digest)
+            return None
+        _record(layer, disk, size)
     else:
         disk.meta.touch(layer.digest)
     return size

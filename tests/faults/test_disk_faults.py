@@ -64,6 +64,26 @@ def test_corrupt_partial_download_is_fetched_again(
     assert (cache_dir / _name(lay)).read_bytes() == lay.tar
 
 
+def test_entry_without_a_row_is_hashed_before_it_is_adopted(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    good, bad = Layer(random_tar(102, 200_000), "gzip"), Layer(random_tar(103, 200_000), "zstd")
+    r = _repo()
+    registry.push_image(r, "1", Image([good, bad]))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / _name(good)).write_bytes(good.tar)  # right content, no .meta.db row
+    (cache_dir / _name(bad)).write_bytes(bytes(len(bad.tar)))  # right size, wrong bytes
+
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert "does not match" in p.stderr or "fetching it again" in p.stderr, p.stderr
+    fetched = [h.path for h in registry_proxy.requests_log if "/blobs/sha256:" in h.path]
+    assert not any(good.digest in x for x in fetched), "the good entry was adopted, not fetched"
+    assert any(bad.digest in x for x in fetched), "the wrong entry was fetched again"
+    assert (cache_dir / _name(good)).read_bytes() == good.tar
+    assert (cache_dir / _name(bad)).read_bytes() == bad.tar
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a real ENOSPC, not a simulated one."""
