@@ -2,7 +2,8 @@
 
 Writes are throttled (a task's first stage always writes; later stages and bytes at most
 every half second) so a fast layer does not turn into many Redis writes. Celery state
-`PROGRESS` with bytes done/total is what Flower shows for a running task.
+`PROGRESS` with bytes done/total, written from the second write on (a task running for
+more than half a second), is what Flower shows for a running task.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class JobProgress:
 
     def _write(self, layer: LayerSpec) -> None:
         with self._lock:
-            self._last = time.monotonic()
+            # A task's first write goes to the job record only: Celery's PROGRESS state (a
+            # GET and a SET) is for tasks that last long enough to be watched in Flower.
+            celery_state, self._last = bool(self._last), time.monotonic()
             stage, done, total = self._stage, self._done, self._total
         self.jobs.update_layer(
             self.job_id, str(layer.digest), self.target,
             state=stage, bytes_done=done, bytes_total=total, host=self.node,
         )
-        if self.task.request.id:
+        if celery_state and self.task.request.id:
             self.task.update_state(state="PROGRESS", meta={
                 "digest": str(layer.digest), "stage": stage, "done": done, "total": total,
                 "host": self.node,
