@@ -155,10 +155,22 @@ class Metadata:
     ) -> None:
         with self._db(create=True) as db:
             assert db is not None
-            db.executemany(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
-                [(str(manifest_digest), ref, platform, str(d), i) for i, d in enumerate(layers)],
-            )
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # A tag that moved: the ref's old manifest no longer says what it uses.
+                db.execute(
+                    "DELETE FROM images WHERE ref=? AND platform IS ? AND manifest_digest<>?",
+                    (ref, platform, str(manifest_digest)),
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                    [(str(manifest_digest), ref, platform, str(d), i)
+                     for i, d in enumerate(layers)],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def layer(self, digest: Digest) -> LayerRecord | None:
         with self._db(create=False) as db:

@@ -118,6 +118,20 @@ def test_usage_lists_exactly_the_images_using_a_layer(
     assert f"2 images use {w.base.digest} (on disk)" in p.stdout
 
 
+def test_usage_follows_a_tag_that_moved(registry: RegistryServer, cache_dir: Path) -> None:
+    w = _warm_two(registry, registry.host, cache_dir, 640)
+    repo = w.refs[0].split("/", 1)[1].rsplit(":", 1)[0]
+    moved = registry.push_image(repo, "one", Image([w.base, w.app2]))  # "one" now = [base, app2]
+    p = run_layerwarm("warm", w.refs[0], cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+
+    got = _json("usage", w.app1.digest, cache_dir=cache_dir)
+    assert got["images"] == [], "the old manifest of the moved tag still claims app1"
+    got = _json("usage", w.app2.digest, cache_dir=cache_dir)
+    assert sorted((i["ref"], i["manifest_digest"]) for i in got["images"]) == sorted(
+        [(w.refs[0], moved), (w.refs[1], w.manifests[1])])
+
+
 def test_rm_then_warm_refetches_just_that_layer(
     registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
 ) -> None:
