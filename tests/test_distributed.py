@@ -239,6 +239,11 @@ def test_to_node_puts_layers_on_that_node_only(
     assert cached["c"] & mine == set(), "node:b work landed on node c"
     assert_everything_intact(fleet, s3, bucket)
 
+    # Node b's own cache knows which images use its layers, as after an embedded warm.
+    u = run_layerwarm("usage", "--json", base.digest, cache_dir=fleet.cache_dir("b"))
+    assert u.returncode == 0, u.stderr
+    assert sorted(i["ref"] for i in json.loads(u.stdout)["images"]) == sorted(refs)
+
 
 def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
     fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str

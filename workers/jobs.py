@@ -51,9 +51,11 @@ class JobStore:
             p.execute()
 
     def planned(
-        self, job_id: str, layers: list[dict[str, Any]], image_failures: list[dict[str, str]]
+        self, job_id: str, layers: list[dict[str, Any]], image_failures: list[dict[str, str]],
+        images: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Record the job's layers (all pending) and the refs that could not be resolved."""
+        """Record the job's layers (all pending), the refs that could not be resolved, and
+        the images (manifest digest, ref, platform, layer digests) for the nodes' caches."""
         key = self._key(job_id)
         with self.client.pipeline() as p:
             if layers:
@@ -64,7 +66,8 @@ class JobStore:
                     for x in layers
                 })
                 p.expire(key + ":layers", self.ttl)
-            p.hset(key, mapping={"planned": "1", "image_failures": json.dumps(image_failures)})
+            p.hset(key, mapping={"planned": "1", "image_failures": json.dumps(image_failures),
+                                 "images": json.dumps(images or [])})
             p.expire(key, self.ttl)
             p.execute()
 
@@ -82,6 +85,11 @@ class JobStore:
             p.hset(key, field, json.dumps(state))
             p.expire(key, self.ttl)
             p.execute()
+
+    def images(self, job_id: str) -> list[dict[str, Any]]:
+        """The images the job's plan resolved (see `planned`); [] if unknown or expired."""
+        raw = self.client.hget(self._key(job_id), "images")
+        return json.loads(raw) if raw else []
 
     def stalled(self, older_than: float) -> list[tuple[str, dict[str, Any]]]:
         """Unfinished layers of active jobs whose record nobody touched for `older_than` s.

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +134,28 @@ def _publish_counted(layer: LayerSpec, remote: RemoteTier, progress: JobProgress
         stats.record(c.env.disk.meta, {stats.PUBLISHED: c.env.disk.size(layer.digest) or 0})
 
 
+_images_recorded: set[str] = set()  # jobs whose images this process put in its .meta.db
+
+
+def _record_job_images(job_id: str) -> None:
+    """This node's `.meta.db` learns the job's images (for usage, ls, gc), once per job.
+
+    As the embedded runner does after a warm; a failure here fails no layer.
+    """
+    if job_id in _images_recorded:
+        return
+    _images_recorded.add(job_id)
+    c = context()
+    try:
+        for image in c.jobs.images(job_id):
+            c.env.disk.meta.record_image(
+                Digest.parse(image["manifest_digest"]), image["ref"], image["platform"],
+                [Digest.parse(d) for d in image["layers"]])
+    except (sqlite3.Error, redis.RedisError, LayerwarmError) as e:
+        log.warning("could not record the images of job %s in %s: %s",
+                    job_id, c.env.disk.meta.path, e)
+
+
 def _backoff(error: Exception, failures: int) -> float:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
@@ -151,6 +174,7 @@ class LayerTask(Task):
     def done(self, job_id: str, layer: LayerSpec, target: str, tier: str,
              **extra: Any) -> dict[str, Any]:
         c = context()
+        _record_job_images(job_id)
         size = c.env.disk.size(layer.digest)
         c.jobs.update_layer(
             job_id, str(layer.digest), target, state="done", tier=tier, host=c.node,
@@ -221,6 +245,9 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         job_id,
         [{**layer, "target": t, "order": i} for i, (layer, t) in enumerate(work)],
         [{"ref": f.ref, "error": f.error} for f in result.failures],
+        [{"manifest_digest": str(x.manifest_digest), "ref": str(x.ref),
+          "platform": str(x.platform) if x.platform else None,
+          "layers": [str(y.digest) for y in x.layers]} for x in result.images],
     )
 
     def send(item: tuple[dict[str, Any], str]) -> None:
