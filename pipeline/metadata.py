@@ -3,6 +3,8 @@
     layers   digest, diff_id, media type, sizes, created, last used
     images   which image (manifest digest, ref, platform) uses which layer
     counters running totals since the cache was made (hits, bytes, evictions, ...)
+    configs  image config blobs by digest: content-addressed, so a warm of images already
+             seen asks the registry only for their manifests (tags can move; configs cannot)
     pins     layers protected from gc until a time, and the image ref that pinned them
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
@@ -43,6 +45,10 @@ CREATE TABLE IF NOT EXISTS images (
     layer_digest TEXT NOT NULL,
     position INTEGER NOT NULL,
     PRIMARY KEY (manifest_digest, ref, layer_digest)
+);
+CREATE TABLE IF NOT EXISTS configs (
+    digest TEXT PRIMARY KEY,
+    data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -90,6 +96,7 @@ class Metadata:
             if not create and not self.path.exists():
                 yield None  # nothing recorded yet; reading must not create the file
                 return
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
             conn = self._connect()
             self._local.conn = conn
         yield conn
@@ -204,6 +211,25 @@ class Metadata:
             rows = [] if db is None else db.execute(sql + " ORDER BY ref, manifest_digest",
                                                     args).fetchall()
         return [ImageRow(*r) for r in rows]
+
+    def config(self, digest: Digest) -> bytes | None:
+        """An image config stored earlier (the caller verifies it), or None."""
+        try:
+            with self._db(create=False) as db:
+                row = None if db is None else db.execute(
+                    "SELECT data FROM configs WHERE digest=?", (str(digest),)).fetchone()
+        except sqlite3.Error as e:  # a cache of documents: a miss, not a failure
+            log.warning("metadata config read in %s failed: %s", self.path, e)
+            return None
+        return bytes(row[0]) if row else None
+
+    def record_config(self, digest: Digest, data: bytes) -> None:
+        try:
+            with self._db(create=True) as db:
+                assert db is not None
+                db.execute("INSERT OR REPLACE INTO configs VALUES (?, ?)", (str(digest), data))
+        except sqlite3.Error as e:
+            log.warning("metadata config write in %s failed: %s", self.path, e)
 
     def bump(self, name: str, amount: float = 1.0) -> None:
         """Add ``amount`` to the running total ``name`` (created at 0)."""

@@ -6,11 +6,12 @@ a fleet of many tags over few images costs one request per unique document.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from pipeline.digest import Digest
 from pipeline.errors import InvalidManifest, LayerwarmError
@@ -26,6 +27,8 @@ from pipeline.manifest import (
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.stages import LayerSpec
+
+log = logging.getLogger("layerwarm")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -91,11 +94,23 @@ class Plan:
         return list(seen.values())
 
 
-class Resolver:
-    """Turns references into ResolvedImages; thread-safe, one request per unique document."""
+class ConfigStore(Protocol):
+    """Image configs kept between runs (the disk tier's `.meta.db`)."""
 
-    def __init__(self, client: RegistryClient) -> None:
+    def config(self, digest: Digest) -> bytes | None: ...
+    def record_config(self, digest: Digest, data: bytes) -> None: ...
+
+
+class Resolver:
+    """Turns references into ResolvedImages; thread-safe, one request per unique document.
+
+    With a `ConfigStore`, image configs come from it when it has them (verified against
+    their digest like a download), and downloaded ones are kept there.
+    """
+
+    def __init__(self, client: RegistryClient, configs: ConfigStore | None = None) -> None:
         self.client = client
+        self._stored = configs
         self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
             _Memo()
         )
@@ -136,7 +151,7 @@ class Resolver:
             raise InvalidManifest(f"{ref}: {manifest.media_type} is not an image manifest")
         config = self._configs.get(
             manifest.config.digest,
-            lambda: parse_config(self.client.fetch_blob(ref, manifest.config.digest)),
+            lambda: parse_config(self._config_bytes(ref, manifest.config.digest)),
         )
         if len(config.diff_ids) != len(manifest.layers):
             raise InvalidManifest(
@@ -149,6 +164,17 @@ class Resolver:
             for d, diff_id in zip(manifest.layers, config.diff_ids, strict=True)
         )
         return ResolvedImage(ref, digest, platform or config.platform, layers)
+
+
+    def _config_bytes(self, ref: Reference, digest: Digest) -> bytes:
+        if self._stored is not None and (data := self._stored.config(digest)) is not None:
+            if Digest.of_bytes(data, digest.algorithm) == digest:
+                return data
+            log.warning("stored image config %s does not match its digest; fetching it", digest)
+        data = self.client.fetch_blob(ref, digest)
+        if self._stored is not None:
+            self._stored.record_config(digest, data)
+        return data
 
 
 def resolve_all(

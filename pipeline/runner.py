@@ -92,7 +92,7 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+        plan = resolve_all(Resolver(env.client, env.disk.meta), list(refs), platform, io)
         progress.planned(plan.layers)
 
         def one(layer: LayerSpec) -> LayerResult:

@@ -7,6 +7,7 @@ Blob requests are counted by a proxy in front of the registry, so "fetched once"
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_warm_oci_and_docker_images_with_every_compression(
     registry_proxy.reset()
     p = run_layerwarm("warm", f"{registry_proxy.host}/{r1}:1.0", cache_dir=cache_dir)
     assert p.returncode == 0, p.stderr
-    assert registry_proxy.count("GET", BLOBS) == 1  # only the image config
+    assert registry_proxy.count("GET", BLOBS) == 0  # not even the config: .meta.db keeps it
     assert "disk cache hit" in p.stderr
     assert "3 cache hits" in p.stdout
 
@@ -99,6 +100,36 @@ def test_second_image_fetches_only_its_own_layers(
     assert layer_gets == [f"/v2/{rb}/blobs/{own_b.digest}"]
     assert (cache_dir / name(base)).stat().st_ino == base_inode, "shared layer rewritten"
     assert entries(cache_dir) == {name(base), name(own_a), name(own_b)}
+
+
+def test_warm_again_asks_only_for_manifests_configs_are_kept(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    img = Image([layer(13), layer(14, "zstd")])
+    r = repo()
+    registry.push_image(r, "1", img)
+    ref = f"{registry_proxy.host}/{r}:1"
+    config_get = ("GET", f"/v2/{r}/blobs/{img.config_digest}")
+    assert run_layerwarm("warm", ref, cache_dir=cache_dir).returncode == 0
+    assert registry_proxy.count(*config_get) == 1
+
+    registry_proxy.reset()
+    p = run_layerwarm("warm", "--json", ref, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert [(h.method, h.path) for h in registry_proxy.requests_log] == [
+        ("GET", f"/v2/{r}/manifests/1")], "a second warm asked for more than the manifest"
+    assert all(x["source"] == "disk" for x in json.loads(p.stdout)["layers"])
+
+    # A stored config that no longer matches its digest is fetched again, not trusted.
+    db = sqlite3.connect(cache_dir / ".meta.db")
+    db.execute("UPDATE configs SET data = ?", (b'{"rootfs": {"diff_ids": []}}',))
+    db.commit()
+    db.close()
+    registry_proxy.reset()
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert "does not match its digest" in p.stderr
+    assert registry_proxy.count(*config_get) == 1
 
 
 def test_index_resolves_to_the_platform_asked(

@@ -236,7 +236,7 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
     parsed = [Reference.parse(r) for r in refs]
     try:
         with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-plan") as p:
-            result = resolve_all(Resolver(c.env.client), parsed, wanted, p)
+            result = resolve_all(Resolver(c.env.client, c.env.disk.meta), parsed, wanted, p)
     except Exception as e:  # a job must never stay "planning" forever
         c.jobs.planned(job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
