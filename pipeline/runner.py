@@ -17,12 +17,13 @@ from pipeline import sharing, stats
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
 from pipeline.manifest import Platform
+from pipeline.materialize import materialize
 from pipeline.plan import Plan, Resolver, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
 from pipeline.registry.auth import DockerConfig
 from pipeline.registry.client import RegistryClient
-from pipeline.stages import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, materialize
+from pipeline.stages import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteTier, open_remote
 

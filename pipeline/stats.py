@@ -68,7 +68,7 @@ def layer_counts(
 
 
 def result_counts(result: LayerResult, *, has_remote: bool) -> dict[str, float]:
-    """The increments for one layer the embedded runner materialized (`stages.materialize`).
+    """The increments for one layer the embedded runner materialized (`materialize.materialize`).
 
     It looks disk -> remote (when configured) -> registry, so what it missed follows from
     where the layer came from. A failed layer counts nothing.

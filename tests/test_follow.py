@@ -1,4 +1,4 @@
-"""Decompression that follows a download (pipeline/follow.py, stages.fetch_and_decompress).
+"""Decompression that follows a download (pipeline/follow.py, materialize.fetch_and_decompress).
 
 The fast path must give the same bytes and digests as fetching then decompressing, and
 must never name an entry from a blob that did not verify. The blob source here is a fake
@@ -20,8 +20,9 @@ import pytest
 from pipeline.digest import Digest
 from pipeline.errors import TransientError, VerificationError
 from pipeline.follow import GrowingFile, StreamAbandoned
+from pipeline.materialize import fetch_and_decompress
 from pipeline.reference import Reference
-from pipeline.stages import LayerSpec, fetch_and_decompress
+from pipeline.stages import LayerSpec
 from pipeline.tiers.disk import DiskTier
 from tests.support.images import Layer, random_tar
 
