@@ -105,3 +105,18 @@ class HashingWriter:
         for stage in self._stages:
             if stage.error is not None:
                 raise stage.error
+
+
+class InlineWriter:
+    """`HashingWriter`'s interface without its threads, for small layers: starting and
+    joining two threads cost more than hashing and writing a few hundred KiB here."""
+
+    def __init__(self, out: BinaryIO, verifier: Verifier) -> None:
+        self._out, self._verifier = out, verifier
+
+    def put(self, chunk: bytes) -> None:
+        self._verifier.update(chunk)
+        self._out.write(chunk)
+
+    def close(self) -> None:
+        pass

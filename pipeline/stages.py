@@ -34,7 +34,7 @@ from pipeline.errors import (
 from pipeline.follow import GrowingFile
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
-from pipeline.sinks import HashingWriter
+from pipeline.sinks import HashingWriter, InlineWriter
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteTier
 from pipeline.verify import hash_file
@@ -46,6 +46,7 @@ Source = Literal["disk", "link", "remote", "registry"]
 T = TypeVar("T")
 FETCH_ATTEMPTS = 5
 DEFAULT_LIMITS = Limits()
+SMALL_BLOB = 1 << 20  # compressed; below it, hash and write on the decompressing thread
 
 
 @dataclass(frozen=True)
@@ -302,12 +303,14 @@ def inflate_verified(
 ) -> int:
     """Decompress `src` into `out` within the limits, verifying the diff_id; the size.
 
-    Inflating, hashing and writing run on three threads (pipeline/sinks.py).
+    Inflating, hashing and writing run on three threads (pipeline/sinks.py), except for a
+    blob of at most 1 MiB, where starting the threads would cost more than the work.
     """
     compression = compression_for(layer.media_type)
     verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
     counting = _Counting(src, layer, progress)
-    sink, produced = HashingWriter(out, verifier), 0
+    sink_type = HashingWriter if layer.size > SMALL_BLOB else InlineWriter
+    sink, produced = sink_type(out, verifier), 0
     try:
         try:
             for chunk in iter_decompressed(counting, compression, f"layer {layer.digest}"):

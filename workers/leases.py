@@ -9,6 +9,7 @@ renewing, the lease expires, and a waiter takes over.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,11 @@ class Leases:
         self.client, self.ttl_ms = client, int(ttl * 1000)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        # Leases being kept, renewed by one thread per process (not one per task: a task
+        # for a tiny layer spent more on starting and joining its thread than on the layer).
+        self._kept: dict[int, tuple[Digest, str]] = {}
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
 
     @staticmethod
     def key(digest: Digest) -> str:
@@ -56,19 +62,26 @@ class Leases:
     @contextmanager
     def kept(self, digest: Digest, token: str) -> Iterator[None]:
         """Renew the lease every third of its ttl while the block runs."""
-        stop = threading.Event()
+        entry = object()
+        with self._lock:
+            self._kept[id(entry)] = (digest, token)
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_kept, daemon=True,
+                                                 name="layerwarm-lease")
+                self._renewer.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._kept[id(entry)]
 
-        def renew() -> None:
-            while not stop.wait(self.ttl_ms / 3000):
+    def _renew_kept(self) -> None:
+        while True:
+            time.sleep(self.ttl_ms / 3000)
+            with self._lock:
+                kept = list(self._kept.values())
+            for digest, token in kept:
                 try:
                     self.renew(digest, token)
                 except redis.RedisError:
                     pass  # next round may reach Redis again; expiry is the safety net
-
-        thread = threading.Thread(target=renew, name="layerwarm-lease", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()

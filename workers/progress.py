@@ -24,10 +24,14 @@ _JOB_STATE = {"restoring": "fetching"}
 class JobProgress:
     INTERVAL = 0.5
 
-    def __init__(self, task: Task, jobs: JobStore, job_id: str, target: str, node: str) -> None:
+    def __init__(self, task: Task, jobs: JobStore, job_id: str, target: str, node: str,
+                 *, quiet_start: bool = False) -> None:
+        """`quiet_start`: even the first stage waits for the interval (a tiny layer is
+        usually done before then, and its record goes from pending to done)."""
         self.task, self.jobs, self.job_id, self.target, self.node = task, jobs, job_id, target, node
         self._lock = threading.Lock()
-        self._stage, self._done, self._total, self._last = "pending", 0, 0, 0.0
+        self._stage, self._done, self._total = "pending", 0, 0
+        self._last = time.monotonic() if quiet_start else 0.0
 
     def planned(self, layers: Sequence[LayerSpec]) -> None:
         pass

@@ -1,6 +1,7 @@
 """Celery tasks: thin wrappers that run pipeline stages and record progress.
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
+                          (tiny layers: one fetch_batch per 20, running fetch for each)
     layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging
                           (a layer of at most 256 KiB goes on to disk, and the fleet's
                           remote tier, in this same task)
@@ -22,7 +23,7 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ MAX_TRANSIENT_RETRIES = 6
 # Layers up to this compressed size are decompressed (and, for the fleet, published) by
 # the fetch task itself: for tiny layers the hops between tasks, not the work, were the cost.
 INLINE_DECOMPRESS_BYTES = 256 << 10
+TINY_BATCH = 20  # tiny layers per fetch_batch task
 
 
 @dataclass
@@ -250,13 +252,27 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
           "layers": [str(y.digest) for y in x.layers]} for x in result.images],
     )
 
-    def send(item: tuple[dict[str, Any], str]) -> None:
-        fetch.apply_async((job_id, item[0], item[1]), queue=Target.parse(item[1]).fetch_queue)
-
+    # Tiny layers travel in batches (one task, one after another); the others one a task.
+    batches: dict[str, list[dict[str, Any]]] = {}
+    sends: list[Callable[[], Any]] = []
+    for layer, t in work:
+        queue = Target.parse(t).fetch_queue
+        if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
+            sends.append(functools.partial(fetch.apply_async, (job_id, layer, t), queue=queue))
+            continue
+        batch = batches.setdefault(t, [])
+        batch.append(layer)
+        if len(batch) == TINY_BATCH:
+            sends.append(functools.partial(fetch_batch.apply_async, (job_id, batch, t),
+                                           queue=queue))
+            batches[t] = []
+    sends += [functools.partial(fetch_batch.apply_async, (job_id, b, t),
+                                queue=Target.parse(t).fetch_queue) for t, b in batches.items() if b]
     # Each send is a Redis round trip or two; a job of thousands of layers sends side by side.
     with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-send") as p:
-        list(p.map(send, work))
-    return {"layers": len(result.layers), "tasks": len(work), "failed_refs": len(result.failures)}
+        list(p.map(lambda send: send(), sends))
+    return {"layers": len(result.layers), "tasks": len(sends),
+            "failed_refs": len(result.failures)}
 
 
 @app.task(name="layerwarm.fetch", bind=True, base=LayerTask, max_retries=None,
@@ -266,7 +282,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     c = context()
     started = time.time()
     spec, tgt = layer_from_json(layer), Target.parse(target)
-    progress = JobProgress(self, c.jobs, job_id, target, c.node)
+    progress = JobProgress(self, c.jobs, job_id, target, c.node,
+                           quiet_start=spec.size <= INLINE_DECOMPRESS_BYTES)
     disk, remote = c.env.disk, c.env.remote
     try:
         # Where it should be already? A node target also accepts a copy from the remote tier.
@@ -374,6 +391,27 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         log.exception("layer %s: unexpected error in fetch", spec.digest)
         raise self.retry_transient(job_id, spec, target, e, token, failures,
                                    tgt.fetch_queue) from e
+
+
+@app.task(name="layerwarm.fetch_batch", bind=True, ignore_result=True)
+def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
+                target: str) -> dict[str, Any]:
+    """Tiny layers of one job and target, each through the fetch task's own code, here.
+
+    A layer that would have been retried (a busy lease, a transient error) goes on as its
+    own fetch task, which retries it; a layer that failed for good is already recorded.
+    """
+    requeued = 0
+    for layer in layers:
+        try:
+            fetch(job_id, layer, target)  # a direct call: runs now, in this task
+        except Exception as e:
+            if isinstance(e, (LayerwarmError, OSError)) and not isinstance(e, TransientError):
+                continue  # failed for good; `fetch` recorded it in the job
+            requeued += 1
+            fetch.apply_async((job_id, layer, target), countdown=random.uniform(0.5, 2.0),
+                              queue=Target.parse(target).fetch_queue)
+    return {"layers": len(layers), "requeued": requeued}
 
 
 @app.task(name="layerwarm.decompress", bind=True, base=LayerTask, max_retries=None,
