@@ -95,6 +95,7 @@ def warm(
     ):
         plan = resolve_all(Resolver(env.client, env.disk.meta), list(refs), platform, io)
         progress.planned(plan.layers)
+        counted: list[dict[str, float]] = []
 
         def one(layer: LayerSpec) -> LayerResult:
             try:
@@ -103,8 +104,7 @@ def warm(
                     progress=progress, submit_cpu=cpu.submit,
                     limits=settings.limits,
                 )
-                stats.record(env.disk.meta,
-                             stats.result_counts(result, has_remote=env.remote is not None))
+                counted.append(stats.result_counts(result, has_remote=env.remote is not None))
                 return result
             except Exception as e:  # one layer's failure must not stop the others
                 reason = describe_error(e)
@@ -115,6 +115,9 @@ def warm(
                 return LayerResult(layer, error=reason)
 
         results = list(io.map(one, plan.layers))
+    # One transaction for the whole warm: a write per layer from many threads at once
+    # queued on SQLite's write lock (and its busy-wait sleeps) more than it counted.
+    stats.record(env.disk.meta, stats.total(counted))
     _record_images(plan, env.disk)
     _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)

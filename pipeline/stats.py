@@ -1,6 +1,6 @@
 """What happened to the layers this cache materialized, as running totals in `.meta.db`.
 
-Every materialized layer adds, in one small transaction (`Metadata.bump_many`):
+Every materialized layer adds (one small transaction per worker task, or per embedded warm):
 
     materialized.<source>         1, source disk / link / remote / registry (where it came
                                   from; link: the same content on disk under another digest)
@@ -88,6 +88,15 @@ def result_counts(result: LayerResult, *, has_remote: bool) -> dict[str, float]:
         published_bytes=(result.uncompressed_size or 0) if result.published else 0,
         seconds=result.seconds,
     )
+
+
+def total(counts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Several layers' increments as one (histogram buckets add up like the rest)."""
+    out: dict[str, float] = {}
+    for one in counts:
+        for name, amount in one.items():
+            out[name] = out.get(name, 0) + amount
+    return out
 
 
 def record(meta: Metadata, counts: Mapping[str, float]) -> None:

@@ -167,7 +167,7 @@ def test_a_failing_count_fails_no_warm_and_counts_nothing_of_its_layer(
     assert p.returncode == 0, p.stderr
     assert "metadata counters" in p.stderr and "failed" in p.stderr
     m = _scrape(cache_dir)
-    # One transaction per layer: the hits written before the refused row were rolled back.
+    # One transaction per warm: the hits written before the refused row were rolled back.
     assert m("layerwarm_cache_hits_total", tier="disk") == 0
     assert m("layerwarm_layers_materialized_total", source="disk") == 0
     assert m(f"{HIST}_count") == 3

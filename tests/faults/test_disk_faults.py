@@ -84,6 +84,29 @@ def test_entry_without_a_row_is_hashed_before_it_is_adopted(
     assert (cache_dir / _name(bad)).read_bytes() == bad.tar
 
 
+def test_staged_blob_is_hashed_before_it_is_reused(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    good, bad = Layer(random_tar(104, 200_000), "gzip"), Layer(random_tar(105, 200_000), "gzip")
+    r = _repo()
+    registry.push_image(r, "1", Image([good, bad]))
+    staging = cache_dir / ".staging"
+    staging.mkdir(parents=True)
+    # Left by a run whose decompress never ran; staging files are not fsynced, so after a
+    # power cut one can have the right size and the wrong bytes.
+    (staging / _name(good)).write_bytes(good.blob)
+    (staging / _name(bad)).write_bytes(bytes(bad.size))
+
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert "does not verify: fetching it again" in p.stderr
+    assert registry_proxy.count("GET", f"/blobs/{good.digest}") == 0, "good staged blob refetched"
+    assert registry_proxy.count("GET", f"/blobs/{bad.digest}") == 1
+    for lay in (good, bad):
+        assert (cache_dir / _name(lay)).read_bytes() == lay.tar
+    assert leftovers(cache_dir) == []
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a real ENOSPC, not a simulated one."""
