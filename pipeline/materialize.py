@@ -161,7 +161,8 @@ def materialize(
 ) -> LayerResult:
     """Make the layer present on disk (and remote): disk -> remote -> registry.
 
-    `submit_cpu` runs decompression where CPU work belongs (the runner's CPU pool).
+    `submit_cpu` runs decompression where CPU work belongs (the runner's CPU pool). A disk
+    hit is not marked used here: the caller does that (the runner, a whole warm at once).
     Raises LayerwarmError subclasses; the caller records them per layer.
     """
     started = time.monotonic()
@@ -170,7 +171,7 @@ def materialize(
     remote_ok = remote is not None
     republish = False
     with disk.lock(layer.digest), ExitStack() as content:
-        size = check_disk(layer, disk)
+        size = check_disk(layer, disk, touch=False)  # the runner marks a warm's hits at once
         if size is not None:
             path = disk.path(layer.digest)
             log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)

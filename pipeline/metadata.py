@@ -145,8 +145,26 @@ class Metadata:
         self._update("UPDATE layers SET publish_pending=? WHERE digest=?",
                      (int(pending), str(digest)))
 
-    def touch(self, digest: Digest) -> None:
-        self._update("UPDATE layers SET last_used=? WHERE digest=?", (time.time(), str(digest)))
+    def touch(self, *digests: Digest) -> None:
+        """Mark layers used now (for gc's LRU), all in one statement."""
+        if digests:
+            now = time.time()
+            self._update_many("UPDATE layers SET last_used=? WHERE digest=?",
+                              [(now, str(d)) for d in digests])
+
+    def _update_many(self, sql: str, rows: list[tuple]) -> None:
+        try:
+            with self._db(create=False) as db:
+                if db is not None:
+                    db.execute("BEGIN IMMEDIATE")  # one transaction, not one per row
+                    try:
+                        db.executemany(sql, rows)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+        except sqlite3.Error as e:
+            log.warning("metadata update in %s failed: %s", self.path, e)
 
     def _update(self, sql: str, args: tuple) -> None:
         # Bookkeeping on an existing row: losing one update is better than failing a warm.

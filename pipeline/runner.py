@@ -118,6 +118,7 @@ def warm(
     # One transaction for the whole warm: a write per layer from many threads at once
     # queued on SQLite's write lock (and its busy-wait sleeps) more than it counted.
     stats.record(env.disk.meta, stats.total(counted))
+    env.disk.meta.touch(*(r.layer.digest for r in results if r.source == "disk"))
     _record_images(plan, env.disk)
     _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)

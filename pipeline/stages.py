@@ -336,12 +336,13 @@ def _record(layer: LayerSpec, disk: DiskTier, size: int) -> None:
         log.warning("could not record %s in %s: %s", layer.digest, disk.meta.path, e)
 
 
-def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
+def check_disk(layer: LayerSpec, disk: DiskTier, *, touch: bool = True) -> int | None:
     """The entry's size if the disk tier has it as recorded; else None (a miss).
 
     An entry whose size differs from its row (truncated by hand, a bad disk), or that has no
     row and does not hash to the diff_id, is removed here, so the caller fetches it again.
-    The caller holds the digest's lock.
+    The caller holds the digest's lock. `touch=False` leaves marking a hit as used to the
+    caller (the embedded runner marks a whole warm's hits at once).
     """
     size = disk.size(layer.digest)
     if size is None:
@@ -363,7 +364,7 @@ def check_disk(layer: LayerSpec, disk: DiskTier) -> int | None:
             disk.remove(layer.digest)
             return None
         _record(layer, disk, size)
-    else:
+    elif touch:
         disk.meta.touch(layer.digest)
     return size
 
