@@ -175,23 +175,25 @@ class Metadata:
         except sqlite3.Error as e:
             log.warning("metadata update in %s failed: %s", self.path, e)
 
-    def record_image(
-        self, manifest_digest: Digest, ref: str, platform: str | None, layers: Sequence[Digest]
+    def record_images(
+        self, images: Sequence[tuple[Digest, str, str | None, Sequence[Digest]]]
     ) -> None:
+        """Which layers each image (manifest digest, ref, platform) uses; one transaction."""
         with self._db(create=True) as db:
             assert db is not None
             db.execute("BEGIN IMMEDIATE")
             try:
-                # A tag that moved: the ref's old manifest no longer says what it uses.
-                db.execute(
-                    "DELETE FROM images WHERE ref=? AND platform IS ? AND manifest_digest<>?",
-                    (ref, platform, str(manifest_digest)),
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
-                    [(str(manifest_digest), ref, platform, str(d), i)
-                     for i, d in enumerate(layers)],
-                )
+                for manifest_digest, ref, platform, layers in images:
+                    # A tag that moved: the ref's old manifest no longer says what it uses.
+                    db.execute(
+                        "DELETE FROM images WHERE ref=? AND platform IS ? AND manifest_digest<>?",
+                        (ref, platform, str(manifest_digest)),
+                    )
+                    db.executemany(
+                        "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                        [(str(manifest_digest), ref, platform, str(d), i)
+                         for i, d in enumerate(layers)],
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

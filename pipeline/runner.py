@@ -126,6 +126,8 @@ def warm(
 
 def _auto_gc(plan: Plan, disk: DiskTier, settings: Settings) -> None:
     """The automatic quota (LAYERWARM_MAX_CACHE_SIZE), sparing what this warm materialized."""
+    if settings.max_cache_size is None:
+        return  # no quota: not even the import
     from pipeline.gc import auto_collect
 
     try:
@@ -139,10 +141,11 @@ def _record_images(plan: Plan, disk: DiskTier) -> None:
     if not disk.root.is_dir():
         return
     try:
-        for image in plan.images:
-            platform = str(image.platform) if image.platform else None
-            layers = [x.digest for x in image.layers]
-            disk.meta.record_image(image.manifest_digest, str(image.ref), platform, layers)
+        disk.meta.record_images([
+            (x.manifest_digest, str(x.ref), str(x.platform) if x.platform else None,
+             [y.digest for y in x.layers])
+            for x in plan.images
+        ])
     except sqlite3.Error as e:
         log.warning("could not record images in %s: %s", disk.meta.path, e)
 

@@ -149,10 +149,11 @@ def _record_job_images(job_id: str) -> None:
     _images_recorded.add(job_id)
     c = context()
     try:
-        for image in c.jobs.images(job_id):
-            c.env.disk.meta.record_image(
-                Digest.parse(image["manifest_digest"]), image["ref"], image["platform"],
-                [Digest.parse(d) for d in image["layers"]])
+        c.env.disk.meta.record_images([
+            (Digest.parse(x["manifest_digest"]), x["ref"], x["platform"],
+             [Digest.parse(d) for d in x["layers"]])
+            for x in c.jobs.images(job_id)
+        ])
     except (sqlite3.Error, redis.RedisError, LayerwarmError) as e:
         log.warning("could not record the images of job %s in %s: %s",
                     job_id, c.env.disk.meta.path, e)
