@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bytecode", "pipeline/ and workers/ compiled (compileall) before the run, as a "
                      "pip-installed layerwarm is; the machine sets PYTHONDONTWRITEBYTECODE=1"),
         ("load average", f"{load_before} at start, {report.load_average()} at end "
-                         "(1-minute averages; they include this run's own processes)"),
+                         "(1, 5 and 15 minute averages; they include this run's own processes)"),
     ]  # fmt: skip
     if args.out:
         command = "python3 -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
