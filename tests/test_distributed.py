@@ -352,6 +352,34 @@ def test_permanent_error_fails_that_layer_only(
     assert_everything_intact(fleet, s3, bucket)
 
 
+def test_a_long_stage_reports_celery_progress_state(
+    fleet: Fleet, registry: RegistryServer, redis_url: str
+) -> None:
+    """Flower shows a running task's Celery state: PROGRESS with the layer's bytes."""
+    import redis
+
+    big = layer(1300, "none", 4_000_000)
+    with ThrottledProxy(registry.url) as proxy:
+        refs = push(registry, proxy, [Image([big])])
+        proxy.throttle_path(f"/blobs/{big.digest}", 1_000_000)  # ~4 s of fetching
+        job_id = fleet.submit_id(*refs, "--to", "node:a")
+        backend = redis.Redis.from_url(broker_url_for(redis_url, FLEET_DB))
+        seen, deadline = None, time.monotonic() + 60
+        while seen is None and time.monotonic() < deadline:
+            for key in backend.scan_iter("celery-task-meta-*"):
+                meta = json.loads(backend.get(key) or b"{}")
+                result = meta.get("result") or {}
+                if meta.get("status") == "PROGRESS" and result.get("digest") == big.digest:
+                    seen = result
+            time.sleep(0.2)
+        proxy.unthrottle()
+        assert seen is not None, "no task reported PROGRESS for the slow layer"
+        assert seen["stage"] == "fetching" and seen["host"] == "a"
+        assert 0 < seen["done"] <= seen["total"] == big.size
+        assert fleet.wait_done(job_id)[job_id]["state"] == "done"
+    assert (fleet.cache_dir("a") / name(big)).read_bytes() == big.tar
+
+
 def test_nodes_lists_every_live_host(fleet: Fleet) -> None:
     p = fleet.run("nodes", timeout=60)
     assert p.returncode == 0, p.stderr
