@@ -24,37 +24,42 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from pipeline.digest import Digest
+    from pipeline.stages import LayerSpec
+
+    return LayerSpec(Digest.parse(args.digest), Digest.parse(args.diff_id), args.media_type,
+                     args.size)
+
+
+def _timed(call: Callable[[], int]) -> int:
+    """Run `call`, print {"seconds", "size"} of it as JSON (only the call is timed)."""
+    started = time.perf_counter()
+    size = call()
+    print(json.dumps({"seconds": time.perf_counter() - started, "size": size}))
+    return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from pipeline.digest import Digest
-    from pipeline.stages import LayerSpec, decompress
+    from pipeline.stages import decompress
     from pipeline.tiers.disk import DiskTier
 
-    digest = Digest.parse(args.digest)
-    spec = LayerSpec(digest, Digest.parse(args.diff_id), args.media_type, args.size)
+    spec = _spec(args)
     disk = DiskTier(Path(args.root))
-    staging = disk.staging_path(digest)
-    started = time.perf_counter()
-    size = decompress(spec, disk, staging)
-    seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "size": size}))
-    return 0
+    return _timed(lambda: decompress(spec, disk, disk.staging_path(spec.digest)))
 
 
 def cmd_inflate(args: argparse.Namespace) -> int:
-    from pipeline.digest import Digest
-    from pipeline.stages import LayerSpec, inflate_verified
+    from pipeline.stages import inflate_verified
 
-    spec = LayerSpec(Digest.parse(args.digest), Digest.parse(args.diff_id), args.media_type,
-                     args.size)
+    spec = _spec(args)
     with open(args.blob, "rb") as src, open(os.devnull, "wb") as out:
-        started = time.perf_counter()
-        size = inflate_verified(spec, src, out)
-        seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "size": size}))
-    return 0
+        return _timed(lambda: inflate_verified(spec, src, out))
 
 
 def cmd_s3get(args: argparse.Namespace) -> int:

@@ -156,13 +156,8 @@ class Metadata:
         try:
             with self._db(create=False) as db:
                 if db is not None:
-                    db.execute("BEGIN IMMEDIATE")  # one transaction, not one per row
-                    try:
+                    with _transaction(db):  # one transaction, not one per row
                         db.executemany(sql, rows)
-                        db.execute("COMMIT")
-                    except BaseException:
-                        db.execute("ROLLBACK")
-                        raise
         except sqlite3.Error as e:
             log.warning("metadata update in %s failed: %s", self.path, e)
 
@@ -181,8 +176,7 @@ class Metadata:
         """Which layers each image (manifest digest, ref, platform) uses; one transaction."""
         with self._db(create=True) as db:
             assert db is not None
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 for manifest_digest, ref, platform, layers in images:
                     # A tag that moved: the ref's old manifest no longer says what it uses.
                     db.execute(
@@ -194,10 +188,6 @@ class Metadata:
                         [(str(manifest_digest), ref, platform, str(d), i)
                          for i, d in enumerate(layers)],
                     )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
 
     def layer(self, digest: Digest) -> LayerRecord | None:
         with self._db(create=False) as db:
@@ -260,17 +250,12 @@ class Metadata:
         try:
             with self._db(create=True) as db:
                 assert db is not None
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(db):
                     db.executemany(
                         "INSERT INTO counters VALUES (?, ?) "
                         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                         list(amounts.items()),
                     )
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
         except sqlite3.Error as e:  # a lost count must not fail the work it counts
             log.warning("metadata counters %s in %s failed: %s", ", ".join(amounts), self.path, e)
 
@@ -339,6 +324,18 @@ class Metadata:
         with self._db(create=False) as db:
             if db is not None:
                 db.execute("DELETE FROM layers WHERE digest=?", (str(digest),))
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (the connection is in autocommit): all of it or none."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _record(row: tuple) -> LayerRecord:
