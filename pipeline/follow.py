@@ -2,21 +2,36 @@
 
 Fetching a layer and then decompressing it leaves the CPU idle during the download and
 the network idle during the inflate. Instead, the fetch writes the blob to its staging
-file as before and reports each write here, and decompression reads the same file
-through a `GrowingFile` reader, waiting at the end for more. The reader reports end of
-file only after the fetch has verified the whole blob's digest, so nothing downstream can
-commit an entry made from bytes that were not verified.
+file as before, and decompression reads the same file as it grows, waiting at the end for
+more. The reader reports end of file only after the fetch has verified the whole blob's
+digest, so nothing downstream can commit an entry made from bytes that were not verified.
 
-Reads go through the kernel (pread on a duplicate of the writer's descriptor), so the
-blob is read back from the page cache: no disk read, no second buffer of it in memory.
+Two readers, for the two ways the stages run:
+- `GrowingFile`: fetch and decompress in one process (the embedded runner); the fetch
+  reports each write and its verified end to the reader directly.
+- `FollowedFetch`: the fetch runs in another process (a Celery IO worker) and tells the
+  reader nothing. The reader polls the `.partial` file's size, and learns that the fetch
+  is over by taking the digest's lock, which the fetch holds for as long as it runs. The
+  blob is verified when, the lock held, the staging name holds the very file that was read:
+  the fetch renames `.partial` to it only after checking the digest.
+
+Reads go through the kernel (pread), so the blob is read back from the page cache: no
+disk read, no second buffer of it in memory.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import LayerwarmError
+
+if TYPE_CHECKING:
+    from pipeline.tiers.disk import DigestLock
 
 
 class StreamAbandoned(LayerwarmError):
@@ -116,3 +131,98 @@ class GrowingReader:
         self._generation, data = self._growing._read(self._generation, self._pos, n)
         self._pos += len(data)
         return data
+
+
+def partial_path(staging: Path) -> Path:
+    """Where a fetch writes the blob before it is verified and renamed to `staging`."""
+    return staging.with_name(staging.name + ".partial")
+
+
+class FollowedFetch:
+    """Reads a blob that a fetch in another process is writing, as it is written.
+
+    `read(n)` returns at most n bytes as soon as there are any, b"" only at the verified end
+    of the blob, and raises `StreamAbandoned` when the fetch ended without leaving the
+    file that was read as the verified staging blob (it failed, started over in a new
+    file, or its process died). Either way the digest's lock is held afterwards (`lock`):
+    the caller commits or decides what comes next under it, then releases it.
+    """
+
+    POLL = 0.005       # seconds between looks at a file that is not growing (doubling...)
+    POLL_MAX = 0.05    # ... up to this
+    PROBE = 0.5        # how long to wait without news before asking whether the fetch runs
+
+    def __init__(self, staging: Path, size: int, lock: DigestLock,
+                 fetch_over: Callable[[], None] = lambda: None) -> None:
+        self._staging, self._size, self.lock = staging, size, lock
+        self._fetch_over = fetch_over
+        self.locked = False
+        self._fd: int | None = None
+        self._pos = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, n: int = -1) -> bytes:
+        idle_since, pause = time.monotonic(), self.POLL
+        while True:
+            if self._fd is None:
+                self._open()
+            if self._fd is not None:
+                want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+                data = os.pread(self._fd, want, self._pos) if want > 0 else b""
+                if data:
+                    self._pos += len(data)
+                    return data
+                if self.locked:  # the fetch is over: this file is all there will be
+                    if self._pos == self._size and self._is_staged():
+                        return b""
+                    raise StreamAbandoned(f"the fetch of {self._staging.name} did not end "
+                                          "with this file as its verified blob")
+                if self._pos == self._size:  # all read: wait for the fetch to verify it
+                    self._take_lock(blocking=True)
+                    continue
+                st = os.fstat(self._fd)
+                if st.st_nlink == 0 or st.st_size < self._pos:
+                    # Removed or cut short: the fetch gave up on it or started over.
+                    self._take_lock(blocking=True)
+                    raise StreamAbandoned(f"the fetch of {self._staging.name} started over")
+            elif self.locked:
+                raise StreamAbandoned(f"no fetch of {self._staging.name} is running")
+            if time.monotonic() - idle_since >= self.PROBE:
+                # Quiet for a while: a fetch that is no longer running has released the lock.
+                self._take_lock(blocking=False)
+                idle_since = time.monotonic()
+                continue
+            time.sleep(pause)
+            pause = min(pause * 2, self.POLL_MAX)
+
+    def _open(self) -> None:
+        for path in (partial_path(self._staging), self._staging):
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+                return
+            except FileNotFoundError:
+                continue
+
+    def wait_for_fetch(self) -> None:
+        """Block until the fetch is over, if it was not already; the lock is held after."""
+        self._take_lock(blocking=True)
+
+    def _take_lock(self, *, blocking: bool) -> None:
+        if not self.locked and self.lock.acquire(blocking=blocking):
+            self.locked = True
+            self._fetch_over()
+
+    def _is_staged(self) -> bool:
+        """Whether the staging name holds the file read (renamed there once verified)."""
+        assert self._fd is not None
+        try:
+            staged = self._staging.stat()
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self._fd)
+        return (staged.st_dev, staged.st_ino) == (ours.st_dev, ours.st_ino) \
+            and ours.st_size == self._size

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import ExitStack
 from typing import TypeVar
@@ -26,6 +26,7 @@ from pipeline.registry.client import RegistryClient
 from pipeline.stages import (
     DEFAULT_LIMITS,
     NO_PROGRESS,
+    HeldProgress,
     LayerResult,
     LayerSpec,
     Progress,
@@ -58,43 +59,6 @@ def on_own_thread(fn: Callable[[], T]) -> Future[T]:
     return future
 
 
-class _AfterFetch:
-    """Progress of a decompression that follows a download: held back until it ends.
-
-    Both stages of one layer run at once there, and a bar shows one stage at a time.
-    """
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress, self._lock = progress, threading.Lock()
-        self._released, self._held = False, 0
-        self._stage: tuple[LayerSpec, str, int | None] | None = None
-
-    def planned(self, layers: Sequence[LayerSpec]) -> None:
-        self._progress.planned(layers)
-
-    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
-        with self._lock:
-            if self._released:
-                self._progress.stage(layer, stage, total)
-            else:
-                self._stage = (layer, stage, total)
-
-    def advance(self, layer: LayerSpec, nbytes: int) -> None:
-        with self._lock:
-            if self._released:
-                self._progress.advance(layer, nbytes)
-            else:
-                self._held += nbytes
-
-    def release(self) -> None:
-        with self._lock:
-            self._released = True
-            if self._stage is not None:
-                self._progress.stage(*self._stage)
-                if self._held:
-                    self._progress.advance(self._stage[0], self._held)
-
-
 def fetch_and_decompress(
     client: RegistryClient,
     layer: LayerSpec,
@@ -115,7 +79,7 @@ def fetch_and_decompress(
     if staging.exists():  # an earlier fetch finished; only its decompress is left
         staging = fetch(client, layer, disk, progress)
         return submit_cpu(lambda: decompress(layer, disk, staging, progress, limits)).result()
-    growing, held = GrowingFile(), _AfterFetch(progress)
+    growing, held = GrowingFile(), HeldProgress(progress)
     following = submit_cpu(
         lambda: decompress_stream(layer, disk, growing.reader(), held, limits))
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pipeline.errors import (
     TransientError,
     VerificationError,
 )
-from pipeline.follow import GrowingFile
+from pipeline.follow import FollowedFetch, GrowingFile, StreamAbandoned, partial_path
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
@@ -97,6 +98,44 @@ class NoProgress:
 NO_PROGRESS = NoProgress()
 
 
+class HeldProgress:
+    """Progress of a decompression that follows a download: held back until it ends.
+
+    Both stages of one layer run at once there, and a bar (or a job record) shows one
+    stage at a time: the fetch's until `release()`, then the decompression's.
+    """
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress, self._lock = progress, threading.Lock()
+        self._released, self._held = False, 0
+        self._stage: tuple[LayerSpec, str, int | None] | None = None
+
+    def planned(self, layers: Sequence[LayerSpec]) -> None:
+        self._progress.planned(layers)
+
+    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
+        with self._lock:
+            if self._released:
+                self._progress.stage(layer, stage, total)
+            else:
+                self._stage = (layer, stage, total)
+
+    def advance(self, layer: LayerSpec, nbytes: int) -> None:
+        with self._lock:
+            if self._released:
+                self._progress.advance(layer, nbytes)
+            else:
+                self._held += nbytes
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            if self._stage is not None:
+                self._progress.stage(*self._stage)
+                if self._held:
+                    self._progress.advance(self._stage[0], self._held)
+
+
 def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
     return {
         "diff-id": str(layer.diff_id),
@@ -138,7 +177,7 @@ def _fetch(
     staging = disk.staging_path(layer.digest)
     if _staging_verified(staging, layer):
         return staging  # an earlier fetch whose decompress did not run
-    partial = staging.with_name(staging.name + ".partial")
+    partial = partial_path(staging)
     progress.stage(layer, "fetching", layer.size)
     last: Exception | None = None
     for source in layer.sources:
@@ -292,6 +331,51 @@ def decompress_stream(
         ingest.commit()
     _record(layer, disk, size)
     return size
+
+
+def decompress_following(
+    layer: LayerSpec,
+    disk: DiskTier,
+    progress: Progress = NO_PROGRESS,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[int, bool] | None:
+    """Decompress a blob that a fetch in another process is downloading, as it arrives.
+
+    Called without the digest's lock: the fetch holds it while it runs, and this takes it
+    once the fetch is over, to commit (pipeline/follow.py: `FollowedFetch`). Returns the
+    entry's size and whether this call made the entry (False: another process did), or
+    None when the fetch left no blob (it failed: its own task retries or fails the layer).
+    If the file followed was not the one the fetch verified, the verified staging blob, if
+    any, is decompressed the ordinary way.
+    """
+    staging = disk.staging_path(layer.digest)
+    held = HeldProgress(progress)
+    follower = FollowedFetch(staging, layer.size, disk.lock(layer.digest), held.release)
+    try:
+        try:
+            with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+                held.stage(layer, "decompressing", layer.size)
+                size = inflate_verified(layer, follower, ingest.file, held, limits)
+                if follower.read(1):  # returns b"" only at the verified end, the lock held
+                    raise StreamAbandoned(f"layer {layer.digest}: data after the stream's end")
+                if not disk.has(layer.digest):
+                    ingest.commit()
+                    staging.unlink(missing_ok=True)
+                    _record(layer, disk, size)
+                    return size, True
+        except (StreamAbandoned, VerificationError) as e:
+            # Judged on bytes the fetch may have replaced: only the verified blob counts.
+            log.info("layer %s: following the fetch did not work out (%s)", layer.digest, e)
+        finally:
+            follower.close()
+        follower.wait_for_fetch()  # nothing changes while we decide
+        if (size := check_disk(layer, disk)) is not None:
+            return size, False
+        if staging.exists():
+            return decompress(layer, disk, staging, progress, limits), True
+        return None
+    finally:
+        follower.lock.release()
 
 
 def inflate_verified(

@@ -1,4 +1,5 @@
-"""Decompression that follows a download (pipeline/follow.py, materialize.fetch_and_decompress).
+"""Decompression that follows a download (pipeline/follow.py): in one process
+(materialize.fetch_and_decompress) and across processes (stages.decompress_following).
 
 The fast path must give the same bytes and digests as fetching then decompressing, and
 must never name an entry from a blob that did not verify. The blob source here is a fake
@@ -9,10 +10,12 @@ by every warm test, which goes through the same function.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,26 +25,13 @@ from pipeline.errors import TransientError, VerificationError
 from pipeline.follow import GrowingFile, StreamAbandoned
 from pipeline.materialize import fetch_and_decompress
 from pipeline.reference import Reference
-from pipeline.stages import LayerSpec
+from pipeline.stages import LayerSpec, decompress_following
 from pipeline.tiers.disk import DiskTier
 from tests.support.images import Layer, random_tar
+from tests.support.paused_fetch import BlobStream
 
 TAR = random_tar(11, 5_000_000)
 REF = Reference.parse("127.0.0.1:5000/app:1")
-
-
-class _Stream:
-    def __init__(self, body: bytes, offset: int, chunks: Iterator[bytes]) -> None:
-        self.offset, self._chunks, self.length = offset, chunks, len(body)
-
-    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        yield from self._chunks
-
-    def __enter__(self) -> _Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 class FakeClient:
@@ -52,11 +42,11 @@ class FakeClient:
         self.blob, self.cut_at, self.ignore_range, self.delay = blob, cut_at, ignore_range, delay
         self.requests: list[int] = []
 
-    def open_blob(self, ref: Reference, digest: Digest, *, offset: int = 0) -> _Stream:
+    def open_blob(self, ref: Reference, digest: Digest, *, offset: int = 0) -> BlobStream:
         self.requests.append(offset)
         first = len(self.requests) == 1
         start = 0 if self.ignore_range else offset
-        return _Stream(self.blob, start, self._chunks(start, first))
+        return BlobStream(start, self._chunks(start, first))
 
     def _chunks(self, start: int, first: bool) -> Iterator[bytes]:
         step = 64 << 10
@@ -168,3 +158,128 @@ def test_reader_of_a_failed_download_stops_with_stream_abandoned(tmp_path: Path)
             reader.read(10)
     growing.close()
 
+
+
+# ------------------------------------------------ following a fetch in another process
+# The Celery decompress task follows a fetch task's download on the same host
+# (stages.decompress_following). The fetch here is the real stages.fetch, run in a child
+# process (tests/support/paused_fetch.py) that pauses halfway until the test lets it go on.
+
+
+class ChildFetch:
+    def __init__(self, root: Path, lay: Layer, mode: str) -> None:
+        blob = root.parent / f"{root.name}.blob"
+        blob.write_bytes(lay.blob)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.paused_fetch", str(root), str(blob),
+             lay.digest, lay.diff_id, lay.media_type, mode],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "half\n"
+
+    def go_on(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=60)
+
+
+def follow_in_thread(
+    layer: LayerSpec, disk: DiskTier
+) -> tuple[ThreadPoolExecutor, Future[tuple[int, bool] | None]]:
+    pool = ThreadPoolExecutor(1)
+    return pool, pool.submit(decompress_following, layer, disk)
+
+
+def output_so_far(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / ".tmp").iterdir())
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_decompression_follows_a_fetch_in_another_process(
+    tmp_path: Path, compression: str
+) -> None:
+    lay = Layer(TAR, compression)
+    root = tmp_path / "cache"
+    disk = DiskTier(root)
+    fetch = ChildFetch(root, lay, "ok")  # paused halfway through the blob
+    pool, following = follow_in_thread(spec(lay), disk)
+    # While the fetch is paused, the follower has already written decompressed output...
+    deadline = time.monotonic() + 30
+    while output_so_far(root) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert output_so_far(root) > 0, "nothing decompressed before the download ended"
+    # ... but names no entry before the fetch has verified the blob.
+    assert entries(root) == [] and not following.done()
+    assert fetch.go_on() == 0
+    assert following.result(timeout=60) == (len(TAR), True)
+    pool.shutdown()
+    assert (root / ("sha256_" + lay.digest[7:])).read_bytes() == TAR
+    assert leftovers(root) == []
+    assert disk.meta.layer(Digest.parse(lay.digest)) is not None
+
+
+@pytest.mark.parametrize("mode", ["fail", "corrupt"])
+def test_follower_of_a_failed_fetch_names_nothing_and_returns_none(
+    tmp_path: Path, mode: str
+) -> None:
+    lay = Layer(TAR, "gzip")
+    root = tmp_path / "cache"
+    fetch = ChildFetch(root, lay, mode)
+    pool, following = follow_in_thread(spec(lay), DiskTier(root))
+    assert fetch.go_on() == 1
+    assert following.result(timeout=60) is None
+    pool.shutdown()
+    assert entries(root) == [] and leftovers(root) == []
+
+
+def test_follower_of_a_killed_fetch_returns_none_once_its_lock_is_gone(tmp_path: Path) -> None:
+    lay = Layer(TAR, "zstd")
+    root = tmp_path / "cache"
+    fetch = ChildFetch(root, lay, "ok")
+    pool, following = follow_in_thread(spec(lay), DiskTier(root))
+    fetch.proc.kill()  # the IO worker died mid-download: its flock goes with it
+    fetch.proc.wait()
+    assert following.result(timeout=60) is None
+    pool.shutdown()
+    assert entries(root) == []
+    # The half-downloaded blob stays for the redelivered fetch to resume; nothing else.
+    assert leftovers(root) == ["sha256_" + lay.digest[7:] + ".partial"]
+
+
+def test_fetch_that_starts_over_still_gives_the_verified_entry(tmp_path: Path) -> None:
+    lay = Layer(TAR, "gzip")
+    root = tmp_path / "cache"
+    fetch = ChildFetch(root, lay, "restart")
+    pool, following = follow_in_thread(spec(lay), DiskTier(root))
+    assert fetch.go_on() == 0
+    size, made = following.result(timeout=60) or (0, False)
+    pool.shutdown()
+    assert (size, made) == (len(TAR), True)
+    assert (root / ("sha256_" + lay.digest[7:])).read_bytes() == TAR
+    assert leftovers(root) == []
+
+
+def test_follower_of_a_blob_with_the_wrong_diff_id_fails_and_drops_it(tmp_path: Path) -> None:
+    lay = Layer(TAR, "gzip")
+    wrong = LayerSpec(Digest.parse(lay.digest), Digest.parse("sha256:" + "0" * 64),
+                      lay.media_type, lay.size, (REF,))
+    root = tmp_path / "cache"
+    fetch = ChildFetch(root, lay, "ok")
+    pool, following = follow_in_thread(wrong, DiskTier(root))
+    assert fetch.go_on() == 0
+    with pytest.raises(VerificationError, match="diff_id"):
+        following.result(timeout=60)
+    pool.shutdown()
+    assert entries(root) == [] and leftovers(root) == []
+
+
+def test_follower_after_the_fetch_ended_decompresses_the_staged_blob(tmp_path: Path) -> None:
+    lay = Layer(TAR, "zstd")
+    root = tmp_path / "cache"
+    assert ChildFetch(root, lay, "ok").go_on() == 0  # queued behind others: fetch is done
+    assert decompress_following(spec(lay), DiskTier(root)) == (len(TAR), True)
+    assert (root / ("sha256_" + lay.digest[7:])).read_bytes() == TAR
+    assert leftovers(root) == []
+    # A second follower (another job's) finds the entry made by the first.
+    assert decompress_following(spec(lay), DiskTier(root)) == (len(TAR), False)

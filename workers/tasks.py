@@ -2,10 +2,12 @@
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
                           (tiny layers: one fetch_batch per 20, running fetch for each)
-    layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging
-                          (a layer of at most 256 KiB goes on to disk, and the fleet's
-                          remote tier, in this same task)
-    layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue)
+    layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging,
+                          sending the decompress task as the download starts (a layer of at
+                          most 256 KiB goes on to disk, and the fleet's remote tier, in this
+                          same task instead)
+    layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue), following
+                          the download as it arrives
     layerwarm.publish     disk -> remote tier on the same host (its IO queue)
     layerwarm.gc_all_nodes  (Celery beat) send one layerwarm.gc to every live node's IO queue
     layerwarm.gc          gc of this node's disk to its quota (pipeline.gc.scheduled_collect)
@@ -355,12 +357,20 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                                     shared_from=str(shared.source))
             if not disk.has(spec.digest):
                 log.info("fetching layer from registry: %s (%d bytes)", spec.digest, spec.size)
+                inline = spec.size <= INLINE_DECOMPRESS_BYTES
+                if not inline:
+                    # Sent first, so the decompression follows the download as it arrives
+                    # (stages.decompress_following) instead of waiting for its end.
+                    decompress.apply_async((job_id, layer, target),
+                                           {"token": token, "started": started},
+                                           queue=node_cpu_queue(c.node))
                 staging = stages.fetch(c.env.client, spec, disk, progress)
-                if spec.size <= INLINE_DECOMPRESS_BYTES:
+                if inline:
                     # Inflating this takes less than the hop to the CPU queue would.
                     stages.decompress(spec, disk, staging, progress, c.settings.limits)
                     _count_from_registry(spec, started)
-                    inline = True
+                else:
+                    return {"digest": str(spec.digest), "staged_on": c.node}
         if inline and tgt.node is None and remote is not None:
             # A fleet layer is done once shared; for a tiny one that is quicker than a task.
             _publish_counted(spec, remote, progress)
@@ -369,17 +379,14 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             return self.done(job_id, spec, target, "registry", publish="done")
         if inline:
             return self.decompressed(job_id, layer, spec, target, token)
-        if disk.has(spec.digest):  # decompressed here before; only the remote tier lacks it
-            if tier == "link":
-                _count("link", started, missed=("remote",))
-            else:
-                _count("disk", started, missed=("remote",) if remote is not None else ())
-            publish.apply_async((job_id, layer, target), {"token": token, "tier": tier},
-                                queue=node_io_queue(c.node))
+        # On disk before this task, or linked by it; only the remote tier lacks it.
+        if tier == "link":
+            _count("link", started, missed=("remote",))
         else:
-            decompress.apply_async((job_id, layer, target), {"token": token, "started": started},
-                                   queue=node_cpu_queue(c.node))
-        return {"digest": str(spec.digest), "staged_on": c.node}
+            _count("disk", started, missed=("remote",) if remote is not None else ())
+        publish.apply_async((job_id, layer, target), {"token": token, "tier": tier},
+                            queue=node_io_queue(c.node))
+        return {"digest": str(spec.digest), "on_disk": c.node}
     except Retry:
         raise
     except (LayerwarmError, OSError) as e:
@@ -420,23 +427,28 @@ def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
 def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                token: str | None = None, failures: int = 0,
                started: float | None = None) -> dict[str, Any]:
+    """Decompress the blob this host's fetch task is downloading (sent as it starts).
+
+    It follows the download as it arrives and commits once the fetch has verified the
+    blob. If the fetch fails, the fetch task retries or fails the layer, and this ends
+    without touching the job.
+    """
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
     disk = c.env.disk
     try:
         kept = c.leases.kept(spec.digest, token) if token else nullcontext()
-        with kept, disk.lock(spec.digest):
-            if not disk.has(spec.digest):
-                staging = disk.staging_path(spec.digest)
-                if not staging.exists():  # lost since the fetch (e.g. a wiped disk): again
-                    fetch.apply_async((job_id, layer, target), {"token": token},
-                                      queue=node_io_queue(c.node))
-                    return {"digest": str(spec.digest), "refetch": True}
-                size = stages.decompress(spec, disk, staging, progress, c.settings.limits)
-                _count_from_registry(spec, started)
-                log.info("layer decompressed and cached: %s (%d bytes) %s",
-                         spec.digest, size, disk.path(spec.digest))
+        with kept:
+            outcome = stages.decompress_following(spec, disk, progress, c.settings.limits)
+        if outcome is None:
+            log.info("layer %s: the fetch left no blob to decompress", spec.digest)
+            return {"digest": str(spec.digest), "fetch_failed": True}
+        size, made = outcome
+        if made:
+            _count_from_registry(spec, started)
+            log.info("layer decompressed and cached: %s (%d bytes) %s",
+                     spec.digest, size, disk.path(spec.digest))
         return self.decompressed(job_id, layer, spec, target, token)
     except Retry:
         raise
