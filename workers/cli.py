@@ -24,12 +24,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
+
+if TYPE_CHECKING:
+    from workers.jobs import JobStore
 
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
 
@@ -162,7 +165,7 @@ def _port(text: str) -> int:
     return port
 
 
-def _store():  # noqa: ANN202 - JobStore, imported lazily with redis
+def _store() -> JobStore:  # imported lazily with redis
     import redis
 
     from workers.app import JOB_TTL, broker_url
@@ -210,12 +213,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+FOLLOW_REDRAW = 0.5  # seconds between reads of a job when no layer finishes meanwhile
+
+
 def follow(job_id: str, as_json: bool) -> int:
-    """Poll a job until it ends, drawing progress; exit like `warm`."""
+    """Follow a job until it ends, drawing progress; exit like `warm`.
+
+    The job is read again every half second, and as soon as a layer finishes (the job
+    store publishes that), so the command ends when the job does, not up to a poll later.
+    Reads are spaced by at least ten times what one took: a job of thousands of layers,
+    finishing many a second, is not read back-to-back.
+    """
     store = _store()
+    events = store.client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(store.events_channel(job_id))  # before the first read: nothing missed
+    try:
+        return _follow(store, events, job_id, as_json)
+    finally:
+        events.close()
+
+
+def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
     area = LiveArea(sys.stderr) if sys.stderr.isatty() else None
     seen: dict[str, str] = {}
     while True:
+        started = time.monotonic()
         status = store.status(job_id)
         if status is None:
             raise LayerwarmError(f"no job {job_id} (unknown, or expired)")
@@ -231,7 +253,11 @@ def follow(job_id: str, as_json: bool) -> int:
                           file=sys.stderr, flush=True)
         if status["state"] in ("done", "failed"):
             break
-        time.sleep(0.5)
+        took = time.monotonic() - started
+        events.get_message(timeout=FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0)
+        while events.get_message(timeout=0) is not None:
+            pass  # one read covers every layer that finished meanwhile
+        time.sleep(max(0.0, 10 * took - (time.monotonic() - started)))
     if area is not None:
         area.clear()
     print(json.dumps(status, indent=2) if as_json else status_text(status))

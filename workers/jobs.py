@@ -3,6 +3,8 @@
     layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
     layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
     layerwarm:jobs:active       sorted set of jobs not known to be finished (for the sweeper)
+    layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
+                                when the plan is recorded), so `--wait` ends at once
 
 Both expire after the job TTL. A job's overall state is derived from its layers when read,
 so no writer has to keep a summary consistent.
@@ -38,6 +40,11 @@ class JobStore:
     def _key(job_id: str) -> str:
         return f"layerwarm:job:{check_job_id(job_id)}"
 
+    @classmethod
+    def events_channel(cls, job_id: str) -> str:
+        """Where a message goes each time one of the job's layers finishes."""
+        return cls._key(job_id) + ":events"
+
     def create(self, job_id: str, refs: list[str], target: str, platform: str | None) -> None:
         key = self._key(job_id)
         with self.client.pipeline() as p:
@@ -69,6 +76,7 @@ class JobStore:
             p.hset(key, mapping={"planned": "1", "image_failures": json.dumps(image_failures),
                                  "images": json.dumps(images or [])})
             p.expire(key, self.ttl)
+            p.publish(self.events_channel(job_id), "planned")
             p.execute()
 
     def update_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
@@ -84,6 +92,8 @@ class JobStore:
         with self.client.pipeline() as p:
             p.hset(key, field, json.dumps(state))
             p.expire(key, self.ttl)
+            if fields.get("state") in FINISHED:
+                p.publish(self.events_channel(job_id), field)
             p.execute()
 
     def images(self, job_id: str) -> list[dict[str, Any]]:

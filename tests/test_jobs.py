@@ -1,0 +1,82 @@
+"""Job records (workers/jobs.py) against real Redis: what `submit --wait` relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from workers.app import app
+from workers.jobs import ACTIVE, JobStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYER = {
+    "digest": "sha256:" + "c" * 64, "diff_id": "sha256:" + "d" * 64,
+    "media_type": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 10,
+    "sources": ["127.0.0.1:5000/t/y"],
+}
+
+
+def _job(client: redis.Redis) -> tuple[JobStore, str]:
+    jobs = JobStore(client, ttl=600)
+    job_id = uuid.uuid4().hex
+    jobs.create(job_id, ["127.0.0.1:5000/t/y:1"], "remote", None)
+    return jobs, job_id
+
+
+def _next_message(events: redis.client.PubSub, timeout: float) -> bytes | None:
+    """The next published message; get_message returns None once for the subscription's
+    own confirmation, which ignore_subscribe_messages swallows."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = events.get_message(timeout=left)
+        if message is not None:
+            return message["data"]
+    return None
+
+
+def _cleanup(client: redis.Redis, job_id: str) -> None:
+    client.zrem(ACTIVE, job_id)
+    client.delete(f"layerwarm:job:{job_id}", f"layerwarm:job:{job_id}:layers")
+
+
+def test_a_finishing_layer_is_announced_on_the_jobs_channel(redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    events = client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(jobs.events_channel(job_id))
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        assert _next_message(events, 5) == b"planned"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="fetching", bytes_done=5)
+        assert _next_message(events, 0.5) is None, "progress is not announced"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="done")
+        assert _next_message(events, 5) == f"{LAYER['digest']}|remote".encode()
+    finally:
+        events.close()
+        _cleanup(client, job_id)
+
+
+def test_status_watch_ends_with_the_job(redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "status", "--watch", "--json", job_id],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "LAYERWARM_BROKER_URL": app.conf.broker_url})
+    try:
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="failed", reason="test")
+        out, err = watch.communicate(timeout=60)
+        assert watch.returncode == 1, err  # like `warm`: a failed layer fails the command
+        status = json.loads(out)
+        assert status["state"] == "failed" and status["layers"][0]["reason"] == "test"
+    finally:
+        watch.kill()
+        _cleanup(client, job_id)
