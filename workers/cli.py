@@ -176,8 +176,8 @@ def _store() -> JobStore:  # imported lazily with redis
 
 def cmd_submit(args: argparse.Namespace) -> int:
     _broker_env(args)
+    from workers.app import enqueue_job
     from workers.routing import Target
-    from workers.tasks import enqueue_job
 
     refs = [str(r) for r in base.read_refs(args)]
     if args.to == "all-nodes":

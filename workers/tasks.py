@@ -532,9 +532,3 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # One sweeper per IO worker process; CPU workers only decompress.
     if str(getattr(sender, "hostname", "")).startswith("io@"):
         start_sweeper(context().jobs, stall=2 * VISIBILITY_TIMEOUT)
-
-
-def enqueue_job(job_id: str, refs: Sequence[str], targets: Sequence[str],
-                platform: str | None) -> None:
-    """Start a job: planning runs on any worker, which then fans out the layer tasks."""
-    plan.apply_async((job_id, list(refs), list(targets), platform), task_id=f"{job_id}-plan")
