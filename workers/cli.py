@@ -64,6 +64,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CPU_PREFETCH = 4  # messages per CPU slot a host's cpu@ worker holds (io@ holds 1)
 MAX_RESTARTS = 5  # per child within RESTART_WINDOW seconds, then the host gives up
 RESTART_WINDOW = 60.0
 
@@ -91,8 +92,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     commands = {
         f"io@{node}": [*celery, "-n", f"io@{node}", "-c", str(io),
                        "-Q", f"{FLEET_QUEUE},{node_io_queue(node)}"],
+        # Only this host consumes its CPU queue, so holding a few messages ahead takes
+        # work from no one, and the next decompress starts without a broker round trip.
         f"cpu@{node}": [*celery, "-n", f"cpu@{node}", "-c", str(cpu),
-                        "-Q", node_cpu_queue(node)],
+                        "--prefetch-multiplier", str(CPU_PREFETCH), "-Q", node_cpu_queue(node)],
     }
     if args.metrics_port is not None:
         serve_metrics(env, args.metrics_address, args.metrics_port)

@@ -255,10 +255,13 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
           "layers": [str(y.digest) for y in x.layers]} for x in result.images],
     )
 
-    # Tiny layers travel in batches (one task, one after another); the others one a task.
+    # Tiny layers travel in batches (one task, one after another); the others one a task,
+    # largest first: the fleet queue then hands the big ones out first and the small ones
+    # to whichever host frees up first, which spreads the bytes (and so the decompression
+    # each host must do itself) evenly across hosts.
     batches: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
-    for layer, t in work:
+    for layer, t in sorted(work, key=lambda w: -int(w[0]["size"])):
         queue = Target.parse(t).fetch_queue
         if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
             sends.append(functools.partial(fetch.apply_async, (job_id, layer, t), queue=queue))
