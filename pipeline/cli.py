@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError, UsageError
-from pipeline.manifest import Platform
-from pipeline.progress import TerminalProgress
-from pipeline.reference import Reference
-from pipeline.stages import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:  # imported where used, so commands that do not need it start fast
+    from pipeline.manifest import Platform
+    from pipeline.reference import Reference
+    from pipeline.stages import Progress
     from pipeline.stats import HitRatio
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -29,6 +28,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def read_refs(args: argparse.Namespace) -> list[Reference]:
     """Refs from the command line and `-f` files (one a line, `#` comments); strict."""
+    from pipeline.reference import Reference
+
     items: list[tuple[str, str]] = [("argument", r) for r in args.refs]
     for name in args.file or []:
         try:
@@ -69,6 +70,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def platform_arg(args: argparse.Namespace) -> Platform | None:
+    from pipeline.manifest import Platform
+
     if args.all_platforms:
         return None
     try:
@@ -79,6 +82,8 @@ def platform_arg(args: argparse.Namespace) -> Platform | None:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     from pipeline import report, runner
+    from pipeline.progress import TerminalProgress
+    from pipeline.stages import NO_PROGRESS
 
     refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     bars = sys.stderr.isatty() and not args.json and not args.verbose
