@@ -176,9 +176,10 @@ def materialize(
             path = disk.path(layer.digest)
             log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)
             result.source, result.uncompressed_size = "disk", size
-            row = disk.meta.layer(layer.digest)
-            # A disk hit touches nothing remote, unless an earlier publish could not run.
-            pending = remote is not None and row is not None and row.publish_pending
+            # A disk hit touches nothing remote, unless an earlier publish could not run
+            # (its row says so; read only when there is a remote tier to publish to).
+            pending = remote is not None and (
+                (row := disk.meta.layer(layer.digest)) is not None and row.publish_pending)
             if not pending:
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)
