@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline import sharing
 from pipeline.codecs import compression_for
@@ -37,7 +37,9 @@ from pipeline.stages import (
     restore,
 )
 from pipeline.tiers.disk import DiskTier
-from pipeline.tiers.remote import RemoteTier
+
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 T = TypeVar("T")
