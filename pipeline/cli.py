@@ -7,21 +7,22 @@ failure printed with its reason), 2 usage errors (bad flags, references or setti
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError, UsageError
-from pipeline.manifest import Platform
-from pipeline.progress import TerminalProgress
-from pipeline.reference import Reference
-from pipeline.stages import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:  # imported where used, so commands that do not need it start fast
+    from pipeline.manifest import Platform
+    from pipeline.reference import Reference
+    from pipeline.stages import Progress
     from pipeline.stats import HitRatio
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -29,6 +30,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def read_refs(args: argparse.Namespace) -> list[Reference]:
     """Refs from the command line and `-f` files (one a line, `#` comments); strict."""
+    from pipeline.reference import Reference
+
     items: list[tuple[str, str]] = [("argument", r) for r in args.refs]
     for name in args.file or []:
         try:
@@ -69,6 +72,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def platform_arg(args: argparse.Namespace) -> Platform | None:
+    from pipeline.manifest import Platform
+
     if args.all_platforms:
         return None
     try:
@@ -77,8 +82,30 @@ def platform_arg(args: argparse.Namespace) -> Platform | None:
         raise UsageError(str(e)) from None
 
 
+@contextmanager
+def _long_lived() -> Iterator[None]:
+    """Make what lives until the process ends (a command's modules) outside the cyclic GC.
+
+    The collector is off in the block, and what exists at its end is frozen (gc.freeze):
+    the tens of thousands of objects that importing requests, SQLite and the stages makes
+    are then never walked again, neither by the run's collections nor by the one at exit.
+    What the command makes afterwards is collected as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
-    from pipeline import report, runner
+    with _long_lived():
+        from pipeline import report, runner
+        from pipeline.progress import TerminalProgress
+        from pipeline.stages import NO_PROGRESS
 
     refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     bars = sys.stderr.isatty() and not args.json and not args.verbose
@@ -98,7 +125,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline import report, runner
+    with _long_lived():
+        from pipeline import report, runner
 
     refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     plan, where = runner.plan_only(refs, settings, platform=platform)

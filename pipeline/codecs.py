@@ -8,16 +8,11 @@ nothing here relies on it.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Literal, Protocol
-
-import zstandard
-
-try:  # ISA-L inflates gzip several times faster than zlib, with zlib's interface
-    from isal import isal_zlib as _inflate
-except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    _inflate = zlib  # type: ignore[assignment]
 
 from pipeline.errors import UnsupportedMediaType, VerificationError
 
@@ -44,6 +39,17 @@ class Readable(Protocol):
 
 _MAGIC: dict[Compression, bytes] = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 CHUNK = 1 << 20
+
+
+# The codec libraries are imported at the first layer that needs them, not with this module:
+# a warm whose layers are all on disk decompresses nothing.
+@functools.cache
+def _inflate() -> ModuleType:
+    try:  # ISA-L inflates gzip several times faster than zlib, with zlib's interface
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+        return zlib
+    return isal_zlib
 
 
 def compression_for(media_type: str) -> Compression:
@@ -85,7 +91,8 @@ def _read_head(src: Readable, n: int) -> bytes:
 
 def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
     # A gzip file may hold several members back to back; each needs a fresh decompressor.
-    d = _inflate.decompressobj(wbits=31)
+    inflate = _inflate()
+    d = inflate.decompressobj(wbits=31)
     data = head
     try:
         while True:
@@ -106,12 +113,14 @@ def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
                 data = d.unused_data or src.read(CHUNK)
                 if not data.strip(b"\0"):  # end of file, or zero padding after the last member
                     return
-                d = _inflate.decompressobj(wbits=31)
-    except (zlib.error, _inflate.error) as e:
+                d = inflate.decompressobj(wbits=31)
+    except (zlib.error, inflate.error) as e:
         raise VerificationError(f"{what}: corrupt gzip data ({e})") from None
 
 
 def _unzstd(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
+    import zstandard
+
     d = zstandard.ZstdDecompressor()
     # zstd's own input size (128 KiB): with 1 MiB reads, writing the output chunks took
     # several times more system time (measured here on 500 MiB: 1.7 s of sys against 0.2).

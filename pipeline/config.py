@@ -73,15 +73,18 @@ def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _quota(env: Mapping[str, str]) -> dict[str, object]:
-    from pipeline.units import parse_size
-
     raw = env.get("LAYERWARM_MAX_CACHE_SIZE")
     high = _fraction(env, "LAYERWARM_CACHE_HIGH_WATERMARK", 0.9)
     low = _fraction(env, "LAYERWARM_CACHE_LOW_WATERMARK", 0.8)
     if low > high:
         raise UsageError(f"LAYERWARM_CACHE_LOW_WATERMARK={low} is above the high one ({high})")
+    max_size = None
+    if raw:  # units (and its regexes) only when there is a size to parse
+        from pipeline.units import parse_size
+
+        max_size = parse_size(raw, "LAYERWARM_MAX_CACHE_SIZE")
     return {
-        "max_cache_size": parse_size(raw, "LAYERWARM_MAX_CACHE_SIZE") if raw else None,
+        "max_cache_size": max_size,
         "cache_high_watermark": high,
         "cache_low_watermark": low,
     }

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import ExitStack
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline import sharing
 from pipeline.codecs import compression_for
@@ -38,7 +38,9 @@ from pipeline.stages import (
     restore,
 )
 from pipeline.tiers.disk import DiskTier
-from pipeline.tiers.remote import RemoteTier
+
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 T = TypeVar("T")
@@ -140,9 +142,10 @@ def materialize(
             path = disk.path(layer.digest)
             log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, path)
             result.source, result.uncompressed_size = "disk", size
-            row = disk.meta.layer(layer.digest)
-            # A disk hit touches nothing remote, unless an earlier publish could not run.
-            pending = remote is not None and row is not None and row.publish_pending
+            # A disk hit touches nothing remote, unless an earlier publish could not run
+            # (its row says so; read only when there is a remote tier to publish to).
+            pending = remote is not None and (
+                (row := disk.meta.layer(layer.digest)) is not None and row.publish_pending)
             if not pending:
                 result.seconds = time.monotonic() - started
                 progress.stage(layer, "done", None)

@@ -8,8 +8,9 @@
     pins     layers protected from gc until a time, and the image ref that pinned them
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
-re-hash it and a warm can notice a truncated one), never that it exists. Each thread
-gets its own connection; WAL and a busy timeout let many processes share the file.
+re-hash it and a warm can notice a truncated one), never that it exists. Each query or
+transaction has a connection to itself, taken from the idle ones (or opened, when all are
+busy) and given back after; WAL and a busy timeout let many processes share the file.
 """
 
 from __future__ import annotations
@@ -87,22 +88,35 @@ class ImageRow:
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
+        # Idle connections, for any thread to take (_db). One per thread opened and set up
+        # (pragmas, WAL, schema) 17 of them in a warm of 12 cached images, slowing each
+        # thread's first query; the pool holds as many as ever ran at once: 2 there.
+        self._idle: list[sqlite3.Connection] = []
+        self._idle_lock = threading.Lock()
 
     @contextmanager
     def _db(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
-        conn = getattr(self._local, "conn", None)
+        with self._idle_lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             if not create and not self.path.exists():
                 yield None  # nothing recorded yet; reading must not create the file
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
             conn = self._connect()
-            self._local.conn = conn
-        yield conn
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # a transaction its ROLLBACK could not end: not reusable
+                conn.close()
+            else:
+                with self._idle_lock:
+                    self._idle.append(conn)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # Not tied to a thread: one thread at a time uses it, handed over by _db.
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                               check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=30000")
         # No fsync per commit: a power cut may lose the last rows, never corrupt the file,
         # and the files stay the source of truth (gc adopts an entry without a row). With

@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from pipeline.stages import LayerSpec
+if TYPE_CHECKING:  # for annotations only: importing stages would pull in requests
+    from pipeline.stages import LayerSpec
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 BAR_WIDTH = 24

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.plan import Plan
 from pipeline.progress import human_bytes
-from pipeline.runner import WarmReport
-from pipeline.stages import LayerResult, LayerSpec, Source
+
+if TYPE_CHECKING:  # annotations only: `ls`, `pin --list` and `status` use the tables here
+    from pipeline.plan import Plan  # without the runner, the registry client and requests
+    from pipeline.runner import WarmReport
+    from pipeline.stages import LayerResult, LayerSpec, Source
 
 # How a source reads in tables: "link" says why nothing was fetched.
 SOURCE_LABELS = {"link": "disk (shared by diff_id)"}

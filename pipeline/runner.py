@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline import sharing, stats
 from pipeline.config import Settings
@@ -25,7 +26,9 @@ from pipeline.registry.auth import DockerConfig
 from pipeline.registry.client import RegistryClient
 from pipeline.stages import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.tiers.disk import DiskTier
-from pipeline.tiers.remote import RemoteTier, open_remote
+
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 
@@ -65,7 +68,11 @@ class Environment:
             docker_config=DockerConfig.load(),
             rate_limiter=rate_limiter,
         )
-        remote = open_remote(settings.remote_url) if settings.remote_url else None
+        remote = None
+        if settings.remote_url:
+            from pipeline.tiers.remote import open_remote
+
+            remote = open_remote(settings.remote_url)
         return cls(client, DiskTier(settings.cache_dir), remote)
 
 

@@ -8,9 +8,8 @@ bounded, so memory stays flat whatever the layer's size.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import queue
 import threading
@@ -24,7 +23,12 @@ SYNC_EVERY = 32 << 20  # start writeback as we go, so the final fsync has little
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 
 
+# Looked up at the first writeback, not at import: find_library runs `ldconfig -p` (a few
+# ms), and a warm whose layers are all on disk writes nothing.
+@functools.cache
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    import ctypes.util
+
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         call = fn.sync_file_range
@@ -35,18 +39,18 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return call
 
 
-_sync_file_range = _load_sync_file_range()
-
-
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk, without waiting.
 
     The entry's final fsync then finds most pages already clean, so writing the disk
     overlaps with producing the data instead of following it.
     """
-    if _sync_file_range is None:
+    sync_file_range = _load_sync_file_range()
+    if sync_file_range is None:
         os.fdatasync(fd)  # no async writeback here: a blocking sync at least bounds the tail
-    elif _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+    elif sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+        import ctypes  # loaded already, by _load_sync_file_range
+
         err = ctypes.get_errno()
         if err not in (errno.ESPIPE, errno.EINVAL):  # a pipe or device: nothing to write back
             raise OSError(err, os.strerror(err))

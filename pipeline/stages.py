@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, TypeVar
 
 from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
@@ -37,8 +37,10 @@ from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
 from pipeline.tiers.disk import DiskTier
-from pipeline.tiers.remote import RemoteTier
 from pipeline.verify import hash_file
+
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.codecs import CHUNK
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import LayerwarmError, VerificationError
 from pipeline.tiers.disk import DiskTier
-from pipeline.tiers.remote import RemoteTier
+
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.tiers.remote import RemoteTier
 
 
 @dataclass(frozen=True)

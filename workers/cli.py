@@ -9,7 +9,8 @@
     layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
 
 Celery and Redis are imported only by these commands, so `warm` and `plan` start fast and
-need no broker.
+need no broker. So are the modules only one command uses (signal, subprocess, tempfile,
+uuid): `warm` is a short process whose start-up is part of its run time.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +74,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     operator, the OOM killer) or failing too often stops the whole host: a host with half
     its pools is no host, and the host's own supervisor decides what happens next.
     """
+    import signal
+    import subprocess
+
     from workers.routing import FLEET_QUEUE, check_node, node_cpu_queue, node_io_queue
 
     node = check_node(args.node)
@@ -178,6 +178,8 @@ def _store() -> JobStore:  # imported lazily with redis
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import uuid
+
     _broker_env(args)
     from workers.app import enqueue_job
     from workers.routing import Target
@@ -317,6 +319,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     """Run Celery beat: every LAYERWARM_GC_INTERVAL it has each live node run gc."""
+    import tempfile
+
     _broker_env(args)
     from workers.app import GC_INTERVAL  # a bad LAYERWARM_GC_INTERVAL fails here, clearly
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -160,6 +159,8 @@ class DockerConfig:
 
 def _run_helper(helper: str, server: str) -> Credentials | None:
     """`docker-credential-<helper> get` with the server URL on stdin (Docker's protocol)."""
+    import subprocess  # here, not at the top: most runs use no credential helper
+
     if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
         raise UsageError(f"invalid credential helper name {helper[:60]!r} in Docker config")
     program = f"docker-credential-{helper}"
