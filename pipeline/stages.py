@@ -335,6 +335,23 @@ def decompress_stream(
     return size
 
 
+def better_later(layer: LayerSpec, disk: DiskTier) -> bool:
+    """Whether a decompression that would follow a download should wait its turn instead.
+
+    True while the layer's download is still running (only its `.partial` file exists) and
+    another blob on this disk is already staged whole: the one slot decompressing here
+    would otherwise sit waiting on the network while ready work waits on it.
+    """
+    staging = disk.staging_path(layer.digest)
+    if staging.exists() or not partial_path(staging).exists():
+        return False
+    try:
+        names = os.listdir(disk.staging_dir)
+    except FileNotFoundError:
+        return False
+    return any(n != staging.name and not n.endswith(".partial") for n in names)
+
+
 def decompress_following(
     layer: LayerSpec,
     disk: DiskTier,

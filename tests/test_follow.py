@@ -22,10 +22,10 @@ import pytest
 
 from pipeline.digest import Digest
 from pipeline.errors import TransientError, VerificationError
-from pipeline.follow import GrowingFile, StreamAbandoned
+from pipeline.follow import GrowingFile, StreamAbandoned, partial_path
 from pipeline.materialize import fetch_and_decompress
 from pipeline.reference import Reference
-from pipeline.stages import LayerSpec, decompress_following
+from pipeline.stages import LayerSpec, better_later, decompress_following
 from pipeline.tiers.disk import DiskTier
 from tests.support.images import Layer, random_tar
 from tests.support.paused_fetch import BlobStream
@@ -283,3 +283,20 @@ def test_follower_after_the_fetch_ended_decompresses_the_staged_blob(tmp_path: P
     assert leftovers(root) == []
     # A second follower (another job's) finds the entry made by the first.
     assert decompress_following(spec(lay), DiskTier(root)) == (len(TAR), False)
+
+
+def test_a_decompression_waits_its_turn_only_behind_a_blob_that_is_ready(tmp_path: Path) -> None:
+    lay, other = Layer(TAR, "gzip"), Layer(random_tar(12, 100_000), "gzip")
+    disk = DiskTier(tmp_path)
+    disk.staging_dir.mkdir(parents=True)
+    mine = disk.staging_path(Digest.parse(lay.digest))
+    assert not better_later(spec(lay), disk), "no download running yet: follow it"
+    partial_path(mine).write_bytes(lay.blob[:1000])  # its download is running
+    assert not better_later(spec(lay), disk), "nothing else is ready: follow it"
+    theirs = disk.staging_path(Digest.parse(other.digest))
+    partial_path(theirs).write_bytes(other.blob[:10])
+    assert not better_later(spec(lay), disk), "the other one is still downloading too"
+    partial_path(theirs).rename(theirs)  # the other download is verified and staged whole
+    assert better_later(spec(lay), disk)
+    partial_path(mine).rename(mine)  # and now this one too: nothing to wait for
+    assert not better_later(spec(lay), disk)

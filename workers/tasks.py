@@ -67,6 +67,8 @@ MAX_TRANSIENT_RETRIES = 6
 # the fetch task itself: for tiny layers the hops between tasks, not the work, were the cost.
 INLINE_DECOMPRESS_BYTES = 256 << 10
 TINY_BATCH = 20  # tiny layers per fetch_batch task
+DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
+MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
 
 
 @dataclass
@@ -429,17 +431,26 @@ def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
           ignore_result=True)
 def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                token: str | None = None, failures: int = 0,
-               started: float | None = None) -> dict[str, Any]:
+               started: float | None = None, deferrals: int = 0) -> dict[str, Any]:
     """Decompress the blob this host's fetch task is downloading (sent as it starts).
 
     It follows the download as it arrives and commits once the fetch has verified the
     blob. If the fetch fails, the fetch task retries or fails the layer, and this ends
-    without touching the job.
+    without touching the job. While another layer's blob is staged whole on this host, it
+    does not wait on its own download: it goes back in the queue behind that one.
     """
     c = context()
     spec = layer_from_json(layer)
     progress = JobProgress(self, c.jobs, job_id, target, c.node)
     disk = c.env.disk
+    if deferrals < MAX_DEFERRALS and stages.better_later(spec, disk):
+        # Its download is still running and another layer's blob is ready here: that
+        # one goes first (it is ahead in this queue); this comes back in a moment. Only
+        # so often: a blob left staged by a crash would otherwise keep it going round.
+        decompress.apply_async(
+            (job_id, layer, target), {**(self.request.kwargs or {}), "deferrals": deferrals + 1},
+            queue=node_cpu_queue(c.node), countdown=DEFER_SECONDS)
+        return {"digest": str(spec.digest), "deferred": deferrals + 1}
     try:
         kept = c.leases.kept(spec.digest, token) if token else nullcontext()
         with kept:
