@@ -52,6 +52,14 @@ def _inflate() -> ModuleType:
     return isal_zlib
 
 
+def preload() -> None:
+    """Import the codec libraries now: for a long-running worker, whose first layer should
+    not pay for them."""
+    import zstandard  # noqa: F401
+
+    _inflate()
+
+
 def compression_for(media_type: str) -> Compression:
     try:
         return LAYER_MEDIA_TYPES[media_type]

@@ -39,6 +39,11 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return call
 
 
+def preload() -> None:
+    """Look up sync_file_range now (see `_load_sync_file_range`), for a long-running worker."""
+    _load_sync_file_range()
+
+
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk, without waiting.
 

@@ -144,6 +144,14 @@ def test_stat_of_missing_layer_is_none(backend: Backend, work: Path) -> None:
     assert backend.tier.stat(digest) is None
 
 
+def test_connect_makes_no_entry_and_the_tier_works_after(backend: Backend, work: Path) -> None:
+    backend.tier.connect()
+    assert list(backend.tier.list()) == []
+    digest, src = make_layer(work, 100, seed=2)
+    backend.tier.upload(digest, src, {})
+    assert backend.tier.stat(digest) is not None
+
+
 def test_upload_stat_download_round_trip(backend: Backend, work: Path) -> None:
     tier = backend.tier
     digest, src = make_layer(work, 70_001, seed=2)
@@ -386,6 +394,7 @@ def test_s3_missing_bucket_is_a_clear_permanent_error(s3: S3Server, work: Path) 
     tier = S3Tier("no-such-bucket-here", endpoint_url=s3.endpoint_url)
     digest, src = make_layer(work, 10, seed=71)
     for operation in (
+        tier.connect,
         lambda: tier.stat(digest),
         lambda: tier.upload(digest, src, {}),
         lambda: list(tier.list()),
@@ -522,8 +531,9 @@ def test_directory_root_is_created_but_not_its_parents(tmp_path: Path, work: Pat
     assert (tmp_path / "new-root" / digest.cache_name).is_file()
 
     unmounted = DirectoryTier(tmp_path / "not-mounted" / "layers")
-    with pytest.raises(UsageError, match="does not exist"):
-        unmounted.stat(digest)
+    for operation in (unmounted.connect, lambda: unmounted.stat(digest)):
+        with pytest.raises(UsageError, match="does not exist"):
+            operation()
     assert not (tmp_path / "not-mounted").exists()
 
     (tmp_path / "a-file").write_bytes(b"")

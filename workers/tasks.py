@@ -24,6 +24,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import gc, sharing, stages, stats
+from pipeline import codecs, gc, sharing, sinks, stages, stats
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import (
@@ -542,7 +543,25 @@ def gc_all_nodes() -> dict[str, Any]:
 
 
 @worker_ready.connect
-def _start_sweeper(sender: Any = None, **_: Any) -> None:
-    # One sweeper per IO worker process; CPU workers only decompress.
+def _ready(sender: Any = None, **_: Any) -> None:
+    """Before the first task: build the context and load what the stages load on first
+    use (codecs, writeback, the remote tier's client), so a job does not wait on it (in
+    a fleet of two hosts that was four processes importing boto3 in a job's first second).
+    IO workers also start the sweeper; CPU workers only decompress."""
+    c = context()
+    codecs.preload()
+    sinks.preload()
     if str(getattr(sender, "hostname", "")).startswith("io@"):
-        start_sweeper(context().jobs, stall=2 * VISIBILITY_TIMEOUT)
+        start_sweeper(c.jobs, stall=2 * VISIBILITY_TIMEOUT)
+        if c.env.remote is not None:
+            # On a thread: an unreachable endpoint takes its timeouts, and the worker must
+            # take tasks meanwhile (a task needing the client waits for it, or makes it).
+            threading.Thread(target=_connect, args=(c.env.remote,), daemon=True,
+                             name="layerwarm-connect").start()
+
+
+def _connect(remote: RemoteTier) -> None:
+    try:
+        remote.connect()
+    except LayerwarmError as e:  # the tasks meet it again, and handle it there
+        log.warning("remote tier %s: %s", remote.url, describe_error(e))

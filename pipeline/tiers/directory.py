@@ -92,6 +92,9 @@ class DirectoryTier:
 
     # -- the RemoteTier protocol -------------------------------------------------------
 
+    def connect(self) -> None:
+        self._ensure_root()
+
     def stat(self, digest: Digest) -> RemoteEntry | None:
         self._ensure_root()
         with self._errors(f"stat {digest}"):

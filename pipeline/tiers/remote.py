@@ -68,6 +68,11 @@ class RemoteTier(Protocol):
 
     url: str  # for messages and logs; never contains credentials
 
+    def connect(self) -> None:
+        """Do now what the first request would do first (make the client, check that the
+        bucket or directory is there); for a long-running worker. Raises as the others do."""
+        ...
+
     def stat(self, digest: Digest) -> RemoteEntry | None:
         """The entry for `digest`, or None when the tier does not have it."""
         ...

@@ -116,6 +116,9 @@ class S3Tier:
 
     # -- the RemoteTier protocol -------------------------------------------------------
 
+    def connect(self) -> None:
+        self._s3("connect")
+
     def stat(self, digest: Digest) -> RemoteEntry | None:
         s3 = self._s3(f"stat {digest}")
         try:
