@@ -115,6 +115,29 @@ def _wait_quietly(future: Future[int]) -> None:
         pass
 
 
+def recorded_hit(
+    layer: LayerSpec, disk: DiskTier, remote: RemoteTier | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> LayerResult | None:
+    """The layer as a disk hit that needs nothing more, or None: ask `materialize`.
+
+    A hit here is an entry with the size its row records and no publish pending. It is
+    checked without the digest's lock, which guards materializing, not reading: an entry
+    is named only once complete. Anything else (no entry, no row, a size that differs, a
+    publish still owed to the remote tier) goes through `materialize`, under the lock.
+    A warm of cached images then needs no thread per layer.
+    """
+    size = disk.size(layer.digest)
+    if size is None:
+        return None
+    row = disk.meta.layer(layer.digest)
+    if row is None or row.uncompressed_size != size or (remote is not None and row.publish_pending):
+        return None
+    log.info("disk cache hit: %s (%d bytes) %s", layer.digest, size, disk.path(layer.digest))
+    progress.stage(layer, "done", None)
+    return LayerResult(layer, source="disk", uncompressed_size=size)
+
+
 def materialize(
     layer: LayerSpec,
     *,

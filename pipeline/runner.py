@@ -18,7 +18,7 @@ from pipeline import sharing, stats
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
 from pipeline.manifest import Platform
-from pipeline.materialize import materialize
+from pipeline.materialize import materialize, recorded_hit
 from pipeline.plan import Plan, Resolver, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
@@ -121,7 +121,13 @@ def warm(
                 progress.stage(layer, "failed", None)
                 return LayerResult(layer, error=reason)
 
-        results = list(io.map(one, plan.layers))
+        done = {x: hit for x in plan.layers
+                if (hit := recorded_hit(x, env.disk, env.remote, progress)) is not None}
+        counted += [stats.result_counts(x, has_remote=env.remote is not None)
+                    for x in done.values()]
+        misses = [x for x in plan.layers if x not in done]
+        done.update(zip(misses, io.map(one, misses), strict=True))
+        results = [done[x] for x in plan.layers]
     # One transaction for the whole warm: a write per layer from many threads at once
     # queued on SQLite's write lock (and its busy-wait sleeps) more than it counted.
     stats.record(env.disk.meta, stats.total(counted))
