@@ -262,21 +262,19 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
     # largest first: the fleet queue then hands the big ones out first and the small ones
     # to whichever host frees up first, which spreads the bytes (and so the decompression
     # each host must do itself) evenly across hosts.
-    batches: dict[str, list[dict[str, Any]]] = {}
+    tiny: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
     for layer, t in sorted(work, key=lambda w: -int(w[0]["size"])):
-        queue = Target.parse(t).fetch_queue
         if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
-            sends.append(functools.partial(fetch.apply_async, (job_id, layer, t), queue=queue))
-            continue
-        batch = batches.setdefault(t, [])
-        batch.append(layer)
-        if len(batch) == TINY_BATCH:
-            sends.append(functools.partial(fetch_batch.apply_async, (job_id, batch, t),
-                                           queue=queue))
-            batches[t] = []
-    sends += [functools.partial(fetch_batch.apply_async, (job_id, b, t),
-                                queue=Target.parse(t).fetch_queue) for t, b in batches.items() if b]
+            sends.append(functools.partial(fetch.apply_async, (job_id, layer, t),
+                                           queue=Target.parse(t).fetch_queue))
+        else:
+            tiny.setdefault(t, []).append(layer)
+    for t, layers in tiny.items():
+        sends += [functools.partial(fetch_batch.apply_async,
+                                    (job_id, layers[i:i + TINY_BATCH], t),
+                                    queue=Target.parse(t).fetch_queue)
+                  for i in range(0, len(layers), TINY_BATCH)]
     # Each send is a Redis round trip or two; a job of thousands of layers sends side by side.
     with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-send") as p:
         list(p.map(lambda send: send(), sends))
