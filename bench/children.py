@@ -31,7 +31,7 @@ from typing import Any
 
 def _spec(args: argparse.Namespace) -> Any:
     from pipeline.digest import Digest
-    from pipeline.stages import LayerSpec
+    from pipeline.layer import LayerSpec
 
     return LayerSpec(Digest.parse(args.digest), Digest.parse(args.diff_id), args.media_type,
                      args.size)

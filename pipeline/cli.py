@@ -20,9 +20,9 @@ from pipeline.config import Settings
 from pipeline.errors import LayerwarmError, UsageError
 
 if TYPE_CHECKING:  # imported where used, so commands that do not need it start fast
+    from pipeline.layer import Progress
     from pipeline.manifest import Platform
     from pipeline.reference import Reference
-    from pipeline.stages import Progress
     from pipeline.stats import HitRatio
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -104,8 +104,8 @@ def _long_lived() -> Iterator[None]:
 def cmd_warm(args: argparse.Namespace) -> int:
     with _long_lived():
         from pipeline import report, runner
+        from pipeline.layer import NO_PROGRESS
         from pipeline.progress import TerminalProgress
-        from pipeline.stages import NO_PROGRESS
 
     refs, settings, platform = read_refs(args), _settings(args), platform_arg(args)
     bars = sys.stderr.isatty() and not args.json and not args.verbose

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.retry import RetryPolicy
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -99,6 +100,7 @@ class Settings:
     cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     limits: Limits = field(default_factory=Limits)
     registry_rate: float | None = None  # requests/s per registry host; None: no budget
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Automatic quota of the disk tier: after a warm, above high x max, gc to low x max.
     max_cache_size: int | None = None  # bytes; None: no automatic gc
     cache_high_watermark: float = 0.9
@@ -118,6 +120,7 @@ class Settings:
             cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", os.cpu_count() or 2),
             limits=Limits.from_env(env),
             registry_rate=_rate(env, "LAYERWARM_REGISTRY_RATE"),
+            retry=RetryPolicy.from_env(env),
             **_quota(env),
         )
 

@@ -2,17 +2,22 @@
 
 A `Digest` only exists for well-formed input (`sha256:` + 64 lowercase hex, or `sha512:` +
 128), so code holding one can use `cache_name` as a file name or object key without
-further checks. `Verifier` hashes bytes as they stream and says whether they matched.
+further checks. `Verifier` hashes bytes as they stream and says whether they matched;
+`verify()` hands back a `Verified`, the one proof the disk tier's commit accepts that bytes
+are what a digest says. `hash_file` is the one way a file on disk is hashed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import DigestMismatch, InvalidDigest, SizeMismatch
 
+CHUNK = 1 << 20  # bytes per read when hashing or copying a file
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _PATTERN = re.compile(r"(sha256|sha512)[:_]([0-9a-f]+)")
 
@@ -91,8 +96,8 @@ class Verifier:
     def actual(self) -> Digest:
         return Digest(self.expected.algorithm, self._hash.hexdigest())
 
-    def verify(self) -> None:
-        """Raise unless the bytes seen are exactly the expected ones."""
+    def verify(self) -> Verified:
+        """Raise unless the bytes seen are exactly the expected ones; the proof that they are."""
         if self.expected_size is not None and self.count != self.expected_size:
             raise SizeMismatch(
                 f"{self.what} {self.expected}: got {self.count} bytes, "
@@ -103,3 +108,40 @@ class Verifier:
             raise DigestMismatch(
                 f"{self.what} digest mismatch: expected {self.expected}, got {actual}"
             )
+        return Verified(actual, self.count)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Bytes that were hashed as they passed and matched: `digest`, `size` bytes long.
+
+    Only `Verifier.verify()` makes one; code that needs to know bytes were verified asks
+    for this value rather than trusting that a caller remembered to check.
+    """
+
+    digest: Digest
+    size: int
+
+
+def hash_file(path: Path, expected: Digest, size: int | None, what: str) -> Verified:
+    """Hash the file at `path` against `expected` (and `size`, when known); the proof.
+
+    Opened without following a symlink: a cache never hashes what a planted link names.
+    """
+    verifier = Verifier(expected, size=size, what=what)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as f:
+        while chunk := f.read(CHUNK):
+            verifier.update(chunk)
+    return verifier.verify()
+
+
+def digest_of_file(path: Path, algorithm: str = "sha256") -> tuple[Digest, int]:
+    """What the file at `path` hashes to, and its size (for a file with no known digest)."""
+    h, n = hashlib.new(algorithm), 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return Digest(algorithm, h.hexdigest()), n

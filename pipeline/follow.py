@@ -1,4 +1,9 @@
-"""Read a download while it is still being written: decompress follows fetch.
+"""Readers of a layer blob that end only at its verified end: decompress follows fetch.
+
+Every reader here is a `BlobReader`: after it has returned b"" it gives `verdict()`, the
+proof (a `Verified`) that the bytes it returned were the whole blob and matched its
+digest. The disk tier's commit takes that proof; nothing else names an entry.
+- `VerifyingReader`: a whole staging file, hashed as it is read.
 
 Fetching a layer and then decompressing it leaves the CPU idle during the download and
 the network idle during the inflate. Instead, the fetch writes the blob to its staging
@@ -26,12 +31,36 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from pipeline.digest import Digest, Verified, Verifier
 from pipeline.errors import LayerwarmError
 
 if TYPE_CHECKING:
     from pipeline.tiers.disk import DigestLock
+
+
+class BlobReader(Protocol):
+    """Reads a layer blob; `verdict()` after the end is the proof that it was the blob."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+    def verdict(self) -> Verified: ...
+
+
+class VerifyingReader:
+    """A blob in a file, hashed as it is read: its verdict is the hash's."""
+
+    def __init__(self, file: BinaryIO, digest: Digest, size: int) -> None:
+        self._file = file
+        self._verifier = Verifier(digest, size=size, what="staged layer blob")
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(n)
+        self._verifier.update(data)
+        return data
+
+    def verdict(self) -> Verified:
+        return self._verifier.verify()
 
 
 class StreamAbandoned(LayerwarmError):
@@ -46,7 +75,7 @@ class GrowingFile:
         self._fd: int | None = None
         self._generation = 0  # a new one each time the writer starts the file over
         self._size = 0
-        self._finished = False
+        self._verified: Verified | None = None
         self._failed = False
         self._closed = False
 
@@ -73,10 +102,10 @@ class GrowingFile:
             self._size += nbytes
             self._cond.notify_all()
 
-    def finish(self) -> None:
+    def finish(self, verified: Verified) -> None:
         """The whole blob is written and its digest verified: the reader may see its end."""
         with self._cond:
-            self._finished = True
+            self._verified = verified
             self._cond.notify_all()
 
     def fail(self) -> None:
@@ -113,7 +142,7 @@ class GrowingFile:
                 if self._fd is not None and self._size > pos:
                     want = self._size - pos if n < 0 else min(n, self._size - pos)
                     return generation, os.pread(self._fd, want, pos)
-                if self._finished and self._fd is not None:
+                if self._verified is not None and self._fd is not None:
                     return generation, b""
                 self._cond.wait()
 
@@ -132,6 +161,14 @@ class GrowingReader:
         self._pos += len(data)
         return data
 
+    def verdict(self) -> Verified:
+        """The fetch's own verdict on the blob this reader read to its end."""
+        growing = self._growing
+        with growing._cond:
+            if growing._verified is None or self._pos != growing._verified.size:
+                raise StreamAbandoned("the download being followed was not verified")
+            return growing._verified
+
 
 def partial_path(staging: Path) -> Path:
     """Where a fetch writes the blob before it is verified and renamed to `staging`."""
@@ -142,7 +179,8 @@ class FollowedFetch:
     """Reads a blob that a fetch in another process is writing, as it is written.
 
     `read(n)` returns at most n bytes as soon as there are any, b"" only at the verified end
-    of the blob, and raises `StreamAbandoned` when the fetch ended without leaving the
+    of the blob (hashed here too, as read: `verdict()` is this reader's own proof, not
+    the other process's word), and raises `StreamAbandoned` when the fetch ended without leaving the
     file that was read as the verified staging blob (it failed, started over in a new
     file, or its process died). Either way the digest's lock is held afterwards (`lock`):
     the caller commits or decides what comes next under it, then releases it.
@@ -152,9 +190,10 @@ class FollowedFetch:
     POLL_MAX = 0.05    # ... up to this
     PROBE = 0.5        # how long to wait without news before asking whether the fetch runs
 
-    def __init__(self, staging: Path, size: int, lock: DigestLock,
+    def __init__(self, staging: Path, digest: Digest, size: int, lock: DigestLock,
                  fetch_over: Callable[[], None] = lambda: None) -> None:
         self._staging, self._size, self.lock = staging, size, lock
+        self._verifier = Verifier(digest, size=size, what="followed layer blob")
         self._fetch_over = fetch_over
         self.locked = False
         self._fd: int | None = None
@@ -175,6 +214,7 @@ class FollowedFetch:
                 data = os.pread(self._fd, want, self._pos) if want > 0 else b""
                 if data:
                     self._pos += len(data)
+                    self._verifier.update(data)
                     return data
                 if self.locked:  # the fetch is over: this file is all there will be
                     if self._pos == self._size and self._is_staged():
@@ -202,10 +242,16 @@ class FollowedFetch:
     def _open(self) -> None:
         for path in (partial_path(self._staging), self._staging):
             try:
-                self._fd = os.open(path, os.O_RDONLY)
+                self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 return
             except FileNotFoundError:
                 continue
+
+    def verdict(self) -> Verified:
+        """After the end: the hash of every byte read, checked against the blob's digest."""
+        if not self.locked:
+            raise StreamAbandoned(f"the fetch of {self._staging.name} has not ended")
+        return self._verifier.verify()
 
     def wait_for_fetch(self) -> None:
         """Block until the fetch is over, if it was not already; the lock is held after."""

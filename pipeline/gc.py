@@ -24,7 +24,6 @@ deleted under it finds it missing and falls back to the registry.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -32,12 +31,10 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from pipeline.codecs import CHUNK
 from pipeline.config import Settings
-from pipeline.digest import Digest
+from pipeline.digest import Digest, digest_of_file
 from pipeline.errors import InvalidDigest
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteEntry, RemoteTier
@@ -161,15 +158,6 @@ def sweep(
     return out
 
 
-def _hash(path: Path) -> tuple[Digest, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return Digest("sha256", h.hexdigest()), n
-
-
 def _reconcile(disk: DiskTier, report: GcReport) -> None:
     """Rows without files are dropped; files without rows are rehashed and recorded."""
     on_disk = set(disk.entries())
@@ -195,7 +183,7 @@ def _reconcile(disk: DiskTier, report: GcReport) -> None:
                 st = os.stat(path, follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):
                     continue  # a link to elsewhere is never read, let alone recorded
-                diff_id, size = _hash(path)
+                diff_id, size = digest_of_file(path)
             except FileNotFoundError:
                 continue
             mtime = st.st_mtime

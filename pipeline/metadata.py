@@ -1,6 +1,10 @@
 """What the disk tier knows about its entries, in SQLite (WAL) beside them: `.meta.db`.
 
-    layers   digest, diff_id, media type, sizes, created, last used
+    layers   digest, diff_id, media type, sizes, created, last used, and origin: how the
+             entry's bytes are tied to its digest ("blob": decompressed from the verified
+             blob; "remote": copied from the remote tier; "shared:<digest>": content of
+             another entry; "adopted" by gc; "unknown" from before origins were kept).
+             Only "blob" and "remote" entries are published (pipeline/layer.py: paired)
     images   which image (manifest digest, ref, platform) uses which layer
     counters running totals since the cache was made (hits, bytes, evictions, ...)
     configs  image config blobs by digest: content-addressed, so a warm of images already
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS layers (
     uncompressed_size INTEGER NOT NULL,
     created REAL NOT NULL,
     last_used REAL NOT NULL,
-    publish_pending INTEGER NOT NULL DEFAULT 0
+    publish_pending INTEGER NOT NULL DEFAULT 0,
+    origin TEXT NOT NULL DEFAULT 'unknown'
 );
 CREATE TABLE IF NOT EXISTS images (
     manifest_digest TEXT NOT NULL,
@@ -75,6 +80,7 @@ class LayerRecord:
     created: float
     last_used: float
     publish_pending: bool
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class Metadata:
                     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         conn.execute("PRAGMA journal_mode=WAL")
                     conn.executescript(_SCHEMA)
+                    _add_origin_column(conn)
                 return conn
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
@@ -140,18 +147,20 @@ class Metadata:
 
     def record_layer(
         self, digest: Digest, diff_id: Digest, media_type: str, compressed_size: int,
-        uncompressed_size: int,
+        uncompressed_size: int, origin: str,
     ) -> None:
+        """What a committed entry is (pipeline/tiers/disk.py `Ingest.commit` calls this)."""
         now = time.time()
         with self._db(create=True) as db:
             assert db is not None
             db.execute(
-                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(digest) DO UPDATE "
-                "SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
+                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT(digest) "
+                "DO UPDATE SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
                 "compressed_size=excluded.compressed_size, "
-                "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used",
+                "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used, "
+                "origin=excluded.origin, publish_pending=0",
                 (str(digest), str(diff_id), media_type, compressed_size, uncompressed_size,
-                 now, now),
+                 now, now, origin),
             )
 
     def set_publish_pending(self, digest: Digest, pending: bool) -> None:
@@ -288,7 +297,7 @@ class Metadata:
         with self._db(create=True) as db:
             assert db is not None
             db.execute(
-                "INSERT OR IGNORE INTO layers VALUES (?, ?, '', 0, ?, ?, ?, 0)",
+                "INSERT OR IGNORE INTO layers VALUES (?, ?, '', 0, ?, ?, ?, 0, 'adopted')",
                 (str(digest), str(diff_id), size, last_used, last_used),
             )
 
@@ -352,5 +361,14 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+def _add_origin_column(conn: sqlite3.Connection) -> None:
+    """A `.meta.db` made before origins were kept gets the column; its rows stay "unknown"
+    (never published: whether their blob was verified cannot be told now)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(layers)")}
+    if "origin" not in columns:
+        conn.execute("ALTER TABLE layers ADD COLUMN origin TEXT NOT NULL DEFAULT 'unknown'")
+
+
 def _record(row: tuple) -> LayerRecord:
-    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:7], bool(row[7]))
+    return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:7], bool(row[7]),
+                       row[8])

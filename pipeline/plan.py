@@ -15,6 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 from pipeline.digest import Digest
 from pipeline.errors import InvalidManifest, LayerwarmError
+from pipeline.layer import LayerSpec
 from pipeline.manifest import (
     IMAGE_TYPES,
     ImageConfig,
@@ -26,7 +27,6 @@ from pipeline.manifest import (
 )
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
-from pipeline.stages import LayerSpec
 
 log = logging.getLogger("layerwarm")
 

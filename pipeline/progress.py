@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # for annotations only: importing stages would pull in requests
-    from pipeline.stages import LayerSpec
+    from pipeline.layer import LayerSpec
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 BAR_WIDTH = 24

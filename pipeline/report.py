@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.progress import human_bytes
 
 if TYPE_CHECKING:  # annotations only: `ls`, `pin --list` and `status` use the tables here
+    from pipeline.layer import LayerResult, LayerSpec, Source
     from pipeline.plan import Plan  # without the runner, the registry client and requests
     from pipeline.runner import WarmReport
-    from pipeline.stages import LayerResult, LayerSpec, Source
 
 # How a source reads in tables: "link" says why nothing was fetched.
 SOURCE_LABELS = {"link": "disk (shared by diff_id)"}

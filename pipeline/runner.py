@@ -14,17 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipeline import sharing, stats
+from pipeline import stats
+from pipeline.chain import Chain, RegistryStep, quick_hit
 from pipeline.config import Settings
 from pipeline.errors import LayerwarmError
+from pipeline.following import fetch_and_decompress
+from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
-from pipeline.materialize import materialize, recorded_hit
 from pipeline.plan import Plan, Resolver, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
 from pipeline.registry.auth import DockerConfig
 from pipeline.registry.client import RegistryClient
-from pipeline.stages import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.tiers.disk import DiskTier
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
@@ -65,6 +66,7 @@ class Environment:
             rate_limiter = LocalRateLimiter(settings.registry_rate)
         client = RegistryClient(
             insecure_registries=settings.insecure_registries,
+            retry=settings.retry,
             docker_config=DockerConfig.load(),
             rate_limiter=rate_limiter,
         )
@@ -74,6 +76,14 @@ class Environment:
 
             remote = open_remote(settings.remote_url)
         return cls(client, DiskTier(settings.cache_dir), remote)
+
+    def chain(self, registry: RegistryStep | None = None) -> Chain:
+        """The lookup chain over this environment's tiers; `registry` ends it (default: fetch
+        and decompress here, on a thread of their own)."""
+        if registry is None:
+            def registry(layer: LayerSpec, progress: Progress) -> int:
+                return fetch_and_decompress(self.client, layer, self.disk, progress)
+        return Chain(self.disk, self.remote, registry)
 
 
 def describe_error(e: BaseException) -> str:
@@ -104,13 +114,15 @@ def warm(
         progress.planned(plan.layers)
         counted: list[dict[str, float]] = []
 
+        def registry(layer: LayerSpec, progress: Progress) -> int:
+            return fetch_and_decompress(env.client, layer, env.disk, progress, cpu.submit,
+                                        settings.limits)
+
+        chain = env.chain(registry)
+
         def one(layer: LayerSpec) -> LayerResult:
             try:
-                result = materialize(
-                    layer, client=env.client, disk=env.disk, remote=env.remote,
-                    progress=progress, submit_cpu=cpu.submit,
-                    limits=settings.limits,
-                )
+                result = chain.materialize(layer, progress=progress)
                 counted.append(stats.result_counts(result, has_remote=env.remote is not None))
                 return result
             except Exception as e:  # one layer's failure must not stop the others
@@ -122,7 +134,7 @@ def warm(
                 return LayerResult(layer, error=reason)
 
         done = {x: hit for x in plan.layers
-                if (hit := recorded_hit(x, env.disk, env.remote, progress)) is not None}
+                if (hit := quick_hit(x, chain, progress)) is not None}
         counted += [stats.result_counts(x, has_remote=env.remote is not None)
                     for x in done.values()]
         misses = [x for x in plan.layers if x not in done]
@@ -163,24 +175,6 @@ def _record_images(plan: Plan, disk: DiskTier) -> None:
         log.warning("could not record images in %s: %s", disk.meta.path, e)
 
 
-def locate(layers: Sequence[LayerSpec], env: Environment) -> dict[LayerSpec, Source | None]:
-    """Where each layer is now, without changing anything: disk, remote, or nowhere.
-
-    "link": not on disk under its digest, but its content is, under another one.
-    """
-    where: dict[LayerSpec, Source | None] = {}
-    for layer in layers:
-        if env.disk.has(layer.digest):
-            where[layer] = "disk"
-        elif sharing.source_for(env.disk, layer.digest, layer.diff_id) is not None:
-            where[layer] = "link"
-        elif env.remote is not None and env.remote.stat(layer.digest) is not None:
-            where[layer] = "remote"
-        else:
-            where[layer] = None
-    return where
-
-
 def plan_only(
     refs: Sequence[Reference], settings: Settings, *, platform: Platform | None,
     env: Environment | None = None,
@@ -189,4 +183,4 @@ def plan_only(
     env = env or Environment.from_settings(settings)
     with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
         plan = resolve_all(Resolver(env.client), list(refs), platform, io)
-    return plan, locate(plan.layers, env)
+    return plan, env.chain().locate(plan.layers)

@@ -8,7 +8,10 @@ EPERM, ...) a reflink is tried, then a copy that is hashed while it is made.
 
 The new name still appears only through `Ingest.commit()`: the link is made in `.tmp/`,
 hashed against the diff_id, then renamed to `sha256_<hex>`, while the new digest's lock
-(held by the caller) and the source digest's lock (taken here) are both held.
+(held by the caller) and the source digest's lock (taken here) are both held. The entry is
+recorded as `Shared`: the image config's word pairs this digest with the content, not a
+verified blob, so it serves images that say the same and is never published
+(pipeline/chain.py).
 """
 
 from __future__ import annotations
@@ -22,17 +25,13 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pipeline.codecs import CHUNK
-from pipeline.digest import Digest, Verifier
+from pipeline.digest import CHUNK, Digest, Verified, Verifier, hash_file
 from pipeline.errors import VerificationError
+from pipeline.layer import LayerSpec, Shared
 from pipeline.metadata import LayerRecord
 from pipeline.tiers.disk import DigestLock, DiskTier, Ingest
-from pipeline.verify import hash_file
-
-if TYPE_CHECKING:
-    from pipeline.stages import LayerSpec
 
 log = logging.getLogger("layerwarm")
 
@@ -48,7 +47,7 @@ SOURCE_LOCK_WAIT = 5.0
 
 
 @dataclass(frozen=True)
-class Shared:
+class Linked:
     """How a layer was satisfied from another entry with its diff_id."""
 
     source: Digest  # the entry it shares content with
@@ -66,7 +65,7 @@ def candidates(disk: DiskTier, digest: Digest, diff_id: Digest) -> list[LayerRec
     return [r for r in rows if r.digest != digest and disk.size(r.digest) == r.uncompressed_size]
 
 
-def share(layer: LayerSpec, disk: DiskTier, wait: float = SOURCE_LOCK_WAIT) -> Shared | None:
+def share(layer: LayerSpec, disk: DiskTier, wait: float = SOURCE_LOCK_WAIT) -> Linked | None:
     """Make `layer.digest` an entry with the content of another entry with its diff_id.
 
     None when no entry has the diff_id (or none could be used): the caller fetches. The
@@ -91,12 +90,6 @@ def share(layer: LayerSpec, disk: DiskTier, wait: float = SOURCE_LOCK_WAIT) -> S
             lock.release()
         if shared is None:
             continue
-        try:
-            disk.meta.record_layer(
-                layer.digest, layer.diff_id, layer.media_type, layer.size, shared.size
-            )
-        except sqlite3.Error as e:  # the entry is verified and named; the row can follow
-            log.warning("could not record %s in %s: %s", layer.digest, disk.meta.path, e)
         log.info(
             "layer shared by diff_id: %s = %s (%s, %d bytes) %s",
             layer.digest,
@@ -118,7 +111,7 @@ def _acquire(lock: DigestLock, wait: float) -> bool:
     return True
 
 
-def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Shared | None:
+def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Linked | None:
     # Read again under the source's lock: rm, gc or verify may have changed it since.
     row = disk.meta.layer(source)
     src = disk.path(source)
@@ -138,7 +131,7 @@ def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Shared | No
             how = "reflink"
         else:
             how = "copy"
-            _copy(src, ingest, layer.diff_id, size)  # hashed as it is copied
+            tar = _copy(src, ingest, layer.diff_id, size)  # hashed as it is copied
         if how != "copy":
             # Re-hashed, though the source was hashed when it was written: a row's diff_id
             # is not always proof (check_disk adopts a file without a row by its size, with
@@ -146,11 +139,11 @@ def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Shared | No
             # content hashed against its diff_id. It costs one read of the file (usually
             # from the page cache), far less than the fetch and decompression it replaces.
             ingest.file.close()
-            hash_file(ingest.path, layer.diff_id, size, f"disk entry {src} ({how})")
-        ingest.commit()
+            tar = hash_file(ingest.path, layer.diff_id, size, f"disk entry {src} ({how})")
+        ingest.commit(layer, tar, Shared(source))
     # rename(2) onto a name of the same inode does nothing: never leave the temp name behind.
     ingest.path.unlink(missing_ok=True)
-    return Shared(source, how, size)
+    return Linked(source, how, size)
 
 
 def _hardlink(src: Path, ingest: Ingest) -> bool:
@@ -182,14 +175,14 @@ def _reflink(src: Path, ingest: Ingest) -> bool:
     return True
 
 
-def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> None:
+def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> Verified:
     """Copy `src` into the ingest file, hashing as it goes; raises unless it is `diff_id`."""
     verifier = Verifier(diff_id, size=size, what=f"disk entry {src} (copy)")
-    with open(src, "rb") as f:
+    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         while chunk := f.read(CHUNK):
             verifier.update(chunk)
             ingest.file.write(chunk)
-    verifier.verify()
+    return verifier.verify()
 
 
 def content_lock(disk: DiskTier, diff_id: Digest) -> DigestLock:

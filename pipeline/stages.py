@@ -1,28 +1,27 @@
-"""The three stages of materializing one layer, and the function that composes them.
+"""The steps of materializing one layer; pipeline/chain.py puts them in order.
 
     fetch       registry blob -> .staging/sha256_<hex>   (digest + size verified while streaming)
-    decompress  staging -> sha256_<hex> in the disk tier  (sha256 of output == diff_id)
-    publish     disk -> remote tier, with metadata        (skipped when already there)
+    decompress  a verified blob -> sha256_<hex> on disk  (the tar's sha256 == diff_id)
+    restore     remote tier -> sha256_<hex> on disk      (its diff-id metadata and content checked)
+    publish     disk -> remote tier, with metadata       (only entries whose blob was verified)
+    check_disk  whether the disk entry is what the requesting image wants
 
-`pipeline/materialize.py` composes them (disk -> disk by diff_id -> remote -> registry) for
-the embedded runner; the Celery tasks call the stages one by one with the same functions.
+Every entry is named by `Ingest.commit`, which refuses bytes without their proofs: the
+tar's `Verified` digest and the blob's (pipeline/tiers/disk.py). Decompression reads its
+blob to the very end, so the blob's verdict covers every byte, even after the stream.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sqlite3
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO
 
 from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
-from pipeline.digest import Digest, Verifier
+from pipeline.digest import Verified, Verifier, hash_file
 from pipeline.errors import (
     DigestMismatch,
     LimitExceeded,
@@ -32,110 +31,20 @@ from pipeline.errors import (
     TransientError,
     VerificationError,
 )
-from pipeline.follow import FollowedFetch, GrowingFile, StreamAbandoned, partial_path
+from pipeline.follow import BlobReader, GrowingFile, VerifyingReader, partial_path
+from pipeline.layer import NO_PROGRESS, FromBlob, FromRemote, LayerSpec, Progress, paired
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
 from pipeline.tiers.disk import DiskTier
-from pipeline.verify import hash_file
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
     from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
 
-# "link": satisfied from a disk entry with the same diff_id under another digest (sharing.py)
-Source = Literal["disk", "link", "remote", "registry"]
-T = TypeVar("T")
-FETCH_ATTEMPTS = 5
 DEFAULT_LIMITS = Limits()
 SMALL_BLOB = 1 << 20  # compressed; below it, hash and write on the decompressing thread
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer to materialize: what the manifest and image config say about it."""
-
-    digest: Digest                     # of the compressed blob; names the cache entry
-    diff_id: Digest                    # of the decompressed tar, from the image config
-    media_type: str
-    size: int                          # compressed size from the manifest
-    sources: tuple[Reference, ...] = field(default=(), compare=False)  # repos that have it
-
-
-@dataclass
-class LayerResult:
-    layer: LayerSpec
-    source: Source | None = None
-    uncompressed_size: int | None = None
-    seconds: float = 0.0
-    published: bool | None = None      # None: no remote tier, or it was not reachable
-    error: str | None = None
-    shared_from: Digest | None = None  # source "link": the entry whose content it shares
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class Progress(Protocol):
-    """Receives stage changes and byte counts; must be thread-safe."""
-
-    def planned(self, layers: Sequence[LayerSpec]) -> None: ...
-    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None: ...
-    def advance(self, layer: LayerSpec, nbytes: int) -> None: ...
-
-
-class NoProgress:
-    def planned(self, layers: Sequence[LayerSpec]) -> None:
-        pass
-
-    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
-        pass
-
-    def advance(self, layer: LayerSpec, nbytes: int) -> None:
-        pass
-
-
-NO_PROGRESS = NoProgress()
-
-
-class HeldProgress:
-    """Progress of a decompression that follows a download: held back until it ends.
-
-    Both stages of one layer run at once there, and a bar (or a job record) shows one
-    stage at a time: the fetch's until `release()`, then the decompression's.
-    """
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress, self._lock = progress, threading.Lock()
-        self._released, self._held = False, 0
-        self._stage: tuple[LayerSpec, str, int | None] | None = None
-
-    def planned(self, layers: Sequence[LayerSpec]) -> None:
-        self._progress.planned(layers)
-
-    def stage(self, layer: LayerSpec, stage: str, total: int | None) -> None:
-        with self._lock:
-            if self._released:
-                self._progress.stage(layer, stage, total)
-            else:
-                self._stage = (layer, stage, total)
-
-    def advance(self, layer: LayerSpec, nbytes: int) -> None:
-        with self._lock:
-            if self._released:
-                self._progress.advance(layer, nbytes)
-            else:
-                self._held += nbytes
-
-    def release(self) -> None:
-        with self._lock:
-            self._released = True
-            if self._stage is not None:
-                self._progress.stage(*self._stage)
-                if self._held:
-                    self._progress.advance(self._stage[0], self._held)
 
 
 def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
@@ -187,7 +96,7 @@ def _fetch(
             with disk.space_guard():
                 resumed = partial.exists()
                 try:
-                    _download(client, source, layer, partial, progress, growing)
+                    verified = _download(client, source, layer, partial, progress, growing)
                 except VerificationError:
                     if not resumed:
                         raise
@@ -196,10 +105,10 @@ def _fetch(
                                 layer.digest)
                     partial.unlink()
                     progress.stage(layer, "fetching", layer.size)
-                    _download(client, source, layer, partial, progress, growing)
+                    verified = _download(client, source, layer, partial, progress, growing)
             os.replace(partial, staging)
             if growing is not None:
-                growing.finish()
+                growing.finish(verified)
             return staging
         except NotFound as e:  # another repository holding the same blob may serve it
             last = e
@@ -253,12 +162,14 @@ def _download(
     dest: Path,
     progress: Progress,
     growing: GrowingFile | None,
-) -> None:
+) -> Verified:
+    """Download the blob into `dest`, resuming after a cut by the one retry policy."""
     verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
     resuming = dest.exists()
     # Readable (a follower preads a duplicate of this descriptor) and unbuffered (each
     # chunk must be in the file when `growing.wrote` says so). Chunks are 1 MiB anyway.
-    with open(dest, "r+b" if resuming else "w+b", buffering=0) as out:
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "r+b", buffering=0) as out:
         if resuming:
             _resume_point(out, verifier)
         if growing is not None:
@@ -266,10 +177,10 @@ def _download(
         if verifier.count:
             log.info("blob %s: resuming at byte %d", layer.digest, verifier.count)
             progress.advance(layer, verifier.count)
-        for attempt in range(FETCH_ATTEMPTS):
+        attempts = client.retry.start(f"blob {layer.digest}")
+        while verifier.count < layer.size:
+            before = verifier.count
             try:
-                if verifier.count == layer.size:
-                    break
                 with client.open_blob(ref, layer.digest, offset=verifier.count) as stream:
                     if stream.offset != verifier.count:  # server ignored Range: start over
                         progress.advance(layer, -verifier.count)
@@ -286,11 +197,10 @@ def _download(
                         progress.advance(layer, len(chunk))
                 break
             except TransientError as e:
-                if attempt + 1 == FETCH_ATTEMPTS:
-                    raise
-                log.warning("blob %s: %s; resuming at byte %d", layer.digest, e, verifier.count)
-                time.sleep(min(0.5 * 2**attempt, 8.0) if e.retry_after is None else e.retry_after)
-        verifier.verify()  # no fsync: a staging file is hashed again before reuse
+                if verifier.count > before:
+                    attempts.progressed()  # a cut after progress: resume, as if first
+                time.sleep(attempts.failed(e))
+        return verifier.verify()  # no fsync: a staging file is hashed again before reuse
 
 
 def decompress(
@@ -300,14 +210,17 @@ def decompress(
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
 ) -> int:
-    """Decompress the staging blob into the disk tier, verified against the diff_id.
+    """Decompress the staging blob into the disk tier; the entry's size.
 
-    Returns the uncompressed size. The staging file is removed once the entry exists, or
-    when its content can never become one (wrong diff_id, a bomb).
+    The blob is hashed again as it is read (its verdict is the commit's proof, whatever
+    happened to the file since its fetch). The staging file is removed once the entry
+    exists, or when its content can never become one (wrong digest or diff_id, a bomb).
     """
-    with open(staging, "rb") as src:
+    fd = os.open(staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as src:
         try:
-            size = decompress_stream(layer, disk, src, progress, limits)
+            size = decompress_stream(
+                layer, disk, VerifyingReader(src, layer.digest, layer.size), progress, limits)
         except VerificationError:
             staging.unlink(missing_ok=True)
             raise
@@ -318,83 +231,20 @@ def decompress(
 def decompress_stream(
     layer: LayerSpec,
     disk: DiskTier,
-    src: Readable,
+    src: BlobReader,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
 ) -> int:
     """Decompress the blob read from `src` into the disk tier, verified; the entry's size.
 
-    `src` must end only after the blob's own digest is verified: the entry is named as soon
-    as the output matches the diff_id.
+    The entry is named only with both proofs: the tar's digest, and `src`'s verdict on the
+    blob, which it gives only once it has read the blob's last byte and checked its digest.
     """
     progress.stage(layer, "decompressing", layer.size)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
-        size = inflate_verified(layer, src, ingest.file, progress, limits)
-        ingest.commit()
-    _record(layer, disk, size)
-    return size
-
-
-def better_later(layer: LayerSpec, disk: DiskTier) -> bool:
-    """Whether a decompression that would follow a download should wait its turn instead.
-
-    True while the layer's download is still running (only its `.partial` file exists) and
-    another blob on this disk is already staged whole: the one slot decompressing here
-    would otherwise sit waiting on the network while ready work waits on it.
-    """
-    staging = disk.staging_path(layer.digest)
-    if staging.exists() or not partial_path(staging).exists():
-        return False
-    try:
-        names = os.listdir(disk.staging_dir)
-    except FileNotFoundError:
-        return False
-    return any(n != staging.name and not n.endswith(".partial") for n in names)
-
-
-def decompress_following(
-    layer: LayerSpec,
-    disk: DiskTier,
-    progress: Progress = NO_PROGRESS,
-    limits: Limits = DEFAULT_LIMITS,
-) -> tuple[int, bool] | None:
-    """Decompress a blob that a fetch in another process is downloading, as it arrives.
-
-    Called without the digest's lock: the fetch holds it while it runs, and this takes it
-    once the fetch is over, to commit (pipeline/follow.py: `FollowedFetch`). Returns the
-    entry's size and whether this call made the entry (False: another process did), or
-    None when the fetch left no blob (it failed: its own task retries or fails the layer).
-    If the file followed was not the one the fetch verified, the verified staging blob, if
-    any, is decompressed the ordinary way.
-    """
-    staging = disk.staging_path(layer.digest)
-    held = HeldProgress(progress)
-    follower = FollowedFetch(staging, layer.size, disk.lock(layer.digest), held.release)
-    try:
-        try:
-            with disk.space_guard(), disk.ingest(layer.digest) as ingest:
-                held.stage(layer, "decompressing", layer.size)
-                size = inflate_verified(layer, follower, ingest.file, held, limits)
-                if follower.read(1):  # returns b"" only at the verified end, the lock held
-                    raise StreamAbandoned(f"layer {layer.digest}: data after the stream's end")
-                if not disk.has(layer.digest):
-                    ingest.commit()
-                    staging.unlink(missing_ok=True)
-                    _record(layer, disk, size)
-                    return size, True
-        except (StreamAbandoned, VerificationError) as e:
-            # Judged on bytes the fetch may have replaced: only the verified blob counts.
-            log.info("layer %s: following the fetch did not work out (%s)", layer.digest, e)
-        finally:
-            follower.close()
-        follower.wait_for_fetch()  # nothing changes while we decide
-        if (size := check_disk(layer, disk)) is not None:
-            return size, False
-        if staging.exists():
-            return decompress(layer, disk, staging, progress, limits), True
-        return None
-    finally:
-        follower.lock.release()
+        tar = inflate_verified(layer, src, ingest.file, progress, limits)
+        ingest.commit(layer, tar, FromBlob(src.verdict()))
+    return tar.size
 
 
 def inflate_verified(
@@ -403,9 +253,11 @@ def inflate_verified(
     out: BinaryIO,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
-) -> int:
-    """Decompress `src` into `out` within the limits, verifying the diff_id; the size.
+) -> Verified:
+    """Decompress `src` into `out` within the limits, verifying the diff_id; the proof.
 
+    `src` is read to its end, past the end of the compressed stream: whatever follows it
+    (zero padding, a skippable frame) is part of the blob, and the blob's verdict covers it.
     Inflating, hashing and writing run on three threads (pipeline/sinks.py), except for a
     blob of at most 1 MiB, where starting the threads would cost more than the work.
     """
@@ -422,51 +274,55 @@ def inflate_verified(
                 sink.put(chunk)
         finally:
             sink.close()
-        verifier.verify()
+        while counting.read(CHUNK):  # bytes after the stream: read, so the digest sees them
+            pass
+        return verifier.verify()
     except (DigestMismatch, SizeMismatch):
         raise VerificationError(
             f"layer {layer.digest}: decompressed content is {verifier.actual}, "
             f"but the image config says diff_id {layer.diff_id}"
         ) from None
-    return verifier.count
-
-
-def _record(layer: LayerSpec, disk: DiskTier, size: int) -> None:
-    # The entry is verified and named; a metadata hiccup must not turn that into a failure.
-    try:
-        disk.meta.record_layer(layer.digest, layer.diff_id, layer.media_type, layer.size, size)
-    except sqlite3.Error as e:
-        log.warning("could not record %s in %s: %s", layer.digest, disk.meta.path, e)
 
 
 def check_disk(layer: LayerSpec, disk: DiskTier, *, touch: bool = True) -> int | None:
-    """The entry's size if the disk tier has it as recorded; else None (a miss).
+    """The entry's size if the disk tier has it as this layer; else None (a miss).
 
-    An entry whose size differs from its row (truncated by hand, a bad disk), or that has no
+    A hit is an entry whose row records this layer's diff_id and the entry's size. An
+    entry whose size differs from its row (truncated by hand, a bad disk), or that has no
     row and does not hash to the diff_id, is removed here, so the caller fetches it again.
+    An entry recorded with another diff_id is a miss and is left alone, unless its blob was
+    verified: then the image config is wrong about it, and the layer fails at once.
     The caller holds the digest's lock. `touch=False` leaves marking a hit as used to the
     caller (the embedded runner marks a whole warm's hits at once).
     """
     size = disk.size(layer.digest)
     if size is None:
         return None
+    path = disk.path(layer.digest)
     row = disk.meta.layer(layer.digest)
     if row is not None and row.uncompressed_size != size:
         log.warning("disk entry %s has %d bytes, %d recorded: fetching it again",
-                    disk.path(layer.digest), size, row.uncompressed_size)
+                    path, size, row.uncompressed_size)
         disk.remove(layer.digest)
+        return None
+    if row is not None and row.diff_id != layer.diff_id:
+        if paired(row.origin):
+            raise VerificationError(
+                f"layer {layer.digest}: its verified blob decompresses to {row.diff_id}, "
+                f"but the image config says diff_id {layer.diff_id}")
+        log.warning("disk entry %s holds %s, not diff_id %s: not a hit",
+                    path, row.diff_id, layer.diff_id)
         return None
     if row is None:
         # No row (a crash between naming and recording, or a file put there by hand): a
-        # name alone is no proof, so hash it before adopting it as this layer.
+        # name alone is no proof, so hash it before adopting it, unpaired, as this layer.
         try:
-            hash_file(disk.path(layer.digest), layer.diff_id, None,
-                      f"disk entry {disk.path(layer.digest)}")
-        except VerificationError as e:
+            hash_file(path, layer.diff_id, None, f"disk entry {path}")
+        except (VerificationError, OSError) as e:
             log.warning("%s; fetching it again", e)
             disk.remove(layer.digest)
             return None
-        _record(layer, disk, size)
+        disk.meta.adopt_layer(layer.digest, layer.diff_id, size, time.time())
     elif touch:
         disk.meta.touch(layer.digest)
     return size
@@ -499,26 +355,37 @@ class _Counting:
         return data
 
 
+def remote_hit(layer: LayerSpec, remote: RemoteTier) -> int | None:
+    """The size of the remote tier's object for this layer, if it is this layer; else None.
+
+    Its metadata must name the diff_id the requesting image expects: another diff_id (or
+    none) is a miss, whoever put it there.
+    """
+    entry = remote.stat(layer.digest)
+    if entry is None:
+        return None
+    if entry.metadata.get("diff-id") != str(layer.diff_id):
+        log.warning("remote entry %s/%s has diff-id %r, not %s: not a hit", remote.url,
+                    layer.digest.cache_name, entry.metadata.get("diff-id"), layer.diff_id)
+        return None
+    return entry.size
+
+
 def restore(
     layer: LayerSpec, disk: DiskTier, remote: RemoteTier, progress: Progress = NO_PROGRESS
 ) -> int | None:
     """Copy the layer from the remote tier to disk, verified; None when the remote lacks it."""
-    entry = remote.stat(layer.digest)
-    if entry is None:
+    size = remote_hit(layer, remote)
+    if size is None:
         return None
-    progress.stage(layer, "restoring", entry.size)
-    with disk.ingest(layer.digest) as ingest:
+    progress.stage(layer, "restoring", size)
+    with disk.space_guard(), disk.ingest(layer.digest) as ingest:
         ingest.file.close()
         remote.download(layer.digest, ingest.path, lambda n: progress.advance(layer, n))
         what = f"remote entry {remote.url}/{layer.digest.cache_name}"
-        verifier = Verifier(layer.diff_id, what=what)
-        with open(ingest.path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                verifier.update(chunk)
-        verifier.verify()
-        ingest.commit()
-    _record(layer, disk, verifier.count)
-    return verifier.count
+        tar = hash_file(ingest.path, layer.diff_id, size, what)
+        ingest.commit(layer, tar, FromRemote(remote.url))
+    return tar.size
 
 
 def publish(
@@ -529,10 +396,20 @@ def publish(
     *,
     force: bool = False,
 ) -> bool:
-    """Upload the disk entry to the remote tier unless it is there already; True if uploaded."""
+    """Upload the disk entry to the remote tier unless it is there already; True if uploaded.
+
+    Only an entry made from this digest's verified blob (or copied from the remote tier)
+    is published: content shared by diff_id, or adopted without a row, proves nothing
+    about the digest it is named for. An object with other metadata is replaced.
+    """
     path = disk.path(layer.digest)
+    row = disk.meta.layer(layer.digest)
+    if row is None or not paired(row.origin) or row.diff_id != layer.diff_id:
+        log.info("layer %s not published: its entry was not made from its own verified blob",
+                 layer.digest)
+        return False
     try:
-        size = path.stat().st_size
+        size = os.stat(path, follow_symlinks=False).st_size
     except FileNotFoundError:
         return _evicted_before_publish(layer)
     if not force:
@@ -541,7 +418,8 @@ def publish(
         except RemoteTierUnavailable:
             disk.meta.set_publish_pending(layer.digest, True)
             raise
-        if entry is not None and entry.size == size:
+        if entry is not None and entry.size == size \
+                and entry.metadata.get("diff-id") == str(layer.diff_id):
             disk.meta.set_publish_pending(layer.digest, False)
             return False
     progress.stage(layer, "publishing", size)

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pipeline.layer import LayerResult, Source
 from pipeline.metadata import Metadata
-from pipeline.stages import LayerResult, Source
 
 TIERS = ("disk", "remote")
 SOURCES: tuple[Source, ...] = ("disk", "link", "remote", "registry")
@@ -68,7 +68,7 @@ def layer_counts(
 
 
 def result_counts(result: LayerResult, *, has_remote: bool) -> dict[str, float]:
-    """The increments for one layer the embedded runner materialized (`materialize.materialize`).
+    """The increments for one layer the embedded runner materialized (`Chain.materialize`).
 
     It looks disk -> remote (when configured) -> registry, so what it missed follows from
     where the layer came from. A failed layer counts nothing.

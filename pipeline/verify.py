@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.codecs import CHUNK
-from pipeline.digest import Digest, Verifier
+from pipeline.digest import Digest, hash_file
 from pipeline.errors import LayerwarmError, VerificationError
 from pipeline.tiers.disk import DiskTier
 
@@ -28,15 +26,6 @@ class Checked:
     state: Literal["ok", "bad", "unverifiable", "missing"]
     reason: str | None = None
     removed: bool = False
-
-
-def hash_file(path: Path, diff_id: Digest, size: int | None, what: str) -> None:
-    """Raise VerificationError unless the file is `diff_id` (and `size` bytes, if given)."""
-    verifier = Verifier(diff_id, size=size, what=what)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            verifier.update(chunk)
-    verifier.verify()
 
 
 def verify_disk(

@@ -12,8 +12,9 @@ import pytest
 import zstandard
 
 from pipeline.codecs import compression_for, iter_decompressed
-from pipeline.digest import Digest
+from pipeline.digest import Digest, Verified, Verifier
 from pipeline.errors import UnsupportedMediaType, VerificationError
+from pipeline.layer import FromBlob, LayerSpec, Shared
 from pipeline.tiers.disk import DiskTier
 from tests.support.images import random_tar
 
@@ -66,6 +67,13 @@ def test_media_types() -> None:
 
 
 DIGEST = Digest.of_bytes(b"layer")
+LAYER = LayerSpec(DIGEST, DIGEST, "application/vnd.oci.image.layer.v1.tar", 5)
+
+
+def proof(data: bytes, digest: Digest | None = None) -> Verified:
+    verifier = Verifier(digest or Digest.of_bytes(data))
+    verifier.update(data)
+    return verifier.verify()
 
 
 def test_entry_appears_only_on_commit(tmp_path: Path) -> None:
@@ -81,7 +89,7 @@ def test_entry_appears_only_on_commit(tmp_path: Path) -> None:
     assert not disk.has(DIGEST) and list(disk.tmp_dir.iterdir()) == []
     with disk.ingest(DIGEST) as ing:
         ing.file.write(b"layer")
-        ing.commit()
+        ing.commit(LAYER, proof(b"layer"), FromBlob(proof(b"layer")))
     assert disk.path(DIGEST).read_bytes() == b"layer"
     assert disk.path(DIGEST).name == DIGEST.cache_name
     assert disk.path(DIGEST).stat().st_mode & 0o777 == 0o644
@@ -108,3 +116,41 @@ def test_lock_excludes_another_process(tmp_path: Path) -> None:
         lock.release()
     finally:
         proc.join(30)
+
+
+@pytest.mark.parametrize("case", ["tar digest", "tar size", "blob of another digest",
+                                  "shared from itself"])
+def test_commit_refuses_bytes_without_their_proofs(tmp_path: Path, case: str) -> None:
+    """The disk tier's commit is the gate: wrong proofs name nothing and leave no file."""
+    disk = DiskTier(tmp_path / "c")
+    tar, blob, origin = proof(b"layer"), proof(b"layer"), None
+    written = b"layer"
+    if case == "tar digest":
+        tar = proof(b"other")
+    elif case == "tar size":
+        written = b"layer!"
+    elif case == "blob of another digest":
+        blob = proof(b"some other blob")
+    else:
+        origin = Shared(DIGEST)
+    with pytest.raises(VerificationError), disk.ingest(DIGEST) as ing:
+        ing.file.write(written)
+        ing.commit(LAYER, tar, origin or FromBlob(blob))
+    assert not disk.has(DIGEST) and list(disk.tmp_dir.iterdir()) == []
+    assert disk.meta.layer(DIGEST) is None
+
+
+def test_commit_records_where_the_bytes_came_from(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "c")
+    with disk.ingest(DIGEST) as ing:
+        ing.file.write(b"layer")
+        ing.commit(LAYER, proof(b"layer"), FromBlob(proof(b"layer")))
+    row = disk.meta.layer(DIGEST)
+    assert row is not None and row.origin == "blob" and row.diff_id == DIGEST
+    other = Digest.of_bytes(b"another blob")
+    with disk.ingest(other) as ing:
+        ing.file.write(b"layer")
+        ing.commit(LayerSpec(other, DIGEST, LAYER.media_type, 12), proof(b"layer"),
+                   Shared(DIGEST))
+    row = disk.meta.layer(other)
+    assert row is not None and row.origin == f"shared:{DIGEST}"

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.digest import Digest
+from pipeline.digest import Digest, Verifier
 from pipeline.errors import TransientError, VerificationError
 from pipeline.follow import GrowingFile, StreamAbandoned, partial_path
-from pipeline.materialize import fetch_and_decompress
+from pipeline.following import better_later, decompress_following, fetch_and_decompress
+from pipeline.layer import LayerSpec
 from pipeline.reference import Reference
-from pipeline.stages import LayerSpec, better_later, decompress_following
+from pipeline.retry import RetryPolicy
 from pipeline.tiers.disk import DiskTier
 from tests.support.images import Layer, random_tar
 from tests.support.paused_fetch import BlobStream
@@ -36,6 +37,8 @@ REF = Reference.parse("127.0.0.1:5000/app:1")
 
 class FakeClient:
     """Serves one blob in small chunks, with faults on the first request if asked."""
+
+    retry = RetryPolicy(base=0.01)  # what stages.fetch retries a cut blob by
 
     def __init__(self, blob: bytes, *, cut_at: int | None = None, ignore_range: bool = False,
                  delay: float = 0.0) -> None:
@@ -139,9 +142,12 @@ def test_reader_sees_the_end_only_after_finish(tmp_path: Path) -> None:
         growing.wrote(8)
         time.sleep(0.2)
         assert t.is_alive(), "the reader stopped before the writer said the file was complete"
-        growing.finish()
+        verifier = Verifier(Digest.of_bytes(b"abcdefgh"))
+        verifier.update(b"abcdefgh")
+        growing.finish(verifier.verify())
         t.join(5)
     assert b"".join(got) == b"abcdefgh"
+    assert reader.verdict().digest == Digest.of_bytes(b"abcdefgh")  # the fetch's own proof
     growing.close()
 
 

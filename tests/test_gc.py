@@ -119,7 +119,7 @@ def test_gc_counts_a_hard_linked_file_once_and_reconciles_rows(cache_dir: Path) 
     new = _content_entry(cache_dir, b"n" * 2000, age=10)
     meta = Metadata(cache_dir / ".meta.db")
     ghost = Digest.parse("sha256:" + "a" * 64)  # a row whose file is gone
-    meta.record_layer(ghost, ghost, "application/vnd.oci.image.layer.v1.tar", 1, 1)
+    meta.record_layer(ghost, ghost, "application/vnd.oci.image.layer.v1.tar", 1, 1, "blob")
 
     # 9000 bytes on disk (not 12000); room for 6000: evicting `old` is enough.
     got = _gc_json(cache_dir, "--max-size", "6000")

@@ -39,6 +39,7 @@ from pipeline.manifest import (
 )
 from pipeline.reference import Reference
 from pipeline.registry import DockerConfig, RegistryClient
+from pipeline.retry import RetryPolicy
 from tests.support.images import Image, Layer, Platform, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
@@ -346,7 +347,8 @@ def test_retries_give_up_with_transient_error(registry_proxy: Proxy, pushed: dic
     registry_proxy.fail(r"/manifests/", 503, times=None, body=body)
     sleeps = Sleeps()
     with pytest.raises(TransientError) as info:
-        client(sleeps, retries=2).fetch_manifest(ref(registry_proxy.host, "client/oci:v1"))
+        client(sleeps, retry=RetryPolicy(attempts=3)).fetch_manifest(
+            ref(registry_proxy.host, "client/oci:v1"))
     message = str(info.value)
     assert "HTTP 503 UNAVAILABLE: try later" in message and registry_proxy.host in message
     assert len(sleeps) == 2 and registry_proxy.count("GET", "/manifests/") == 3
@@ -364,7 +366,7 @@ def test_connection_refused_is_transient() -> None:
     dead = Proxy("http://127.0.0.1:9")
     dead.stop()  # its port is now closed
     with pytest.raises(TransientError, match=dead.host):
-        client(sleeps, retries=1).fetch_manifest(ref(dead.host, "a/b:v1"))
+        client(sleeps, retry=RetryPolicy(attempts=2)).fetch_manifest(ref(dead.host, "a/b:v1"))
     assert len(sleeps) == 1
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import sharing
-from pipeline.digest import Digest
-from pipeline.stages import LayerSpec
+from pipeline.digest import Digest, Verified, Verifier
+from pipeline.layer import FromBlob, LayerSpec
 from pipeline.tiers.disk import DiskTier
 from tests.support.cli import entries, leftovers, run_layerwarm
 from tests.support.images import Image, Layer, random_tar
@@ -58,16 +58,19 @@ def test_zstd_image_links_to_the_gzip_entry_without_a_fetch(
     registry_proxy.reset()
     got = _only(_json("warm", ref_zs, cache_dir=cache_dir, env=remote))
     assert (got["digest"], got["source"], got["shared_from"]) == (zs.digest, "link", gz.digest)
-    assert got["uncompressed_size"] == len(tar) and got["published"] is True
+    # Linked, not published: nothing proves the zstd blob is this tar but the image's
+    # config, so the shared tier never gets it under the zstd digest.
+    assert got["uncompressed_size"] == len(tar) and got["published"] is None
     assert registry_proxy.count("GET", f"/blobs/{zs.digest}") == 0, "no fetch for the zstd blob"
     # Not even the config: it is the gzip image's (same diff_ids), kept in .meta.db.
     assert registry_proxy.count("GET", "/blobs/") == 0, "a blob was fetched"
 
-    # One file, two names; the linked name is a full entry for the remote tier too.
+    # One file, two names on disk; only the gzip digest, fetched and verified, is shared.
     a, b = cache_dir / _name(gz), cache_dir / _name(zs)
     assert a.stat().st_ino == b.stat().st_ino and b.stat().st_nlink == 2
     assert a.read_bytes() == b.read_bytes() == tar
-    assert (shared_dir / _name(zs)).read_bytes() == tar
+    assert (shared_dir / _name(gz)).read_bytes() == tar
+    assert not (shared_dir / _name(zs)).exists()
     assert leftovers(cache_dir) == []
 
     # df: two names of one file, and two images each using one of them.
@@ -117,9 +120,14 @@ def _source_entry(disk: DiskTier, lay: Layer) -> LayerSpec:
     spec = _spec(lay)
     with disk.ingest(spec.digest) as ingest:
         ingest.file.write(lay.tar)
-        ingest.commit()
-    disk.meta.record_layer(spec.digest, spec.diff_id, spec.media_type, spec.size, len(lay.tar))
+        ingest.commit(spec, _proof(lay.tar, spec.diff_id), FromBlob(_proof(lay.blob, spec.digest)))
     return spec
+
+
+def _proof(data: bytes, digest: Digest) -> Verified:
+    verifier = Verifier(digest)
+    verifier.update(data)
+    return verifier.verify()
 
 
 def _spec(lay: Layer) -> LayerSpec:
@@ -148,7 +156,7 @@ def test_where_links_are_refused_a_verified_copy_is_made(
     _no_links(monkeypatch, code)
     with disk.lock(zs.digest):
         shared = sharing.share(zs, disk)
-    assert shared == sharing.Shared(gz.digest, "copy", len(tar))
+    assert shared == sharing.Linked(gz.digest, "copy", len(tar))
     a, b = disk.path(gz.digest), disk.path(zs.digest)
     assert b.read_bytes() == tar and a.stat().st_ino != b.stat().st_ino
     assert b.stat().st_nlink == 1

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from celery import Task
 
-from pipeline.stages import LayerSpec
+from pipeline.layer import LayerSpec
 from workers.jobs import JobStore
 
 # A remote restore is a fetch from the shared tier as far as a job's states go.

@@ -3,8 +3,9 @@
 One `requests.Session` per client, shared by many threads. Every request goes through
 `_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
 5 hops, http/https only, Authorization only ever to the registry's own origin), and
-status mapping to the `pipeline.errors` tree. `_with_retries` around it retries
-transient failures with capped exponential backoff and jitter, honouring Retry-After.
+status mapping to the `pipeline.errors` tree. Manifests and configs are retried here by
+the one retry policy (pipeline/retry.py); a blob stream is opened once, since its caller
+(stages.fetch) retries the whole blob, resuming where it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import email.utils
 import ipaddress
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,13 +39,12 @@ from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
 from pipeline.registry.auth import Authenticator, DockerConfig
+from pipeline.retry import DEFAULT_POLICY, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_REDIRECTS = 5
-BACKOFF_BASE, BACKOFF_CAP = 0.5, 8.0
-MAX_RETRY_AFTER = 60.0  # longer waits are the caller's to schedule, not a sleeping thread's
 PENALTY_WITHOUT_RETRY_AFTER = 1.0  # seconds every worker pauses a host after a bare 429
 _REDIRECTS = (301, 302, 303, 307, 308)
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -159,13 +158,13 @@ class BlobStream:
 class RegistryClient:
     def __init__(
         self, *, insecure_registries: Iterable[str] = (), docker_config: DockerConfig | None = None,
-        timeout: float = 60.0, retries: int = 4, sleep: Callable[[float], None] = time.sleep,
-        rate_limiter: RateLimiter | None = None,
+        timeout: float = 60.0, retry: RetryPolicy = DEFAULT_POLICY,
+        sleep: Callable[[float], None] = time.sleep, rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._insecure = frozenset(h.lower() for h in insecure_registries)
         self._limiter: RateLimiter = rate_limiter or Unlimited()
         self._timeout = timeout
-        self._retries = retries
+        self.retry = retry
         self._sleep = sleep
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
@@ -218,7 +217,7 @@ class RegistryClient:
                         f"{what} from {ref.name}: expected {expected}, got {actual}")
             return FetchedManifest(data, media_type, sha)
 
-        return self._with_retries(attempt)
+        return self.retry.run(attempt, what, self._sleep)
 
     def fetch_blob(self, ref: Reference, digest: Digest, *, max_bytes: int = 8 << 20) -> bytes:
         """GET a small blob (an image config) whole, verified against `digest`."""
@@ -232,22 +231,21 @@ class RegistryClient:
             verifier.verify()
             return data
 
-        return self._with_retries(attempt)
+        return self.retry.run(attempt, what, self._sleep)
 
     def open_blob(self, ref: Reference, digest: Digest, *, offset: int = 0) -> BlobStream:
-        """Open a streaming GET of a blob, from `offset` if the server honours Range."""
+        """Open a streaming GET of a blob, from `offset` if the server honours Range.
+
+        One attempt: the caller retries (stages.fetch resumes from the bytes it has).
+        """
         what = f"blob {digest}"
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-
-        def attempt() -> BlobStream:
-            resp = self._send(ref, f"blobs/{digest}", what, headers)
-            try:
-                return self._blob_stream(resp, offset, f"{what} from {ref.name}")
-            except BaseException:
-                resp.close()
-                raise
-
-        return self._with_retries(attempt)
+        resp = self._send(ref, f"blobs/{digest}", what, headers)
+        try:
+            return self._blob_stream(resp, offset, f"{what} from {ref.name}")
+        except BaseException:
+            resp.close()
+            raise
 
     # -------------------------------------------------------------- internals
 
@@ -294,19 +292,6 @@ class RegistryClient:
                                  f"({type(e).__name__})") from None
         return bytes(buf)
 
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
-        for n in range(self._retries + 1):
-            try:
-                return attempt()
-            except TransientError as e:
-                if n >= self._retries or (e.retry_after or 0) > MAX_RETRY_AFTER:
-                    raise
-                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**n) * random.uniform(0.5, 1.0)
-                wait = max(backoff, e.retry_after or 0.0)
-                log.info("%s; retry %d/%d in %.1fs", e, n + 1, self._retries, wait)
-                self._sleep(wait)
-        raise AssertionError("unreachable")
-
     def _send(
         self, ref: Reference, path: str, what: str, headers: dict[str, str],
     ) -> requests.Response:
@@ -335,7 +320,8 @@ class RegistryClient:
                     f"anonymously (no credentials for {ref.registry} in the Docker config)")
                 raise Unauthorized(f"{where} refused: {detail}; tried {as_who}")
             if status in (408, 429) or status >= 500:
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                retry_after = self.retry.retry_after(
+                    parse_retry_after(resp.headers.get("Retry-After")))
                 if status == 429:  # the whole fleet slows down for this host, not just us
                     self._limiter.penalize(host.lower(), retry_after or PENALTY_WITHOUT_RETRY_AFTER)
                 raise TransientError(f"{where}: {detail}", retry_after=retry_after)

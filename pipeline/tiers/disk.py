@@ -7,25 +7,33 @@
                           content_sha256_<hex>.lock per diff_id: pipeline/sharing.py)
     <root>/.meta.db       what each entry should be (pipeline/metadata.py)
 
-An entry's name appears only through `Ingest.commit()`, after the caller has verified the
-bytes: write to .tmp, fsync, rename, fsync the directory. A crash at any point leaves
-nothing or a complete entry.
+An entry's name appears only through `Ingest.commit()`, and commit is the gate: it is
+shown the proof that the tar hashed to the layer's diff_id (a `Verified`) and where the
+bytes came from (an `Origin`: a verified blob of this very digest, the remote tier, or
+another entry's content), checks both against the layer and the file's size, and refuses
+anything else. Then: fsync, rename, fsync the directory, and record the row with its
+origin. A crash at any point leaves nothing or a complete entry.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.digest import Digest
-from pipeline.errors import InvalidDigest, NoSpace, PermanentError
+from pipeline.digest import Digest, Verified
+from pipeline.errors import InvalidDigest, NoSpace, PermanentError, VerificationError
+from pipeline.layer import FromBlob, LayerSpec, Origin, Shared, origin_text
 from pipeline.metadata import Metadata
+
+log = logging.getLogger("layerwarm")
 
 
 class DiskTier:
@@ -120,8 +128,13 @@ class Ingest:
         self.tier, self.digest, self.path, self.file = tier, digest, path, file
         self.committed = False
 
-    def commit(self) -> Path:
-        """Make the verified temp file the entry: fsync, rename, fsync the directory."""
+    def commit(self, layer: LayerSpec, tar: Verified, origin: Origin) -> Path:
+        """Make the temp file the entry for `layer`, if the proofs hold; else raise.
+
+        `tar` must be the layer's diff_id and the file's size; a `FromBlob` origin must be
+        this digest's own blob. Then fsync, rename, fsync the directory, record the row.
+        """
+        self._check(layer, tar, origin)
         if not self.file.closed:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -137,7 +150,30 @@ class Ingest:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        try:  # the entry is verified and named; a metadata hiccup must not undo that
+            self.tier.meta.record_layer(layer.digest, layer.diff_id, layer.media_type,
+                                        layer.size, tar.size, origin_text(origin))
+        except sqlite3.Error as e:
+            log.warning("could not record %s in %s: %s", layer.digest, self.tier.meta.path, e)
         return target
+
+    def _check(self, layer: LayerSpec, tar: Verified, origin: Origin) -> None:
+        what = f"layer {layer.digest}"
+        if layer.digest != self.digest:
+            raise VerificationError(f"{what}: commit into the ingest of {self.digest}")
+        if tar.digest != layer.diff_id:
+            raise VerificationError(f"{what}: content is {tar.digest}, not diff_id {layer.diff_id}")
+        if isinstance(origin, FromBlob) and origin.blob.digest != layer.digest:
+            raise VerificationError(f"{what}: made from blob {origin.blob.digest}")
+        if isinstance(origin, Shared) and origin.source == layer.digest:
+            raise VerificationError(f"{what}: shared from itself")
+        if not self.file.closed:
+            self.file.flush()
+            size = os.fstat(self.file.fileno()).st_size
+        else:
+            size = os.stat(self.path, follow_symlinks=False).st_size
+        if size != tar.size:
+            raise VerificationError(f"{what}: {size} bytes written, {tar.size} verified")
 
 
 class DigestLock:

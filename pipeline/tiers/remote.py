@@ -84,6 +84,11 @@ class RemoteTier(Protocol):
         """
         ...
 
+    def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
+        """At most `length` bytes of the layer from `offset` (fewer only at its end); the
+        caller checks them (the read path, against its index's chunk digests)."""
+        ...
+
     def upload(
         self,
         digest: Digest,

@@ -148,6 +148,16 @@ class S3Tier:
             raise self._translate(exc, f"download {digest}") from exc
         return entry
 
+    def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
+        what = f"read {digest}"
+        try:
+            resp = self._s3(what).get_object(
+                Bucket=self.bucket, Key=self._key(digest),
+                Range=f"bytes={offset}-{offset + max(length, 1) - 1}")
+            return resp["Body"].read(length)
+        except _BOTO_ERRORS as exc:
+            raise self._translate(exc, what) from exc
+
     def upload(
         self,
         digest: Digest,

@@ -24,8 +24,9 @@ from pathlib import Path
 from pipeline import stages
 from pipeline.digest import Digest
 from pipeline.errors import NotFound, TransientError, VerificationError
+from pipeline.layer import LayerSpec
 from pipeline.reference import Reference
-from pipeline.stages import LayerSpec
+from pipeline.retry import RetryPolicy
 from pipeline.tiers.disk import DiskTier
 
 PIECE = 64 << 10
@@ -48,6 +49,8 @@ class BlobStream:
 
 
 class PausingClient:
+    retry = RetryPolicy(base=0.01)  # what stages.fetch retries a cut blob by
+
     def __init__(self, blob: bytes, mode: str) -> None:
         self.blob, self.mode, self.requests = blob, mode, 0
 
