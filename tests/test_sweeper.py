@@ -55,3 +55,16 @@ def test_stalled_layer_is_enqueued_again_once(redis_url: str) -> None:
             client.lrem(FLEET_QUEUE, 0, m)
         client.zrem(ACTIVE, job_id)
         client.delete(f"layerwarm:job:{job_id}", f"layerwarm:job:{job_id}:layers")
+
+
+def test_the_sweeper_does_not_import_the_tasks() -> None:
+    """It enqueues by task name: workers.tasks imports the sweeper, not the other way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    probe = "import sys, workers.sweeper; print('workers.tasks' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"
