@@ -229,13 +229,16 @@ class Leases:
                                              name="layerwarm-lease")
             self._renewer.start()
 
-    def stop_renewer(self) -> None:
-        """Stop this process's renewer (tests; a worker's renewer ends with the process)."""
+    def stop_renewer(self, timeout: float | None = None) -> None:
+        """Stop this process's renewer (tests; a worker's renewer ends with the process).
+
+        Waits up to `timeout` seconds (None: until it ends) for a round under way.
+        """
         with self._lock:
             thread, self._renewer = self._renewer, None
         self._stop.set()
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_every):
