@@ -215,7 +215,9 @@ def test_a_lease_held_past_max_hold_is_no_longer_renewed(
         client.hset(f"{leases.held_key}:since", str(digest), int((time.time() - 120) * 1000))
         client.pexpire(Leases.key(digest), 10_000)
         client.pexpire(Leases.key(kept_digest), 10_000)
+        client.hset(leases.held_key, "not-a-digest", "x")  # must not stop the round
         assert leases.renew_held() == [(str(digest), token)]
+        assert client.hget(leases.held_key, "not-a-digest") is None
         assert client.pttl(Leases.key(digest)) <= 10_000, "not renewed: it lapses"
         assert client.pttl(Leases.key(kept_digest)) > 10_000, "the young one is renewed"
         assert client.hget(leases.held_key, str(digest)) is None

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import redis
 
 from pipeline.digest import Digest
-from pipeline.errors import TransientError
+from pipeline.errors import InvalidDigest, TransientError
 
 log = logging.getLogger("layerwarm")
 
@@ -255,11 +255,20 @@ class Leases:
         Raises `redis.RedisError` when Redis does not answer (the loop tries again).
         """
         raw = self.client.hgetall(self.held_key)
-        held = sorted((_text(d), _text(t)) for d, t in raw.items())
+        held: list[tuple[str, str]] = []
+        lease_keys: list[str] = []
+        for field, token in sorted(raw.items()):
+            try:
+                lease_keys.append(self.key(Digest.parse(_text(field))))
+            except InvalidDigest:
+                # Not written by acquire; one bad field must not stop every renewal.
+                log.warning("lease renewer: dropping %r from %s", field, self.held_key)
+                self.client.hdel(self.held_key, field)
+                continue
+            held.append((_text(field), _text(token)))
         if not held:
             return []
-        keys = [self.held_key, self._since_key]
-        keys += [self.key(Digest.parse(d)) for d, _ in held]
+        keys = [self.held_key, self._since_key, *lease_keys]
         args: list[str | int] = [self.ttl_ms, int(time.time() * 1000), self.max_hold_ms]
         for d, t in held:
             args += [d, t]
