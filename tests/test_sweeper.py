@@ -55,3 +55,21 @@ def test_stalled_layer_is_enqueued_again_once(redis_url: str) -> None:
             client.lrem(FLEET_QUEUE, 0, m)
         client.zrem(ACTIVE, job_id)
         client.delete(f"layerwarm:job:{job_id}", f"layerwarm:job:{job_id}:layers")
+
+
+
+def test_the_sweeper_does_not_import_the_tasks() -> None:
+    """It enqueues by task name: workers.tasks imports the sweeper, not the other way
+    (not even inside a function, where the cycle used to hide)."""
+    import ast
+    from pathlib import Path
+
+    import workers.sweeper
+
+    tree = ast.parse(Path(workers.sweeper.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert "workers" in {name.split(".")[0] for name in imported}, "the walk sees imports"
+    assert "workers.tasks" not in imported

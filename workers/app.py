@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from pipeline.units import parse_duration
+from workers.redisconn import CONNECT_TIMEOUT, HEALTH_CHECK_INTERVAL, SOCKET_TIMEOUT
 from workers.routing import FLEET_QUEUE
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -42,6 +43,13 @@ _TRANSPORT = {
     "visibility_timeout": VISIBILITY_TIMEOUT,
     "unacked_restore_interval": max(1, min(10, int(VISIBILITY_TIMEOUT / 4))),
     "unacked_restore_throttle": 1,
+    # Bounded connects and reads, as for every Redis client (workers/redisconn.py): a
+    # half-open broker connection fails and is re-made instead of hanging the consumer.
+    # kombu's blocking BRPOP waits at most 1 s, well inside the socket timeout.
+    "socket_connect_timeout": CONNECT_TIMEOUT,
+    "socket_timeout": SOCKET_TIMEOUT,
+    "socket_keepalive": True,
+    "health_check_interval": HEALTH_CHECK_INTERVAL,
 }
 
 app = Celery("layerwarm", include=["workers.tasks"])
@@ -51,6 +59,11 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options=_TRANSPORT,
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    # The result backend's own client (Celery's defaults: no connect timeout, 120 s reads).
+    redis_socket_connect_timeout=CONNECT_TIMEOUT,
+    redis_socket_timeout=SOCKET_TIMEOUT,
+    redis_socket_keepalive=True,
+    redis_backend_health_check_interval=HEALTH_CHECK_INTERVAL,
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],

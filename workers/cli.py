@@ -168,13 +168,12 @@ def _port(text: str) -> int:
     return port
 
 
-def _store() -> JobStore:  # imported lazily with redis
-    import redis
-
+def _store() -> JobStore:  # imported lazily with redis (workers.redisconn)
     from workers.app import JOB_TTL, broker_url
     from workers.jobs import JobStore
+    from workers.redisconn import connect
 
-    return JobStore(redis.Redis.from_url(broker_url()), JOB_TTL)
+    return JobStore(connect(broker_url()), JOB_TTL)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -1,13 +1,30 @@
 """Per-digest Redis leases: one worker in the fleet fetches a layer from the registry.
 
-A lease is `SET key token NX PX ttl`; the holder renews it while it works and deletes it
-when the layer is in the remote tier. Renew and release check the token (a Lua script),
-so a worker whose lease expired can never drop someone else's. A dead holder stops
-renewing, the lease expires, and a waiter takes over.
+A lease is a key `layerwarm:lease:<digest>` set with NX and a ttl. It is held by a
+**node** (a host), not by a task: a fleet layer's chain runs as three tasks (fetch on the
+IO worker, decompress on the CPU worker, publish on the IO worker again) and waits in a
+queue between them, so no single task can keep it alive. Acquiring it also records it in
+the node's hash `layerwarm:held:<node>` (digest -> token); every worker process of the
+node runs one renewer thread that, every ttl/3, renews each lease in that hash. The lease
+lives until `release` (after the publish) deletes both. If every process of the node
+dies, nobody renews: the lease expires and another node takes over.
+
+Every write checks the token (Lua), so a holder whose lease expired can never renew or
+drop someone else's. A renew that finds the lease gone or held by another token marks it
+lost: the renewer drops it from the hash and logs a warning, and `check` raises
+`LeaseLost`, so the holder does not publish as if it still held it. A process that could
+not reach Redis to renew a lease for longer than its ttl treats it as lost too.
+
+A lease is held for at most `max_hold` seconds (when set): a chain whose next message
+was lost would otherwise keep its lease renewed for ever, and the sweeper's new fetch
+of that layer (another token) would wait on it for ever.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -17,71 +34,282 @@ from contextlib import contextmanager
 import redis
 
 from pipeline.digest import Digest
+from pipeline.errors import InvalidDigest, TransientError
 
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
-    "return redis.call('del', KEYS[1]) else return 0 end"
+log = logging.getLogger("layerwarm")
+
+# KEYS: lease, held hash, since hash. ARGV: token, ttl ms, digest, now ms.
+# Take the lease (or confirm it is ours: a redelivered task) and record it for the node's
+# renewers in the same step, so no lease exists that its node's renewers do not know.
+_ACQUIRE = """
+local current = redis.call('get', KEYS[1])
+if current == false then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif current == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+else
+  return 0
+end
+redis.call('hset', KEYS[2], ARGV[3], ARGV[1])
+redis.call('hsetnx', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: lease, held hash, since hash. ARGV: token, digest.
+# The hash fields go only if they are still this token's (a newer acquire keeps its own).
+_RELEASE = """
+if redis.call('hget', KEYS[2], ARGV[2]) == ARGV[1] then
+  redis.call('hdel', KEYS[2], ARGV[2])
+  redis.call('hdel', KEYS[3], ARGV[2])
+end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: held hash, since hash, then one lease key per lease.
+# ARGV: ttl ms, now ms, max hold ms (-1: none), then digest and token per lease.
+# Returns per lease: 1 renewed, 0 lost (gone or another token's; dropped from the hash),
+# 2 released meanwhile (not ours to judge), 3 held past max_hold (dropped; it lapses).
+_RENEW = """
+local result = {}
+local ttl, now, max_hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 3, #KEYS do
+  local digest, token = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  local status
+  if redis.call('hget', KEYS[1], digest) ~= token then
+    status = 2
+  else
+    local since = tonumber(redis.call('hget', KEYS[2], digest) or now)
+    if max_hold >= 0 and now - since > max_hold then
+      status = 3
+    elseif redis.call('get', KEYS[i]) == token then
+      redis.call('pexpire', KEYS[i], ttl)
+      status = 1
+    else
+      status = 0
+    end
+    if status ~= 1 then
+      redis.call('hdel', KEYS[1], digest)
+      redis.call('hdel', KEYS[2], digest)
+    end
+  end
+  result[#result + 1] = status
+end
+return result
+"""
+
+_RENEWED, _LOST, _RELEASED, _OVERHELD = 1, 0, 2, 3
+
+
+class LeaseLost(TransientError):
+    """The lease expired or another worker took it over: do not act as its holder.
+
+    Transient: the layer's task retries from the tiers with a new lease (another node
+    may have finished the layer meanwhile, and the retry finds it in the remote tier).
+    """
 
 
 class Leases:
-    def __init__(self, client: redis.Redis, ttl: float) -> None:
+    """The fleet's per-digest leases, as seen by one worker process of `node`."""
+
+    def __init__(self, client: redis.Redis, ttl: float, node: str | None = None, *,
+                 max_hold: float | None = None, renew_every: float | None = None) -> None:
         self.client, self.ttl_ms = client, int(ttl * 1000)
-        self._renew = client.register_script(_RENEW)
+        # The same default name the workers use (workers/tasks.py context()).
+        self.node = node or os.environ.get("LAYERWARM_NODE") or socket.gethostname()
+        self.max_hold_ms = -1 if max_hold is None else int(max_hold * 1000)
+        self.renew_every = ttl / 3 if renew_every is None else renew_every
+        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
-        # Leases being kept, renewed by one thread per process (not one per task: a task
-        # for a tiny layer spent more on starting and joining its thread than on the layer).
-        self._kept: dict[int, tuple[Digest, str]] = {}
+        self._renew = client.register_script(_RENEW)
         self._lock = threading.Lock()
+        # (digest, token) -> monotonic time this process last saw it renewed (or taken):
+        # how long a Redis outage has kept it unrenewed.
+        self._known: dict[tuple[str, str], float] = {}
+        # Leases this process judged lost; `check` refuses them even if Redis later says
+        # otherwise (while it could not renew, someone else may have held the layer).
+        self._lost: dict[tuple[str, str], str] = {}  # -> why
         self._renewer: threading.Thread | None = None
+        self._renewer_pid = 0
+        self._stop = threading.Event()
 
     @staticmethod
     def key(digest: Digest) -> str:
         return f"layerwarm:lease:{digest.cache_name}"
+
+    @property
+    def held_key(self) -> str:
+        """The node's hash of leases it holds (digest -> token), renewed by its workers."""
+        return f"layerwarm:held:{self.node}"
+
+    @property
+    def _since_key(self) -> str:
+        return f"layerwarm:held:{self.node}:since"
 
     @staticmethod
     def new_token(node: str) -> str:
         return f"{node}:{uuid.uuid4().hex}"
 
     def acquire(self, digest: Digest, token: str) -> bool:
-        """Take the lease, or confirm we still hold it (a redelivered task of ours)."""
-        if self.client.set(self.key(digest), token, nx=True, px=self.ttl_ms):
-            return True
-        return self.renew(digest, token)
+        """Take the lease for this node, or confirm we still hold it (a redelivered task).
 
-    def renew(self, digest: Digest, token: str) -> bool:
-        return bool(self._renew(keys=[self.key(digest)], args=[token, self.ttl_ms]))
+        Once taken, the node's renewers keep it until `release`, across task handoffs.
+        """
+        self.start_renewer()
+        now = time.time()
+        taken = bool(self._acquire(
+            keys=[self.key(digest), self.held_key, self._since_key],
+            args=[token, self.ttl_ms, str(digest), int(now * 1000)]))
+        if taken:
+            with self._lock:
+                self._known[(str(digest), token)] = time.monotonic()
+                self._lost.pop((str(digest), token), None)
+        return taken
 
     def release(self, digest: Digest, token: str) -> None:
-        self._release(keys=[self.key(digest)], args=[token])
+        """Drop the lease (only if `token` holds it) and the node's record of it."""
+        self._release(keys=[self.key(digest), self.held_key, self._since_key],
+                      args=[token, str(digest)])
+        with self._lock:
+            self._known.pop((str(digest), token), None)
+            self._lost.pop((str(digest), token), None)
 
     def holder(self, digest: Digest) -> str | None:
         value = self.client.get(self.key(digest))
         return value.decode() if isinstance(value, bytes) else value
 
+    def check(self, digest: Digest, token: str) -> None:
+        """Raise `LeaseLost` unless `token` still holds the lease.
+
+        Call it before acting as the holder (publishing). Redis not answering also
+        raises it: a holder that cannot confirm its lease must not act on it.
+        """
+        self.start_renewer()
+        try:
+            current = self.holder(digest)
+        except redis.RedisError as e:
+            raise LeaseLost(f"lease on {digest} cannot be confirmed: {e}") from e
+        if current != token:
+            raise LeaseLost(f"lease on {digest} lost: "
+                            + (f"now held by {current}" if current else "expired"))
+        with self._lock:
+            why = self._lost.get((str(digest), token))
+        if why is not None:
+            raise LeaseLost(f"lease on {digest} lost: {why}")
+
+    def is_lost(self, digest: Digest, token: str) -> bool:
+        """Whether this process judged the lease lost (its renewer found it gone or taken,
+        or could not renew it for over its ttl). `check` is the test that also asks Redis."""
+        with self._lock:
+            return (str(digest), token) in self._lost
+
     @contextmanager
     def kept(self, digest: Digest, token: str) -> Iterator[None]:
-        """Renew the lease every third of its ttl while the block runs."""
-        entry = object()
-        with self._lock:
-            self._kept[id(entry)] = (digest, token)
-            if self._renewer is None:
-                self._renewer = threading.Thread(target=self._renew_kept, daemon=True,
-                                                 name="layerwarm-lease")
-                self._renewer.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                del self._kept[id(entry)]
+        """Kept for callers written before node-held leases: renewal no longer depends on
+        it (the node's renewers keep every acquired lease until `release`); it only makes
+        sure this process runs its renewer. New code calls `check` before publishing."""
+        self.start_renewer()
+        yield
 
-    def _renew_kept(self) -> None:
-        while True:
-            time.sleep(self.ttl_ms / 3000)
-            with self._lock:
-                kept = list(self._kept.values())
-            for digest, token in kept:
-                try:
-                    self.renew(digest, token)
-                except redis.RedisError:
-                    pass  # next round may reach Redis again; expiry is the safety net
+    def start_renewer(self) -> None:
+        """Start this process's renewer thread, once (again in a forked child).
+
+        Every worker process of a node should call it at start, so the node's leases are
+        renewed while any of its workers lives, whichever process took them.
+        """
+        with self._lock:
+            alive = self._renewer is not None and self._renewer.is_alive()
+            if alive and self._renewer_pid == os.getpid():
+                return
+            self._stop.clear()
+            self._renewer_pid = os.getpid()
+            self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
+                                             name="layerwarm-lease")
+            self._renewer.start()
+
+    def stop_renewer(self, timeout: float | None = None) -> None:
+        """Stop this process's renewer (tests; a worker's renewer ends with the process).
+
+        Waits up to `timeout` seconds (None: until it ends) for a round under way.
+        """
+        with self._lock:
+            thread, self._renewer = self._renewer, None
+        self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                self.renew_held()
+            except redis.RedisError as e:
+                self._unreachable(e)
+            except Exception:  # never let the renewer die quietly: every lease would lapse
+                log.exception("lease renewer failed; trying again next round")
+
+    def renew_held(self) -> list[tuple[str, str]]:
+        """One round: renew every lease of this node; return those found lost.
+
+        Raises `redis.RedisError` when Redis does not answer (the loop tries again).
+        """
+        raw = self.client.hgetall(self.held_key)
+        held: list[tuple[str, str]] = []
+        lease_keys: list[str] = []
+        for field, token in sorted(raw.items()):
+            try:
+                lease_keys.append(self.key(Digest.parse(_text(field))))
+            except InvalidDigest:
+                # Not written by acquire; one bad field must not stop every renewal.
+                log.warning("lease renewer: dropping %r from %s", field, self.held_key)
+                self.client.hdel(self.held_key, field)
+                continue
+            held.append((_text(field), _text(token)))
+        if not held:
+            return []
+        keys = [self.held_key, self._since_key, *lease_keys]
+        args: list[str | int] = [self.ttl_ms, int(time.time() * 1000), self.max_hold_ms]
+        for d, t in held:
+            args += [d, t]
+        statuses = self._renew(keys=keys, args=args)
+        now = time.monotonic()
+        lost = []
+        with self._lock:
+            for lease, status in zip(held, statuses, strict=True):
+                if status == _RENEWED:
+                    self._known[lease] = now
+                    continue
+                self._known.pop(lease, None)
+                if status == _LOST:
+                    self._lost[lease] = "expired or taken over"
+                    lost.append(lease)
+                    log.warning("lease on %s lost (expired or taken over); token %s",
+                                lease[0], lease[1])
+                elif status == _OVERHELD:
+                    self._lost[lease] = f"held over {self.max_hold_ms / 1000:.0f}s"
+                    lost.append(lease)
+                    log.warning("lease on %s held over %.0fs; no longer renewed; token %s",
+                                lease[0], self.max_hold_ms / 1000, lease[1])
+            # Forget the leases released elsewhere (not in the hash any more).
+            current = set(held)
+            for lease in [k for k in self._known if k not in current]:
+                del self._known[lease]
+        return lost
+
+    def _unreachable(self, error: redis.RedisError) -> None:
+        """A round failed: leases this process has not renewed for over a ttl are lost."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, seen in self._known.items() if now - seen > self.ttl_ms / 1000]
+            for lease in stale:
+                del self._known[lease]
+                self._lost[lease] = f"not renewed for over {self.ttl_ms / 1000:g}s"
+        log.warning("lease renewer: Redis did not answer (%s)", error)
+        for digest, token in stale:
+            log.warning("lease on %s lost: not renewed for over %.0fs; token %s",
+                        digest, self.ttl_ms / 1000, token)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -7,6 +7,9 @@ record has not changed for twice the visibility timeout (by then even a killed w
 message would have come back) gets its fetch enqueued again. Every stage is idempotent
 by content address, so a spare fetch costs time, never correctness; a Redis key per
 layer makes one worker, not all of them, re-enqueue it.
+
+It sends the fetch by task name: workers.tasks starts the sweeper, and importing the
+tasks from here would make the two modules import each other.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import threading
 
 import redis
 
+from workers.app import app
 from workers.jobs import JobStore
+from workers.routing import Target
 
 log = logging.getLogger("layerwarm")
 LAYER_FIELDS = ("digest", "diff_id", "media_type", "size", "sources")
@@ -24,9 +29,6 @@ LAYER_FIELDS = ("digest", "diff_id", "media_type", "size", "sources")
 
 def sweep_once(jobs: JobStore, stall: float) -> int:
     """Re-enqueue the fetch of every stalled layer once; return how many."""
-    from workers.routing import Target
-    from workers.tasks import fetch
-
     count = 0
     for job_id, rec in jobs.stalled(stall):
         claim = f"layerwarm:requeue:{job_id}:{rec['digest']}|{rec['target']}"
@@ -35,8 +37,8 @@ def sweep_once(jobs: JobStore, stall: float) -> int:
         layer = {k: rec[k] for k in LAYER_FIELDS}
         jobs.update_layer(job_id, rec["digest"], rec["target"],
                           requeued=int(rec.get("requeued", 0)) + 1)
-        fetch.apply_async((job_id, layer, rec["target"]),
-                          queue=Target.parse(rec["target"]).fetch_queue)
+        app.send_task("layerwarm.fetch", (job_id, layer, rec["target"]),
+                      queue=Target.parse(rec["target"]).fetch_queue)
         log.warning("layer %s of job %s was silent for %.0fs in %s: fetch enqueued again",
                     rec["digest"], job_id, stall, rec.get("state"))
         count += 1

@@ -59,6 +59,7 @@ from workers.jobs import JobStore
 from workers.leases import Leases
 from workers.progress import JobProgress
 from workers.ratelimit import RedisRateLimiter
+from workers.redisconn import connect
 from workers.routing import Target, check_node, node_cpu_queue, node_io_queue
 from workers.sweeper import start_sweeper
 
@@ -85,7 +86,7 @@ class WorkerContext:
 def context() -> WorkerContext:
     """Per worker process: settings, registry client, tiers, Redis, built once."""
     settings = Settings.from_env()
-    client = redis.Redis.from_url(broker_url())
+    client = connect(broker_url())
     lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
     limiter = RedisRateLimiter(client, settings.registry_rate) if settings.registry_rate else None
     return WorkerContext(
