@@ -24,9 +24,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
-from pipeline.errors import LayerwarmError, UsageError
+from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
+from workers.credentials import (
+    BROKER_ENV,
+    FLOWER_AUTH_ENV,
+    FLOWER_OWN_ENV,
+    flower_logins,
+    resolve_broker_url,
+)
 
 if TYPE_CHECKING:
     from workers.jobs import JobStore
@@ -34,42 +41,14 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
 
 
-BROKER_ENV, BROKER_FILE_ENV = "LAYERWARM_BROKER_URL", "LAYERWARM_BROKER_URL_FILE"
-FLOWER_AUTH_ENV = "LAYERWARM_FLOWER_BASIC_AUTH"
-
-
-def read_secret_file(path: str, what: str) -> str:
-    """The one value a secret file holds (surrounding whitespace and newline dropped).
-
-    Errors name the file, never its content.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {what} file {path}: "
-                         f"{getattr(e, 'strerror', None) or type(e).__name__}") from None
-    if not value:
-        raise UsageError(f"{what} file {path} is empty")
-    return value
-
-
 def _broker_env(args: argparse.Namespace) -> None:
     """Put the broker URL in LAYERWARM_BROKER_URL, where workers.app and every child read it.
 
-    From --broker, --broker-file, LAYERWARM_BROKER_URL or LAYERWARM_BROKER_URL_FILE, in
-    that order. Set before workers.app is imported: the app reads its broker URL then.
-    The URL may hold Redis's password, so it goes to child processes by environment
-    (readable only by the same user), never on their command lines.
+    Set before workers.app is imported: the app reads its broker URL then. Children get
+    it by environment, never on their command lines (see workers.credentials).
     """
-    url, path = getattr(args, "broker", None), getattr(args, "broker_file", None)
-    if not url and not path:
-        from_file = os.environ.get(BROKER_FILE_ENV)
-        if from_file and os.environ.get(BROKER_ENV):
-            raise UsageError(f"both {BROKER_ENV} and {BROKER_FILE_ENV} are set; set one")
-        path = from_file
-    if not url and path:
-        url = read_secret_file(path, "broker URL")
+    url = resolve_broker_url(getattr(args, "broker", None),
+                             getattr(args, "broker_file", None), os.environ)
     if url:
         os.environ[BROKER_ENV] = url
 
@@ -342,39 +321,16 @@ def status_text(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def flower_basic_auth(args: argparse.Namespace) -> str | None:
-    """The `user:password[,user:password...]` logins Flower accepts, or None for none.
-
-    From --basic-auth, --basic-auth-file (one login a line), LAYERWARM_FLOWER_BASIC_AUTH
-    or Flower's own FLOWER_BASIC_AUTH, in that order.
-    """
-    if args.basic_auth:
-        value = args.basic_auth
-    elif args.basic_auth_file:
-        text = read_secret_file(args.basic_auth_file, "Flower login")
-        value = ",".join(line.strip() for line in text.splitlines() if line.strip())
-    else:
-        value = os.environ.get(FLOWER_AUTH_ENV) or os.environ.get("FLOWER_BASIC_AUTH")
-    if not value:
-        return None
-    for login in value.split(","):  # Flower splits FLOWER_BASIC_AUTH at commas
-        user, sep, password = login.partition(":")
-        if not (user and sep and password):
-            raise UsageError("Flower logins must be USER:PASSWORD, several separated by "
-                             "commas (so a password cannot hold a comma)")
-    return value
-
-
 def cmd_flower(args: argparse.Namespace) -> int:
     _broker_env(args)
-    logins = flower_basic_auth(args)
+    logins = flower_logins(args.basic_auth, args.basic_auth_file, os.environ)
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
             f"--address={args.address}", f"--port={args.port}"]
     # The logins go by environment (Flower reads FLOWER_* variables), never on the command
     # line: /proc/PID/cmdline is readable by every user of the machine.
     env = {k: v for k, v in os.environ.items() if k != FLOWER_AUTH_ENV}
     if logins:
-        env["FLOWER_BASIC_AUTH"] = logins
+        env[FLOWER_OWN_ENV] = logins
     os.execve(sys.executable, argv, env)
     return EXIT_FAILED  # not reached
 
