@@ -1,6 +1,8 @@
-"""Unit tests for registry credentials: Docker config, credential helpers, challenges.
+"""Unit tests for registry credentials: Docker config, credential helpers, challenges,
+and where credentials may be sent.
 
-Fast and offline: config files and a fake `docker-credential-fake` helper live in tmp dirs.
+Fast and offline: config files and a fake `docker-credential-fake` helper live in tmp dirs;
+the token realm is a recording HTTP server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ import base64
 import json
 import os
 import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.registry.auth import Credentials, DockerConfig, parse_challenges
-from pipeline.registry.client import parse_retry_after, plain_http_allowed
+from pipeline.registry.auth import Authenticator, Credentials, DockerConfig, parse_challenges
+from pipeline.registry.client import RegistryClient, parse_retry_after, plain_http_allowed
 
 
 def b64(text: str) -> str:
@@ -273,3 +277,109 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert parse_retry_after("garbage") is None and parse_retry_after(None) is None
+
+
+# ---------------------------------------------------------------- where credentials may go
+
+
+@pytest.mark.parametrize(
+    ("url", "owner", "allowed"),
+    [
+        # The registry's own origin, and the token realm its challenge names (another host).
+        ("https://reg.example/v2/app/blobs/x", "https://reg.example/v2/app/manifests/1", True),
+        ("https://reg.example:443/v2/", "https://reg.example/v2/", True),
+        ("https://auth.example/token", "https://auth.example/token", True),
+        ("http://127.0.0.1:5001/token", "http://127.0.0.1:5001/token", True),
+        ("http://reg.lan:5000/v2/", "http://reg.lan:5000/v2/", True),  # listed insecure
+        # Redirects elsewhere: another host, port, or a downgrade to http.
+        ("https://storage.example/blob", "https://reg.example/v2/", False),
+        ("https://reg.example:8443/v2/", "https://reg.example/v2/", False),
+        ("http://reg.example/v2/", "https://reg.example/v2/", False),
+        # A realm over plain http to a host that is neither loopback nor listed.
+        ("http://auth.example/token", "http://auth.example/token", False),
+        ("ftp://127.0.0.1/token", "ftp://127.0.0.1/token", False),
+    ],
+)
+def test_may_send_credentials_rule(url: str, owner: str, allowed: bool) -> None:
+    with RegistryClient(docker_config=DockerConfig(), insecure_registries=["reg.lan:5000"]) as c:
+        assert c._auth.may_send_credentials(url, owner) is allowed
+
+
+class RecordingRealm:
+    """A token realm on 127.0.0.1 that hands out a token and records each request as it came."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, bytes]] = []  # (method, Authorization, body)
+        realm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                realm.seen.append((self.command, self.headers.get("Authorization"), body))
+                data = json.dumps({"token": "tok-123", "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+NETRC_PASSWORD = "netrc-pw-never-sent"
+
+
+@pytest.fixture
+def netrc_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HOME with a ~/.netrc that has a login for 127.0.0.1, as a user's machine might."""
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    netrc.write_text(f"machine 127.0.0.1\nlogin netrc-user\npassword {NETRC_PASSWORD}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("NETRC", raising=False)
+    return home
+
+
+@pytest.mark.parametrize("creds", [None, Credentials("alice", "pw-a"),
+                                   Credentials("<token>", "refresh-1")],
+                         ids=["anonymous", "login", "identity-token"])
+def test_token_request_ignores_netrc(netrc_home: Path, creds: Credentials | None) -> None:
+    import requests
+
+    realm = RecordingRealm()
+    try:
+        auths = {} if creds is None else {"127.0.0.1:5000": {
+            "identitytoken": creds.password} if creds.is_identity_token else {
+            "auth": b64(f"{creds.username}:{creds.password}")}}
+        auth = Authenticator(requests.Session(), DockerConfig({"auths": auths}),
+                             url_allowed=lambda url: True, timeout=10)
+        header = auth.authenticate("127.0.0.1:5000", "127.0.0.1:5000", "repository:app:pull",
+                                   f'Bearer realm="{realm.url}",service="reg"')
+    finally:
+        realm.close()
+    assert header == "Bearer tok-123"
+    [(method, authorization, body)] = realm.seen
+    netrc_basic = "Basic " + b64(f"netrc-user:{NETRC_PASSWORD}")
+    assert authorization != netrc_basic and NETRC_PASSWORD.encode() not in body
+    if creds is None:
+        assert (method, authorization) == ("GET", None)
+    elif creds.is_identity_token:
+        assert method == "POST" and authorization is None and b"refresh-1" in body
+    else:
+        assert (method, authorization) == ("GET", creds.basic_header())

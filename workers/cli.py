@@ -27,6 +27,13 @@ from pipeline import cli as base
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
+from workers.credentials import (
+    BROKER_ENV,
+    FLOWER_AUTH_ENV,
+    FLOWER_OWN_ENV,
+    flower_logins,
+    resolve_broker_url,
+)
 
 if TYPE_CHECKING:
     from workers.jobs import JobStore
@@ -35,9 +42,15 @@ EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
 
 
 def _broker_env(args: argparse.Namespace) -> None:
-    # Set before workers.app is imported: the app reads its broker URL then.
-    if getattr(args, "broker", None):
-        os.environ["LAYERWARM_BROKER_URL"] = args.broker
+    """Put the broker URL in LAYERWARM_BROKER_URL, where workers.app and every child read it.
+
+    Set before workers.app is imported: the app reads its broker URL then. Children get
+    it by environment, never on their command lines (see workers.credentials).
+    """
+    url = resolve_broker_url(getattr(args, "broker", None),
+                             getattr(args, "broker_file", None), os.environ)
+    if url:
+        os.environ[BROKER_ENV] = url
 
 
 def live_nodes(timeout: float = 1.5) -> list[str]:
@@ -80,9 +93,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.routing import FLEET_QUEUE, check_node, node_cpu_queue, node_io_queue
 
     node = check_node(args.node)
+    _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
     env = dict(os.environ, LAYERWARM_NODE=node)
-    for name, value in (("LAYERWARM_BROKER_URL", args.broker), ("LAYERWARM_CACHE_DIR",
-                        args.cache_dir), ("LAYERWARM_REMOTE", args.remote)):
+    for name, value in (("LAYERWARM_CACHE_DIR", args.cache_dir),
+                        ("LAYERWARM_REMOTE", args.remote)):
         if value:
             env[name] = value
     io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
@@ -308,11 +322,15 @@ def status_text(status: dict[str, Any]) -> str:
 
 def cmd_flower(args: argparse.Namespace) -> int:
     _broker_env(args)
+    logins = flower_logins(args.basic_auth, args.basic_auth_file, os.environ)
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
             f"--address={args.address}", f"--port={args.port}"]
-    if args.basic_auth:
-        argv.append(f"--basic_auth={args.basic_auth}")
-    os.execv(sys.executable, argv)
+    # The logins go by environment (Flower reads FLOWER_* variables), never on the command
+    # line: /proc/PID/cmdline is readable by every user of the machine.
+    env = {k: v for k, v in os.environ.items() if k != FLOWER_AUTH_ENV}
+    if logins:
+        env[FLOWER_OWN_ENV] = logins
+    os.execve(sys.executable, argv, env)
     return EXIT_FAILED  # not reached
 
 
@@ -338,8 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
     def broker(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--broker", metavar="URL",
-                       help="Redis URL (env LAYERWARM_BROKER_URL, default redis://127.0.0.1:6379/0)")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--broker", metavar="URL",
+                       help="Redis URL (env LAYERWARM_BROKER_URL, default "
+                       "redis://127.0.0.1:6379/0). A password in it is visible to every "
+                       "user of this machine (ps); use the env or --broker-file for that")
+        g.add_argument("--broker-file", metavar="PATH",
+                       help="read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
 
     w = sub.add_parser("worker", help="run one worker host: IO and CPU Celery workers")
     w.add_argument("--node", required=True, help="this host's name in the fleet")
@@ -379,8 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
     f.add_argument("--address", default="127.0.0.1")
     f.add_argument("--port", type=int, default=5555)
-    f.add_argument("--basic-auth", metavar="USER:PASSWORD",
-                   help="protect the UI and API (or env FLOWER_BASIC_AUTH)")
+    fa = f.add_mutually_exclusive_group()
+    fa.add_argument("--basic-auth", metavar="USER:PASSWORD",
+                    help="protect the UI and API. Visible to every user of this machine "
+                    "(ps): prefer env LAYERWARM_FLOWER_BASIC_AUTH (or FLOWER_BASIC_AUTH) "
+                    "or --basic-auth-file")
+    fa.add_argument("--basic-auth-file", metavar="PATH",
+                    help="read USER:PASSWORD (one a line) from this file")
     broker(f)
     f.set_defaults(func=cmd_flower)
 
@@ -395,7 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return base.run(build_parser(), argv)
+    try:
+        return base.run(build_parser(), argv)
+    except Exception as e:
+        # A broker that refuses us (wrong password, down) is a one-line error, not a
+        # traceback; the URL is shown with its password masked.
+        if type(e).__module__.partition(".")[0] not in ("redis", "kombu"):
+            raise
+        from kombu.utils.url import maybe_sanitize_url
+
+        from workers.app import broker_url
+
+        print(f"layerwarm: broker {maybe_sanitize_url(broker_url())}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

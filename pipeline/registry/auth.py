@@ -9,8 +9,11 @@ token server named in `realm` for a short-lived token for one scope
 (`repository:<name>:pull`), anonymously when there are no credentials. Tokens are cached
 per (host, scope) until shortly before they expire, so many threads share one token.
 
-Secrets never leave this module except inside an Authorization header value: they are
-kept out of reprs, log lines and exception messages.
+Where credentials may go is one rule, `Authenticator.may_send_credentials`, and every
+request that carries them (the client's registry requests, the token request here) asks it.
+Secrets never leave this module except inside an Authorization header value (or the token
+request's form): they are kept out of reprs, log lines and exception messages. `~/.netrc`
+is never consulted: requests would add its login to any request sent without `auth`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from requests.auth import AuthBase
 
 from pipeline.errors import PermanentError, TransientError, Unauthorized, UsageError
 
@@ -234,11 +238,28 @@ def parse_challenges(header: str) -> list[Challenge]:
 
 # ------------------------------------------------------------------ authenticator
 
+class NoNetrc(AuthBase):
+    """Passed as `auth` so requests never adds ~/.netrc credentials to a request.
+
+    With `auth=None`, requests looks the URL's host up in ~/.netrc and sends that login as
+    Basic auth, replacing an Authorization header set by hand.
+    """
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
 class Authenticator:
     """Turns challenges into Authorization header values and caches them, thread-safely.
 
-    `url_allowed(url)` is the client's transport policy: credentials and token requests
-    only go to URLs the client would itself talk to (https, or plain http where allowed).
+    `url_allowed(url)` is the client's transport policy (https, or plain http to loopback
+    and to hosts listed as insecure); `may_send_credentials` builds on it.
     """
 
     def __init__(
@@ -253,6 +274,20 @@ class Authenticator:
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}  # -> (header, expiry)
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._creds: dict[str, Credentials | None] = {}
+
+    def may_send_credentials(self, url: str, owner: str) -> bool:
+        """Whether a request to `url` may carry registry credentials. The one rule:
+
+        - `owner` is who the credentials are for: the registry's own origin (its login or
+          the token it issued), or the token realm that registry's 401 challenge names
+          (the login, as Docker sends it; the realm is often another host, e.g.
+          auth.docker.io for registry-1.docker.io). `url` must have the same origin
+          (scheme, host, port) as `owner`: a redirect elsewhere, e.g. a blob sent on to
+          storage, gets no Authorization.
+        - `url` must be https, or plain http to a loopback host or one listed as insecure
+          (the same rule as for talking to a registry at all).
+        """
+        return self._url_allowed(url) and _origin(url) == _origin(owner)
 
     def credentials(self, registry: str) -> Credentials | None:
         """Credentials for `registry`, looked up once (helpers can be slow processes)."""
@@ -320,7 +355,9 @@ class Authenticator:
     ) -> tuple[str, float]:
         realm = params["realm"]
         realm_host = urlsplit(realm).netloc or realm[:100]
-        if urlsplit(realm).scheme not in ("http", "https") or not self._url_allowed(realm):
+        # The realm this registry's challenge named is itself an owner of the login; the
+        # rule is asked even for an anonymous request, whose scope names the repository.
+        if not self.may_send_credentials(realm, realm):
             raise Unauthorized(
                 f"{host} names token server {realm[:100]!r}, which is not https and not an "
                 "allowed insecure host; refusing to send a token request there"
@@ -334,11 +371,12 @@ class Authenticator:
                 form = {**query, "grant_type": "refresh_token", "client_id": "layerwarm",
                         "refresh_token": creds.password}
                 resp = self._session.post(realm, data=form, timeout=self._timeout,
-                                          allow_redirects=False)
+                                          allow_redirects=False, auth=NoNetrc())
             else:
                 headers = {"Authorization": creds.basic_header()} if creds else {}
                 resp = self._session.get(realm, params=query, headers=headers,
-                                         timeout=self._timeout, allow_redirects=False)
+                                         timeout=self._timeout, allow_redirects=False,
+                                         auth=NoNetrc())
         except requests.RequestException as e:
             raise TransientError(
                 f"token server {realm_host} for {host} unreachable: {type(e).__name__}"

@@ -2,7 +2,7 @@
 
 One `requests.Session` per client, shared by many threads. Every request goes through
 `_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
-5 hops, http/https only, Authorization only ever to the registry's own origin), and
+5 hops, http/https only, Authorization only where `may_send_credentials` allows), and
 status mapping to the `pipeline.errors` tree. Manifests and configs are retried here by
 the one retry policy (pipeline/retry.py); a blob stream is opened once, since its caller
 (stages.fetch) retries the whole blob, resuming where it stopped.
@@ -333,10 +333,10 @@ class RegistryClient:
         self, url: str, headers: dict[str, str], authorization: str | None, where: str,
     ) -> requests.Response:
         """GET `url`, following redirects by hand so the Authorization never leaks."""
-        home = _origin(url)
+        home = url
         for _hop in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if authorization and _origin(url) == home:
+            if authorization and self._auth.may_send_credentials(url, home):
                 sent["Authorization"] = authorization
             self._limiter.acquire(urlsplit(url).netloc.lower())
             try:
