@@ -24,10 +24,17 @@ from tests.support.cli import entries, run_layerwarm
 from tests.support.fleet import (
     REPO_ROOT,
     Fleet,
-    FleetError,
+    Known,
+    S3Tier,
     ThrottledProxy,
     broker_url_for,
+    by_digest,
+    cache_name,
     cli_cmd,
+    node_of,
+    push,
+    running_fleet,
+    wait_layer,
 )
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
@@ -37,40 +44,20 @@ from tests.support.s3 import S3Server
 FLEET_DB = 7  # the module fleet's Redis database (flushed at start)
 KILL_DB = 8  # the kill -9 test's own fleet
 VISIBILITY_TIMEOUT = 20  # LAYERWARM_VISIBILITY_TIMEOUT of every fleet here (Fleet's default)
-PREFIX = "layers"
 NODES = ("a", "b", "c")
+HELD = 2 << 20  # bytes a hold keeps back: more than the registry client reads at once
 
 # Every layer any test here pushes, by cache name: whatever entry shows up in any cache
 # dir or in S3 must be one of these, byte for byte.
-KNOWN: dict[str, bytes] = {}
-
-
-def repo() -> str:
-    return f"t/{uuid.uuid4().hex[:10]}"
-
-
-def name(lay: Layer) -> str:
-    return "sha256_" + lay.digest.removeprefix("sha256:")
+KNOWN = Known()
 
 
 def layer(seed: int, compression: str = "gzip", size: int = 100_000, **kw: Any) -> Layer:
-    lay = Layer(random_tar(seed, size), compression, **kw)
-    KNOWN[name(lay)] = lay.tar
-    return lay
+    return KNOWN.add(Layer(random_tar(seed, size), compression, **kw))
 
 
 def unique(layers: Sequence[Layer]) -> list[Layer]:
     return list({lay.digest: lay for lay in layers}.values())
-
-
-def push(registry: RegistryServer, proxy: Proxy, images: Sequence[Image]) -> list[str]:
-    """Push each image to its own repo; return refs that go through the proxy."""
-    refs = []
-    for img in images:
-        r = repo()
-        registry.push_image(r, "1", img)
-        refs.append(f"{proxy.host}/{r}:1")
-    return refs
 
 
 def image_fleet(seed: int, count: int) -> tuple[list[Image], list[Layer]]:
@@ -85,50 +72,9 @@ def image_fleet(seed: int, count: int) -> tuple[list[Image], list[Layer]]:
     return images, unique([lay for img in images for lay in img.layers])
 
 
-def s3_objects(s3: S3Server, bucket: str) -> dict[str, bytes]:
-    """Object bytes under the remote prefix, by cache name."""
-    client = s3.client()
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
-        for obj in page.get("Contents", []):
-            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            out[obj["Key"].removeprefix(PREFIX + "/")] = body
-    return out
-
-
-def assert_everything_intact(fleet: Fleet, s3: S3Server, bucket: str) -> None:
+def assert_everything_intact(fleet: Fleet, tier: S3Tier) -> None:
     """Every ``sha256_*`` in every node's cache dir and in S3 is a known layer, whole."""
-    for node, names in fleet.entries().items():
-        for entry in names:
-            assert entry in KNOWN, f"node {node}: unknown cache entry {entry}"
-            data = (fleet.cache_dir(node) / entry).read_bytes()
-            assert data == KNOWN[entry], (
-                f"node {node}: {entry} is corrupt or partial ({len(data)} bytes, "
-                f"expected {len(KNOWN[entry])})"
-            )
-    for entry, data in s3_objects(s3, bucket).items():
-        assert entry in KNOWN, f"S3: unknown object {PREFIX}/{entry}"
-        assert data == KNOWN[entry], f"S3: {PREFIX}/{entry} is corrupt or partial"
-
-
-def start(fleet: Fleet) -> Fleet:
-    try:
-        return fleet.start()
-    except FleetError as exc:
-        message = f"the layerwarm worker fleet did not start: {exc}"
-    pytest.fail(message, pytrace=False)
-
-
-def node_of(fleet: Fleet, host: str | None) -> str:
-    """The node a status ``host`` names (``b``, or a worker name like ``io@b``)."""
-    assert host is not None, "a layer in progress or done has no host in the status"
-    node = re.sub(r"^(io|cpu)@", "", host)
-    assert node in fleet.nodes, f"status host {host!r} is none of the nodes {sorted(fleet.nodes)}"
-    return node
-
-
-def by_digest(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {x["digest"]: x for x in status["layers"]}
+    assert KNOWN.problems(fleet, tier) == []
 
 
 def assert_layer_done(entry: dict[str, Any], lay: Layer) -> None:
@@ -155,29 +101,25 @@ def submit_json(fleet: Fleet, *args: str) -> tuple[subprocess.CompletedProcess[s
 
 
 @pytest.fixture(scope="module")
-def bucket(s3: S3Server) -> str:
-    return s3.create_bucket(f"fleet-{uuid.uuid4().hex[:8]}")
+def tier(s3: S3Server) -> S3Tier:
+    return S3Tier.new(s3, "fleet")
 
 
 @pytest.fixture(scope="module")
 def fleet(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3: S3Server, bucket: str
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3: S3Server, tier: S3Tier
 ) -> Iterator[Fleet]:
     """Three nodes a, b, c with S3 as the shared tier; shared by the tests of this module."""
-    f = Fleet(
-        tmp_path_factory.mktemp("fleet"), NODES, broker_url_for(redis_url, FLEET_DB),
-        f"s3://{bucket}/{PREFIX}", s3.env(),
-    )
-    start(f)
-    yield f
-    f.stop()
+    with running_fleet(tmp_path_factory.mktemp("fleet"), NODES,
+                       broker_url_for(redis_url, FLEET_DB), tier, s3.env()) as f:
+        yield f
 
 
 # ---------------------------------------------------------------- tests
 
 
 def test_fleet_file_to_remote_fetches_each_layer_once(
-    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str,
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier,
     tmp_path: Path,
 ) -> None:
     images, layers = image_fleet(1000, 10)
@@ -205,11 +147,11 @@ def test_fleet_file_to_remote_fetches_each_layer_once(
     assert totals["bytes_done"] == totals["bytes_total"]
     assert totals["bytes_total"] == sum(x["bytes_total"] for x in status["layers"])
 
-    stored = s3_objects(s3, bucket)
+    stored = tier.objects()
     for lay in layers:
-        assert stored.get(name(lay)) == lay.tar, f"{PREFIX}/{name(lay)} missing or wrong in S3"
+        assert stored.get(cache_name(lay)) == lay.tar, f"{cache_name(lay)} missing or wrong in S3"
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
-    assert_everything_intact(fleet, s3, bucket)
+    assert_everything_intact(fleet, tier)
 
     # The job is still there to ask about afterwards, with the same result.
     again = fleet.status(status["id"])
@@ -219,7 +161,7 @@ def test_fleet_file_to_remote_fetches_each_layer_once(
 
 
 def test_to_node_puts_layers_on_that_node_only(
-    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
 ) -> None:
     base = layer(1100, "zstd", 300_000)
     own1, own2 = layer(1101, "gzip"), layer(1102, "none")
@@ -231,13 +173,13 @@ def test_to_node_puts_layers_on_that_node_only(
     for lay in (base, own1, own2):
         hex12 = lay.digest.removeprefix("sha256:")[:12]
         assert hex12 in p.stdout, f"summary table does not list {hex12}:\n{p.stdout}"
-        assert (fleet.cache_dir("b") / name(lay)).read_bytes() == lay.tar
+        assert (fleet.cache_dir("b") / cache_name(lay)).read_bytes() == lay.tar
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
-    mine = {name(x) for x in (base, own1, own2)}
+    mine = {cache_name(x) for x in (base, own1, own2)}
     cached = fleet.entries()
     assert cached["a"] & mine == set(), "node:b work landed on node a"
     assert cached["c"] & mine == set(), "node:b work landed on node c"
-    assert_everything_intact(fleet, s3, bucket)
+    assert_everything_intact(fleet, tier)
 
     # Node b's own cache knows which images use its layers, as after an embedded warm.
     u = run_layerwarm("usage", "--json", base.digest, cache_dir=fleet.cache_dir("b"))
@@ -246,7 +188,7 @@ def test_to_node_puts_layers_on_that_node_only(
 
 
 def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
-    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
 ) -> None:
     shared = layer(1200, "gzip", 300_000)
     own = [layer(1201, "zstd"), layer(1202, "none"), layer(1203, "gzip")]
@@ -272,15 +214,15 @@ def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
         assert sorted(tiers[lay.digest]) == ["registry", "remote", "remote"], (lay.digest, tiers)
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
         for n in NODES:
-            path = fleet.cache_dir(n) / name(lay)
-            assert path.is_file(), f"node {n} lacks {name(lay)}"
+            path = fleet.cache_dir(n) / cache_name(lay)
+            assert path.is_file(), f"node {n} lacks {cache_name(lay)}"
             assert path.read_bytes() == lay.tar
     assert status["totals"]["layers"] == status["totals"]["done"] == 12
-    assert_everything_intact(fleet, s3, bucket)
+    assert_everything_intact(fleet, tier)
 
 
 def test_two_jobs_at_once_over_overlapping_fleets_fetch_each_layer_once(
-    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str,
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier,
     tmp_path: Path,
 ) -> None:
     images, layers = image_fleet(1300, 6)
@@ -317,16 +259,16 @@ def test_two_jobs_at_once_over_overlapping_fleets_fetch_each_layer_once(
             entry = by_digest(st)[lay.digest]
             assert_layer_done(entry, lay)
             registry_tiers[lay.digest] += entry["tier"] == "registry"
-    stored = s3_objects(s3, bucket)
+    stored = tier.objects()
     for lay in layers:
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
         assert registry_tiers[lay.digest] == 1, f"{lay.digest}: 'registry' tier in both jobs"
-        assert stored.get(name(lay)) == lay.tar
-    assert_everything_intact(fleet, s3, bucket)
+        assert stored.get(cache_name(lay)) == lay.tar
+    assert_everything_intact(fleet, tier)
 
 
 def test_permanent_error_fails_that_layer_only(
-    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, bucket: str
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
 ) -> None:
     good1, good2 = layer(1400, "gzip"), layer(1401, "zstd")
     lying = layer(1402, "zstd", 150_000, override_diff_id="sha256:" + "0" * 64)
@@ -347,9 +289,9 @@ def test_permanent_error_fails_that_layer_only(
     totals = status["totals"]
     assert (totals["layers"], totals["done"], totals["failed"]) == (3, 2, 1)
     assert registry_proxy.count("GET", f"/blobs/{lying.digest}") == 1, "permanent: no retry"
-    assert all(name(lying) not in names for names in fleet.entries().values())
-    assert name(lying) not in s3_objects(s3, bucket)
-    assert_everything_intact(fleet, s3, bucket)
+    assert all(cache_name(lying) not in names for names in fleet.entries().values())
+    assert cache_name(lying) not in tier.objects()
+    assert_everything_intact(fleet, tier)
 
 
 def test_a_long_stage_reports_celery_progress_state(
@@ -361,8 +303,13 @@ def test_a_long_stage_reports_celery_progress_state(
     big = layer(1300, "none", 4_000_000)
     with ThrottledProxy(registry.url) as proxy:
         refs = push(registry, proxy, [Image([big])])
-        proxy.throttle_path(f"/blobs/{big.digest}", 1_000_000)  # ~4 s of fetching
+        # At 2 MB/s the fetch runs a second or more before the hold: longer than the
+        # interval between progress writes, so it reports bytes as Celery state. The hold
+        # keeps the task running (and its state PROGRESS) until the test has seen it.
+        proxy.throttle_path(f"/blobs/{big.digest}", 2_000_000)
+        hold = proxy.hold(f"/blobs/{big.digest}", HELD)
         job_id = fleet.submit_id(*refs, "--to", "node:a")
+        hold.wait(timeout=120)
         backend = redis.Redis.from_url(broker_url_for(redis_url, FLEET_DB))
         seen, deadline = None, time.monotonic() + 60
         while seen is None and time.monotonic() < deadline:
@@ -372,12 +319,14 @@ def test_a_long_stage_reports_celery_progress_state(
                 if meta.get("status") == "PROGRESS" and result.get("digest") == big.digest:
                     seen = result
             time.sleep(0.2)
+        hold.release()
         proxy.unthrottle()
-        assert seen is not None, "no task reported PROGRESS for the slow layer"
+        assert seen is not None, "no task reported PROGRESS for the held layer"
         assert seen["stage"] == "fetching" and seen["host"] == "a"
-        assert 0 < seen["done"] <= seen["total"] == big.size
+        assert 0 < seen["done"] <= big.size - HELD, seen
+        assert seen["total"] == big.size
         assert fleet.wait_done(job_id)[job_id]["state"] == "done"
-    assert (fleet.cache_dir("a") / name(big)).read_bytes() == big.tar
+    assert (fleet.cache_dir("a") / cache_name(big)).read_bytes() == big.tar
 
 
 def test_nodes_lists_every_live_host(fleet: Fleet) -> None:
@@ -420,42 +369,31 @@ def test_one_machine_warm_needs_no_broker(
         )
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - started < 30, "warm waited on the unreachable broker"
-    assert entries(cache_dir) == {name(lay)}
-    assert (cache_dir / name(lay)).read_bytes() == lay.tar
+    assert entries(cache_dir) == {cache_name(lay)}
+    assert (cache_dir / cache_name(lay)).read_bytes() == lay.tar
     assert "Traceback" not in p.stderr
 
 
 def test_kill_9_of_the_fetching_worker_loses_nothing(
     tmp_path: Path, redis_url: str, registry: RegistryServer, s3: S3Server
 ) -> None:
-    bucket = s3.create_bucket(f"kill-{uuid.uuid4().hex[:8]}")
-    big = layer(1600, "zstd", 32_000_000)
+    own = S3Tier.new(s3, "kill")
+    big = layer(1600, "zstd", 8_000_000)
     small1, small2 = layer(1601, "gzip"), layer(1602, "none")
-    with ThrottledProxy(registry.url) as proxy:
+    with Proxy(registry.url) as proxy:
         refs = push(registry, proxy, [Image([small1, big, small2])])
-        # ~2.5 MB/s: the big blob takes several seconds, long enough to catch it mid-fetch.
-        proxy.throttle_path(f"/blobs/{big.digest}", 2_500_000)
-        fleet = Fleet(
-            tmp_path / "fleet", NODES, broker_url_for(redis_url, KILL_DB),
-            f"s3://{bucket}/{PREFIX}", s3.env(), visibility_timeout=VISIBILITY_TIMEOUT,
-        )
-        start(fleet)
-        try:
+        # The proxy holds the big blob's last bytes until the test releases them: the fetch
+        # is mid-way when its worker is killed, however busy the machine is.
+        hold = proxy.hold(f"/blobs/{big.digest}", HELD)
+        with running_fleet(tmp_path / "fleet", NODES, broker_url_for(redis_url, KILL_DB), own,
+                           s3.env(), visibility_timeout=VISIBILITY_TIMEOUT) as fleet:
             job_id = fleet.submit_id(*refs, "--to", "remote")
-            deadline = time.monotonic() + 60
-            while True:
-                entry = by_digest(fleet.status(job_id)).get(big.digest)
-                if entry and entry["state"] == "fetching" and entry["bytes_done"] > 0:
-                    break
-                assert not entry or entry["state"] in ("pending", "fetching"), (
-                    f"the big layer got past fetching before it could be interrupted: {entry}"
-                )
-                assert time.monotonic() < deadline, f"big layer never seen fetching: {entry}"
-                time.sleep(0.2)
+            hold.wait(timeout=120)
+            entry = wait_layer(fleet, job_id, big.digest, ["fetching"], allowed=["pending"])
             victim = node_of(fleet, entry["host"])
             killed = fleet.kill9(victim)
             killed_at = time.monotonic()
-            proxy.unthrottle()
+            hold.release()
             assert killed, "nothing was killed"
 
             status = fleet.wait_done(job_id, timeout=150)[job_id]
@@ -464,11 +402,11 @@ def test_kill_9_of_the_fetching_worker_loses_nothing(
             for lay in (small1, big, small2):
                 assert_layer_done(by_digest(status)[lay.digest], lay)
             assert status["totals"]["failed"] == 0
-            stored = s3_objects(s3, bucket)
+            stored = own.objects()
             for lay in (small1, big, small2):
-                assert stored.get(name(lay)) == lay.tar, f"{name(lay)} missing or wrong in S3"
-            assert any(name(big) in names for names in fleet.entries().values())
-            assert_everything_intact(fleet, s3, bucket)
+                assert stored.get(cache_name(lay)) == lay.tar, f"{cache_name(lay)} not so in S3"
+            assert any(cache_name(big) in names for names in fleet.entries().values())
+            assert_everything_intact(fleet, own)
             assert proxy.count("GET", f"/blobs/{big.digest}") >= 2, (
                 "the big blob was served once: the kill did not interrupt its fetch"
             )
@@ -481,5 +419,3 @@ def test_kill_9_of_the_fetching_worker_loses_nothing(
                 f"the job took {recovered_in:.0f}s after the kill to finish, with a "
                 f"visibility timeout of {VISIBILITY_TIMEOUT}s: the killed task was redelivered late"
             )
-        finally:
-            fleet.stop()

@@ -4,20 +4,21 @@
   AOF persistence, that a test may stop and start again on the same port and directory
   (the shared Redis on 6379 is never restarted).
 - ``S3Proxy``: the fault proxy (``tests.support.proxy.Proxy``) in front of an S3 server,
-  which can also slow down uploads (request bodies), and which never forwards a request
-  whose body was cut short, as a real S3 server would not store it either.
-- Process faults on a ``Fleet`` node: find its ``io@``/``cpu@`` Celery worker, freeze and
-  SIGKILL it, wait for the node's supervisor to exit, start the node again.
-- ``Known``: every layer a test module pushed, by cache name, so any ``sha256_*`` file in
-  any cache directory or S3 object can be checked byte for byte.
-- ``job_status``: a job's status read straight from Redis (fast polling, and tolerant of
-  a Redis that is restarting), and ``max_in_window`` for request rates.
+  which can also slow down uploads (request bodies) or hold an upload's last bytes until
+  the test releases them, and which never forwards a request whose body was cut short, as
+  a real S3 server would not store it either.
+- ``layer_states`` of a job status, and ``max_in_window`` for request rates.
+
+Process faults on a fleet's nodes (kill -9 of a worker, restart of a node) are methods of
+``tests.support.fleet.Fleet``; ``Known``, ``cache_name``, ``s3_objects`` and ``job_status`` live
+there too and are imported here for the tests that take them from this module.
 
 Plain Python, no pytest.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import threading
@@ -26,10 +27,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from tests.support.fleet import REPO_ROOT, Fleet, FleetError, _Pid, cli_cmd, cmdline, descendants
-from tests.support.images import Layer
+from tests.support.fleet import Known, cache_name, job_status, s3_objects
 from tests.support.procs import ServiceError, free_port, require_binary
-from tests.support.proxy import Proxy, _Handler
+from tests.support.proxy import Hold, Proxy, _Handler
+
+__all__ = [
+    "Known", "RedisServer", "S3Proxy", "cache_name", "job_status", "layer_states",
+    "max_in_window", "s3_objects",
+]
 
 # ---------------------------------------------------------------- a private Redis
 
@@ -167,9 +172,16 @@ class _S3Handler(_Handler):
         want = int(length)
         parts: list[bytes] = []
         got = 0
+        hold = proxy.upload_hold_for(self.command, self.path)
+        stop = hold.stop_at(want) if hold is not None else None
         while got < want:
+            if hold is not None and stop is not None and got >= stop:
+                hold.block(self.path)  # all but the held bytes are in; the sender waits
+                stop = None
             rate = proxy.upload_rate if self.command in ("PUT", "POST") else 0.0
             step = min(want - got, 16 * 1024 if rate else 1 << 20)
+            if stop is not None:
+                step = min(step, stop - got)
             data = self.rfile.read(step)
             if not data:
                 raise _Truncated(f"{self.command} {self.path}: body ended at {got} of {want}")
@@ -196,6 +208,7 @@ class S3Proxy(Proxy):
         self._rate_lock = threading.Lock()
         self._upload_rate = 0.0
         self._uploaded = 0
+        self._upload_holds: list[tuple[re.Pattern[str], Hold]] = []
         self.dropped: list[str] = []
         self._server.RequestHandlerClass = _S3Handler
 
@@ -209,6 +222,31 @@ class S3Proxy(Proxy):
         """Request body bytes received so far (all requests)."""
         with self._rate_lock:
             return self._uploaded
+
+    def hold_upload(self, path_regex: str, tail: int) -> Hold:
+        """Read each matching PUT body to ``tail`` bytes short of its end, then stop reading
+        until the returned ``Hold`` is released (see ``tests.support.proxy.Hold``): the
+        upload is provably under way, and nothing reaches S3 before the release."""
+        hold = Hold(tail)
+        with self._rate_lock:
+            self._upload_holds.append((re.compile(path_regex), hold))
+        return hold
+
+    def upload_hold_for(self, method: str, path: str) -> Hold | None:
+        if method != "PUT":
+            return None
+        with self._rate_lock:
+            for pattern, hold in self._upload_holds:
+                if pattern.search(path) and not hold.released:
+                    return hold
+        return None
+
+    def release_holds(self) -> None:
+        with self._rate_lock:
+            holds, self._upload_holds = [h for _p, h in self._upload_holds], []
+        for hold in holds:
+            hold.release()
+        super().release_holds()
 
     def note_upload(self, n: int) -> None:
         with self._rate_lock:
@@ -236,175 +274,7 @@ class S3Proxy(Proxy):
             return 0, 0
 
 
-# ---------------------------------------------------------------- fleet process faults
-
-
-def worker_pid(fleet: Fleet, node: str, kind: str) -> int:
-    """The pid of the Celery worker ``<kind>@<node>`` (kind: io or cpu) under the node."""
-    proc = fleet.nodes[node].proc
-    if proc is None or proc.poll() is not None:
-        raise FleetError(f"node {node} is not running\n{fleet.logs()}")
-    tree = descendants(proc.pid)
-    matching = [pid for pid in tree if f"{kind}@{node}" in cmdline(pid)]
-    if not matching:
-        lines = "\n".join(f"  {pid}: {cmdline(pid)}" for pid in tree)
-        raise FleetError(f"no {kind}@{node} process under pid {proc.pid}:\n{lines}")
-    return matching[0]  # breadth first: the topmost one is the worker itself
-
-
-def worker_tree(fleet: Fleet, node: str, kind: str) -> list[_Pid]:
-    pid = worker_pid(fleet, node, kind)
-    return [_Pid(pid)] + [_Pid(p) for p in descendants(pid)]
-
-
-def freeze(victims: Iterable[_Pid]) -> None:
-    """SIGSTOP: the processes stop where they are (so a fast stage cannot finish first)."""
-    for p in victims:
-        p.signal(signal.SIGSTOP)
-
-
-def kill9(victims: Iterable[_Pid]) -> list[int]:
-    victims = list(victims)
-    for p in victims:
-        p.signal(signal.SIGKILL)
-    return [p.pid for p in victims]
-
-
-def kill9_worker(fleet: Fleet, node: str, kind: str) -> list[int]:
-    """SIGKILL the ``<kind>@<node>`` Celery worker (and any pool children), like a crash."""
-    return kill9(worker_tree(fleet, node, kind))
-
-
-def wait_node_exit(fleet: Fleet, node: str, timeout: float = 30) -> int:
-    """Wait for the node's ``layerwarm worker`` supervisor to exit; return its code."""
-    proc = fleet.nodes[node].proc
-    assert proc is not None
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise FleetError(
-            f"`layerwarm worker --node {node}` still runs {timeout:.0f}s after one of its "
-            f"Celery workers died\n{fleet.logs()}"
-        ) from None
-
-
-def node_alive(fleet: Fleet, node: str) -> bool:
-    proc = fleet.nodes[node].proc
-    return proc is not None and proc.poll() is None
-
-
-def restart_node(fleet: Fleet, node: str, timeout: float = 60) -> None:
-    """Start ``layerwarm worker --node NODE`` again, same cache dir, log appended."""
-    n = fleet.nodes[node]
-    if node_alive(fleet, node):
-        raise FleetError(f"node {node} is still running; stop it before restarting it")
-    # Any orphaned Celery worker of the old supervisor would take the same names.
-    if n.proc is not None:
-        for pid in descendants(n.proc.pid):
-            _Pid(pid).signal(signal.SIGKILL)
-    cmd = cli_cmd(
-        "worker", "--node", node,
-        "--io-concurrency", str(fleet.io_concurrency),
-        "--cpu-concurrency", str(fleet.cpu_concurrency),
-        "--cache-dir", str(n.cache_dir),
-    )  # fmt: skip
-    with open(n.log_path, "ab") as log:
-        log.write(f"\n----- restarted at {time.strftime('%H:%M:%S')} -----\n".encode())
-        log.flush()
-        n.proc = subprocess.Popen(
-            cmd, env=fleet.worker_env(node), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-        )  # fmt: skip
-    fleet.wait_for_nodes([node], timeout)
-
-
-def ensure_all_nodes(fleet: Fleet) -> None:
-    """Restart any node an earlier test left dead."""
-    for name in fleet.nodes:
-        if not node_alive(fleet, name):
-            restart_node(fleet, name)
-
-
-# ---------------------------------------------------------------- content checks
-
-
-def cache_name(layer: Layer) -> str:
-    return "sha256_" + layer.digest.removeprefix("sha256:")
-
-
-class Known:
-    """Every layer a test module pushed, by cache name, with its decompressed tar."""
-
-    def __init__(self) -> None:
-        self.tars: dict[str, bytes] = {}
-
-    def add(self, layer: Layer) -> Layer:
-        self.tars[cache_name(layer)] = layer.tar
-        return layer
-
-    def check_dir(self, where: str, directory: Path) -> list[str]:
-        """Problems with the ``sha256_*`` files in ``directory`` (empty list: all good)."""
-        problems = []
-        if not directory.is_dir():
-            return problems
-        for path in sorted(directory.iterdir()):
-            if not path.name.startswith("sha256_"):
-                continue
-            expected = self.tars.get(path.name)
-            if expected is None:
-                problems.append(f"{where}: unknown entry {path.name}")
-                continue
-            data = path.read_bytes()
-            if data != expected:
-                problems.append(
-                    f"{where}: {path.name} is corrupt or partial ({len(data)} bytes, "
-                    f"expected {len(expected)})"
-                )
-        return problems
-
-    def check_objects(self, where: str, objects: Mapping[str, bytes]) -> list[str]:
-        problems = []
-        for key, data in sorted(objects.items()):
-            expected = self.tars.get(key)
-            if expected is None:
-                problems.append(f"{where}: unknown object {key}")
-            elif data != expected:
-                problems.append(
-                    f"{where}: {key} is corrupt or partial ({len(data)} bytes, "
-                    f"expected {len(expected)})"
-                )
-        return problems
-
-
-def s3_objects(client: Any, bucket: str, prefix: str) -> dict[str, bytes]:
-    """Object bytes under ``prefix/``, by name below the prefix."""
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            out[obj["Key"].removeprefix(prefix + "/")] = body
-    return out
-
-
 # ---------------------------------------------------------------- job status, rates
-
-
-def job_status(broker_url: str, job_id: str) -> dict[str, Any] | None:
-    """The job's status as `layerwarm status --json` computes it, read straight from Redis.
-
-    None when Redis does not answer (e.g. while it restarts) or the job is unknown.
-    """
-    import redis
-
-    from workers.jobs import JobStore
-
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=2)
-    try:
-        return JobStore(client, 3600).status(job_id)
-    except redis.RedisError:
-        return None
-    finally:
-        client.close()
 
 
 def layer_states(status: Mapping[str, Any] | None) -> dict[str, str]:

@@ -6,11 +6,15 @@ Redis database as broker, one remote tier and one AWS environment. The Redis dat
 dedicated to the fleet and flushed when it starts, so runs never see each other's queues.
 
 Also here: ``run_cli`` for the `layerwarm` commands of distributed mode (``submit``,
-``status``, ``nodes``, ``flower``), a process-tree helper that SIGKILLs a node's IO worker
-the way a crashed machine would, and ``ThrottledProxy``, the test proxy with a bandwidth
-limit per path so a fetch lasts long enough to be interrupted.
+``status``, ``nodes``, ``flower``); process faults on a node (find, freeze or SIGKILL its
+``io@``/``cpu@`` worker the way a crashed machine would, wait for the node to exit, start
+it again); ``ThrottledProxy``, the test proxy with a bandwidth limit per path; and what
+the fleet tests share (tests/test_distributed.py, tests/faults/test_fleet_faults.py):
+``start_fleet`` / ``running_fleet`` to build one, ``S3Tier`` and ``Known`` to check every
+cache entry and S3 object byte for byte, ``push``, ``by_digest`` and ``node_of``.
 
-Plain Python, no pytest: a startup failure raises ``FleetError`` with the workers' logs.
+A startup failure raises ``FleetError`` with the workers' logs; ``start_fleet`` turns it
+into a test failure (the one place here that needs pytest).
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from tests.support.cli import layerwarm_env
+from tests.support.images import Image, Layer
 from tests.support.proxy import Proxy, _Handler
+from tests.support.registry import RegistryServer
+from tests.support.s3 import S3Server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL_STATES = ("done", "failed")
@@ -222,28 +232,66 @@ class Fleet:
         for node in self.nodes.values():
             node.root.mkdir(parents=True, exist_ok=True)
             node.cache_dir.mkdir(exist_ok=True)
-            cmd = cli_cmd(
-                "worker", "--node", node.name,
-                "--io-concurrency", str(self.io_concurrency),
-                "--cpu-concurrency", str(self.cpu_concurrency),
-                "--cache-dir", str(node.cache_dir),
-                *self.worker_args.get(node.name, ()),
-            )  # fmt: skip
-            with open(node.log_path, "wb") as log:
-                node.proc = subprocess.Popen(
-                    cmd,
-                    env=self.worker_env(node.name),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO_ROOT,
-                )
+            node.log_path.write_bytes(b"")
+            self._spawn(node.name)
         try:
             self.wait_for_nodes(self.nodes, timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _spawn(self, name: str) -> None:
+        """Start `layerwarm worker --node NAME`, its output appended to the node's log."""
+        node = self.nodes[name]
+        cmd = cli_cmd(
+            "worker", "--node", name,
+            "--io-concurrency", str(self.io_concurrency),
+            "--cpu-concurrency", str(self.cpu_concurrency),
+            "--cache-dir", str(node.cache_dir),
+            *self.worker_args.get(name, ()),
+        )  # fmt: skip
+        with open(node.log_path, "ab") as log:
+            node.proc = subprocess.Popen(
+                cmd, env=self.worker_env(name), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            )  # fmt: skip
+
+    def alive(self, name: str) -> bool:
+        proc = self.nodes[name].proc
+        return proc is not None and proc.poll() is None
+
+    def restart(self, name: str, timeout: float = 60) -> None:
+        """Start a node that has exited again: same cache dir, its log appended to."""
+        node = self.nodes[name]
+        if self.alive(name):
+            raise FleetError(f"node {name} is still running; stop it before restarting it")
+        # Any orphaned Celery worker of the old supervisor would take the same names.
+        if node.proc is not None:
+            for pid in descendants(node.proc.pid):
+                _Pid(pid).signal(signal.SIGKILL)
+        with open(node.log_path, "ab") as log:
+            log.write(f"\n----- restarted at {time.strftime('%H:%M:%S')} -----\n".encode())
+        self._spawn(name)
+        self.wait_for_nodes([name], timeout)
+
+    def ensure_all(self) -> None:
+        """Start again any node an earlier test left dead."""
+        for name in self.nodes:
+            if not self.alive(name):
+                self.restart(name)
+
+    def wait_exit(self, name: str, timeout: float = 30) -> int:
+        """Wait for the node's `layerwarm worker` supervisor to exit; return its code."""
+        proc = self.nodes[name].proc
+        assert proc is not None
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise FleetError(
+                f"`layerwarm worker --node {name}` still runs {timeout:.0f}s after one of its "
+                f"Celery workers died\n{self.logs()}"
+            ) from None
 
     def wait_for_nodes(self, names: Iterable[str], timeout: float = 60) -> list[str]:
         """Poll `layerwarm nodes --json` until it lists every name in ``names``."""
@@ -308,34 +356,30 @@ class Fleet:
         self.stop()
 
     # -- faults
-    def io_worker_pid(self, node: str) -> int:
-        """The pid of the Celery worker ``io@NODE``, found under the node's process tree."""
+    def worker_pid(self, node: str, kind: str = "io") -> int:
+        """The pid of the Celery worker ``<kind>@<node>`` (kind: io or cpu) under the node."""
         proc = self.nodes[node].proc
         if proc is None or proc.poll() is not None:
             raise FleetError(f"node {node} is not running\n{self.logs()}")
         tree = descendants(proc.pid)
-        matching = [pid for pid in tree if f"io@{node}" in cmdline(pid)]
-        if matching:
-            return matching[0]  # breadth first: the topmost one is the worker itself
-        # Started without a telling command line (e.g. forked in-process): ask the worker.
-        from celery import Celery
+        matching = [pid for pid in tree if f"{kind}@{node}" in cmdline(pid)]
+        if not matching:
+            lines = "\n".join(f"  {pid}: {cmdline(pid)}" for pid in tree)
+            raise FleetError(f"no {kind}@{node} process under pid {proc.pid}:\n{lines}")
+        return matching[0]  # breadth first: the topmost one is the worker itself
 
-        app = Celery(broker=self.broker_url)
-        stats = app.control.inspect(destination=[f"io@{node}"], timeout=3).stats() or {}
-        pid = (stats.get(f"io@{node}") or {}).get("pid")
-        if pid in tree:
-            return pid
-        lines = "\n".join(f"  {pid}: {cmdline(pid)}" for pid in tree)
-        raise FleetError(f"no io@{node} process under pid {proc.pid}:\n{lines}")
+    def worker_tree(self, node: str, kind: str = "io") -> list[_Pid]:
+        """The ``<kind>@<node>`` worker and its pool processes, parents first."""
+        pid = self.worker_pid(node, kind)
+        return [_Pid(pid)] + [_Pid(p) for p in descendants(pid)]
 
-    def kill9(self, node: str) -> list[int]:
-        """SIGKILL the IO worker of ``node`` and its pool processes, like a crashed host.
+    def kill9(self, node: str, kind: str = "io") -> list[int]:
+        """SIGKILL the ``<kind>@<node>`` worker and its pool processes, like a crashed host.
 
         The whole subtree dies at once, so no pool child finishes the task on its own.
         Returns the pids killed.
         """
-        io_pid = self.io_worker_pid(node)
-        victims = [_Pid(io_pid)] + [_Pid(pid) for pid in descendants(io_pid)]
+        victims = self.worker_tree(node, kind)
         for p in victims:
             p.signal(signal.SIGKILL)
         return [p.pid for p in victims]
@@ -440,3 +484,179 @@ class ThrottledProxy(Proxy):
     def unthrottle(self) -> None:
         with self._throttle_lock:
             self._throttle = (0.0, None)
+
+
+# ---------------------------------------------------------------- what fleet tests share
+
+
+def start_fleet(
+    root: Path, nodes: Sequence[str], broker_url: str, tier: S3Tier, env: Mapping[str, str],
+    **options: Any,
+) -> Fleet:
+    """A started ``Fleet`` on ``broker_url`` with ``tier`` as its remote tier (``options``
+    go to ``Fleet``); a fleet that does not start fails the test with the workers' logs."""
+    import pytest
+
+    fleet = Fleet(root, nodes, broker_url, tier.url, env, **options)
+    try:
+        return fleet.start()
+    except FleetError as exc:
+        message = f"the layerwarm worker fleet did not start: {exc}"
+    pytest.fail(message, pytrace=False)
+
+
+@contextmanager
+def running_fleet(
+    root: Path, nodes: Sequence[str], broker_url: str, tier: S3Tier, env: Mapping[str, str],
+    **options: Any,
+) -> Iterator[Fleet]:
+    """``start_fleet`` for the length of a ``with`` block; every node is stopped after it."""
+    fleet = start_fleet(root, nodes, broker_url, tier, env, **options)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def cache_name(layer: Layer) -> str:
+    return "sha256_" + layer.digest.removeprefix("sha256:")
+
+
+def s3_objects(client: Any, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Object bytes under ``prefix/``, by name below the prefix."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"].removeprefix(prefix + "/")] = body
+    return out
+
+
+@dataclass(frozen=True)
+class S3Tier:
+    """A fleet's remote tier in S3, as a test reads it: straight from the S3 server."""
+
+    s3: S3Server
+    bucket: str
+    prefix: str = "layers"
+
+    @classmethod
+    def new(cls, s3: S3Server, label: str) -> S3Tier:
+        """A fresh bucket, so a test or module sees only its own objects."""
+        return cls(s3, s3.create_bucket(f"{label}-{uuid.uuid4().hex[:8]}"))
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def objects(self) -> dict[str, bytes]:
+        return s3_objects(self.s3.client(), self.bucket, self.prefix)
+
+
+class Known:
+    """Every layer a test module pushed, by cache name, with its decompressed tar."""
+
+    def __init__(self) -> None:
+        self.tars: dict[str, bytes] = {}
+
+    def add(self, layer: Layer) -> Layer:
+        self.tars[cache_name(layer)] = layer.tar
+        return layer
+
+    def _check(self, where: str, name: str, data: bytes, what: str) -> list[str]:
+        expected = self.tars.get(name)
+        if expected is None:
+            return [f"{where}: unknown {what} {name}"]
+        if data != expected:
+            return [f"{where}: {name} is corrupt or partial ({len(data)} bytes, "
+                    f"expected {len(expected)})"]
+        return []
+
+    def check_dir(self, where: str, directory: Path) -> list[str]:
+        """Problems with the ``sha256_*`` files in ``directory`` (empty list: all good)."""
+        if not directory.is_dir():
+            return []
+        return [problem for path in sorted(directory.iterdir()) if path.name.startswith("sha256_")
+                for problem in self._check(where, path.name, path.read_bytes(), "entry")]
+
+    def check_objects(self, where: str, objects: Mapping[str, bytes]) -> list[str]:
+        return [problem for key, data in sorted(objects.items())
+                for problem in self._check(where, key, data, "object")]
+
+    def problems(self, fleet: Fleet, tier: S3Tier) -> list[str]:
+        """Every cache entry on every node and every object in ``tier`` that is not a whole,
+        known layer."""
+        found = self.check_objects("S3", tier.objects())
+        for name, node in fleet.nodes.items():
+            found += self.check_dir(f"node {name}", node.cache_dir)
+        return found
+
+
+def push(registry: RegistryServer, proxy: Proxy, images: Sequence[Image]) -> list[str]:
+    """Push each image to a repo of its own; return refs that go through ``proxy``."""
+    refs = []
+    for img in images:
+        repo = f"t/{uuid.uuid4().hex[:10]}"
+        registry.push_image(repo, "1", img)
+        refs.append(f"{proxy.host}/{repo}:1")
+    return refs
+
+
+def job_status(broker_url: str, job_id: str) -> dict[str, Any] | None:
+    """The job's status as `layerwarm status --json` computes it, read straight from Redis
+    (fast to poll). None when Redis does not answer (e.g. while it restarts) or the job is
+    unknown."""
+    import redis
+
+    from workers.jobs import JobStore
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        return JobStore(client, 3600).status(job_id)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def wait_layer(fleet: Fleet, job_id: str, digest: str, wanted: Sequence[str], *,
+               allowed: Sequence[str], timeout: float = 60) -> dict[str, Any]:
+    """Poll the job record until layer ``digest`` is in a ``wanted`` state; return its entry.
+
+    Fails if the layer shows a state outside ``allowed`` + ``wanted`` first (it got past
+    the stage the test wants to catch). Meant for a stage the test holds (a ``Hold``), so
+    that the wanted state lasts until the test has seen it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = by_digest(job_status(fleet.broker_url, job_id)).get(digest)
+        state = entry["state"] if entry else "pending"
+        if entry is not None and state in wanted:
+            return entry
+        assert state in allowed, (
+            f"layer {digest} got to {state!r} before it was seen in {list(wanted)}: {entry}"
+        )
+        assert time.monotonic() < deadline, (
+            f"layer {digest} not {list(wanted)} within {timeout:.0f}s: {entry}\n{fleet.logs()}"
+        )
+        time.sleep(0.05)
+
+
+def by_digest(status: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """A job status's layer entries by digest (an unknown job: none)."""
+    return {x["digest"]: x for x in (status or {}).get("layers", [])}
+
+
+def node_of(fleet: Fleet, host: str | None) -> str:
+    """The node a status ``host`` names (``b``, or a worker name like ``io@b``)."""
+    assert host is not None, "a layer in progress or done has no host in the status"
+    node = re.sub(r"^(io|cpu)@", "", host)
+    assert node in fleet.nodes, f"status host {host!r} is none of the nodes {sorted(fleet.nodes)}"
+    return node
+
+
+def leftovers(cache_dir: Path) -> list[str]:
+    """Files in the cache's ``.staging/`` and ``.tmp/``: what a fetch or a decompression
+    left unfinished."""
+    return sorted(f"{sub}/{p.name}" for sub in (".staging", ".tmp")
+                  if (cache_dir / sub).is_dir() for p in (cache_dir / sub).iterdir())

@@ -4,6 +4,10 @@ Put it between the code under test and a real server (usually the registry) to c
 requests ("was the blob fetched once?") and to inject faults at runtime: corrupt a byte,
 answer with a canned response, fail N times with a status, fail a seeded-random share of
 requests, fail everything for a while (an outage), or cut a body mid-stream.
+
+A ``Hold`` stops a stage where a test wants it, whatever the machine's load: the proxy sends
+a matching body all but its last bytes and waits for the test to release them, so a fetch
+(and the decompression that follows it) is provably mid-way for as long as the test looks.
 """
 
 from __future__ import annotations
@@ -77,6 +81,67 @@ class _Rule:
         return None
 
 
+class HoldTimeout(AssertionError):
+    """No body reached a hold in time (the stage the test waits for never got there)."""
+
+
+class Hold:
+    """A gate on the bodies of matching requests: each is passed on to ``tail`` bytes short
+    of its end, and the rest waits until ``release()``.
+
+    Every matching body is held (a retried request too) until the release; a body of
+    unknown length (chunked) or no longer than ``tail`` is held before its first byte.
+    ``wait()`` returns once a body has reached the hold: from then on, and until the
+    release, the receiver has all of it but the held bytes and can get no further.
+    """
+
+    def __init__(self, tail: int) -> None:
+        self.tail = tail
+        self._cond = threading.Condition()
+        self._released = False
+        self._held: list[str] = []  # each body that reached the hold, by path
+
+    def stop_at(self, total: int | None) -> int | None:
+        """Where a body of ``total`` bytes stops (None: it does not; it was released)."""
+        with self._cond:
+            if self._released:
+                return None
+            return max(0, total - self.tail) if total is not None else 0
+
+    def block(self, path: str) -> None:
+        """Called by the proxy at the hold: note the body and wait for the release."""
+        with self._cond:
+            self._held.append(path)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._released)
+
+    def wait(self, timeout: float = 60, count: int = 1) -> list[str]:
+        """Wait until ``count`` bodies have reached the hold; return their paths."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._held) >= count, timeout=timeout):
+                raise HoldTimeout(
+                    f"{len(self._held)} of {count} bodies reached the hold (the last "
+                    f"{self.tail} bytes) within {timeout:.0f}s: {self._held}"
+                )
+            return list(self._held)
+
+    @property
+    def held(self) -> list[str]:
+        with self._cond:
+            return list(self._held)
+
+    @property
+    def released(self) -> bool:
+        with self._cond:
+            return self._released
+
+    def release(self) -> None:
+        """Let every held body go on to its end, and no later one stop."""
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+
 class Proxy:
     """Reverse proxy on a free 127.0.0.1 port forwarding to ``upstream`` (e.g. a registry URL).
 
@@ -92,6 +157,7 @@ class Proxy:
         self._lock = threading.Condition()
         self._log: list[Hit] = []
         self._rules: list[_Rule] = []
+        self._holds: list[tuple[re.Pattern[str], str | None, Hold]] = []
         self._inflight = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
@@ -108,6 +174,7 @@ class Proxy:
         return f"http://{self.host}"
 
     def stop(self) -> None:
+        self.release_holds()  # a handler thread waiting on a hold would never end
         self._server.shutdown()
         self._server.server_close()
 
@@ -136,8 +203,31 @@ class Proxy:
             self._log.clear()
 
     def clear_rules(self) -> None:
+        """Drop the fault rules and release every hold."""
         with self._lock:
             self._rules.clear()
+        self.release_holds()
+
+    def hold(self, path_regex: str, tail: int, *, method: str | None = "GET") -> Hold:
+        """Hold the last ``tail`` bytes of every matching response body until the returned
+        ``Hold`` is released (see ``Hold``)."""
+        hold = Hold(tail)
+        with self._lock:
+            self._holds.append((re.compile(path_regex), method, hold))
+        return hold
+
+    def release_holds(self) -> None:
+        with self._lock:
+            holds, self._holds = [h for _p, _m, h in self._holds], []
+        for hold in holds:
+            hold.release()
+
+    def _hold_for(self, method: str, path: str) -> Hold | None:
+        with self._lock:
+            for pattern, wanted, hold in self._holds:
+                if wanted in (None, method) and pattern.search(path) and not hold.released:
+                    return hold
+        return None
 
     def _add(self, rule: _Rule) -> None:
         with self._lock:
@@ -277,16 +367,18 @@ class Proxy:
             conn.close()
             return 502, req.send_canned(502, {}, f"proxy: upstream error {exc}\n".encode())
         try:
-            flip = cut = None
+            flip = cut = hold = None
             if req.command != "HEAD":
                 flip = self._take("flip", req.command, req.path)
                 cut = self._take("reset", req.command, req.path)
-            return resp.status, self._relay(req, resp, flip, cut)
+                hold = self._hold_for(req.command, req.path)
+            return resp.status, self._relay(req, resp, flip, cut, hold)
         finally:
             conn.close()
 
     def _relay(
-        self, req: _Handler, resp: http.client.HTTPResponse, flip: _Rule | None, cut: _Rule | None
+        self, req: _Handler, resp: http.client.HTTPResponse, flip: _Rule | None,
+        cut: _Rule | None, hold: Hold | None = None,
     ) -> int:
         req.send_response_only(resp.status, resp.reason)
         length = resp.getheader("Content-Length")
@@ -316,6 +408,18 @@ class Proxy:
                     req.write(chunk[: cut.offset - sent], chunked)
                     req.cut()
                     return cut.offset
+                if hold is not None:
+                    stop = hold.stop_at(int(length) if length else None)
+                    if stop is None:  # released before this body got there
+                        hold = None
+                    elif sent + len(chunk) > stop:
+                        # Up to the hold, flushed so the client has it all, then wait.
+                        head, chunk = chunk[: max(0, stop - sent)], chunk[max(0, stop - sent) :]
+                        req.write(head, chunked)
+                        sent += len(head)
+                        req.wfile.flush()
+                        hold.block(req.path)
+                        hold = None
                 req.write(chunk, chunked)
                 sent += len(chunk)
             if chunked:
