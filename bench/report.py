@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.scenarios import Row
+from pipeline.table import table
 
 HEADER = ("#", "scenario", "layerwarm", "peer", "ratio", "target", "met?")
 
@@ -25,12 +26,7 @@ def cells(row: Row) -> tuple[str, ...]:
 
 
 def text_table(rows: Sequence[Row]) -> str:
-    table = [HEADER, *(cells(r) for r in rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in table]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table(HEADER, [cells(r) for r in rows], rule=True))
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline.progress import human_bytes
+from pipeline.table import table
 
-if TYPE_CHECKING:  # annotations only: `ls`, `pin --list` and `status` use the tables here
+if TYPE_CHECKING:  # annotations only: `status` imports this module for source_label
     from pipeline.layer import LayerResult, LayerSpec, Source
     from pipeline.plan import Plan  # without the runner, the registry client and requests
     from pipeline.runner import WarmReport
@@ -17,17 +18,6 @@ SOURCE_LABELS = {"link": "disk (shared by diff_id)"}
 
 def source_label(source: str | None) -> str | None:
     return SOURCE_LABELS.get(source, source) if source else source
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in pairs]
-        return "  ".join(cells).rstrip()
-
-    return [fmt(header), *(fmt(r) for r in rows)]
 
 
 def warm_totals(report: WarmReport) -> dict[str, int]:
@@ -57,7 +47,7 @@ def warm_text(report: WarmReport) -> str:
         for r in report.results
     ]
     header = ("LAYER", "COMPRESSED", "UNCOMPRESSED", "FROM", "SECONDS")
-    lines = _table(header, rows, right={1, 2, 4}) if rows else ["no layers"]
+    lines = table(header, rows, right={1, 2, 4}) if rows else ["no layers"]
     t = warm_totals(report)
     lines.append(
         f"{t['layers']} layers: {t['from_registry']} from registry "
@@ -137,7 +127,7 @@ def plan_text(plan: Plan, where: dict[LayerSpec, Source | None]) -> str:
     ]
     lines = [f"{len(plan.images)} images, {len(plan.layers)} unique layers"]
     if rows:
-        lines += _table(("LAYER", "COMPRESSED", "TIER", "REPOS"), rows, right={1})
+        lines += table(("LAYER", "COMPRESSED", "TIER", "REPOS"), rows, right={1})
     to_fetch = [x for x in plan.layers if where[x] is None]
     nbytes = human_bytes(sum(x.size for x in to_fetch))
     lines.append(f"to fetch from registry: {len(to_fetch)} layers, {nbytes}")

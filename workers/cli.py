@@ -27,6 +27,7 @@ from pipeline import cli as base
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
+from pipeline.table import table
 from workers.credentials import (
     BROKER_ENV,
     FLOWER_AUTH_ENV,
@@ -311,9 +312,7 @@ def status_text(status: dict[str, Any]) -> str:
     ]
     if rows:
         header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST", "PUBLISH")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        lines += table(header, rows)
     lines += [f"error: {f['ref']}: {f['error']}" for f in status["image_failures"]]
     lines += [f"error: layer {x['digest']} ({x['target']}): {x['reason']}"
               for x in status["layers"] if x["state"] == "failed"]

@@ -1,0 +1,62 @@
+"""The ten scenarios of issue 5, each measuring layerwarm and its peer side by side.
+
+One module per family, each a mixin over ``base.BenchBase`` (the shared setup and the
+measuring helpers):
+    big_image.py    1, 2, 3, 9   the big image: cold warm, the decompress stage, peak RSS
+    fleet.py        4, 5, 6      the image fleet: cold warm, bytes fetched, warm again
+    remote.py       7            restore the fleet from the S3 tier
+    distributed.py  8, 10        through Celery on two worker hosts
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+
+from bench.scenarios.base import REPO_ROOT, Row
+from bench.scenarios.big_image import BigImageScenarios
+from bench.scenarios.distributed import DistributedScenarios
+from bench.scenarios.fleet import FleetScenarios
+from bench.scenarios.remote import RemoteScenarios
+from bench.workload import _log
+
+__all__ = ["ORDER", "REPO_ROOT", "SCENARIOS", "TITLES", "Bench", "Row", "run_all"]
+
+
+class Bench(BigImageScenarios, FleetScenarios, RemoteScenarios, DistributedScenarios):
+    """Every scenario, on one shared state (what one scenario leaves, another may reuse)."""
+
+
+SCENARIOS: dict[int, str] = {
+    1: "s1", 2: "s2", 3: "s3_decompress", 4: "s4", 5: "s5", 6: "s6", 7: "s7", 8: "s8",
+    9: "s9", 10: "s10",
+}  # fmt: skip
+TITLES = {
+    1: "cold `warm` of the big gzip image", 2: "cold `warm` of the big zstd image",
+    3: "decompress + verify diff_id of the big gzip layer", 4: "cold `warm` of the gzip fleet",
+    5: "bytes fetched / bytes of unique layers", 6: "warm again, everything on disk",
+    7: "restore the fleet from the S3 tier", 8: "the fleet through Celery",
+    9: "peak RSS of `warm` on the big image", 10: "tiny layers through Celery",
+}  # fmt: skip
+ORDER = (1, 2, 9, 3, 4, 6, 5, 7, 8, 10)  # 9 reuses the RSS of 1 and 2; 6 the cache of 4
+
+
+def run_all(bench: Bench, only: Sequence[int]) -> list[Row]:
+    rows = []
+    for num in ORDER:
+        if num not in only:
+            continue
+        _log(f"scenario {num} ...")
+        started = time.monotonic()
+        try:
+            row = getattr(bench, SCENARIOS[num])()
+        except Exception as e:  # report it and carry on with the others
+            traceback.print_exc()
+            row = Row(num, TITLES[num] + " (FAILED)",
+                      notes=[f"FAILED: {type(e).__name__}: {str(e)[:1500]}"])
+        _log(f"scenario {num} took {time.monotonic() - started:.0f}s: {row.lw} vs {row.peer}, "
+             f"ratio {row.ratio}, met {row.met}")
+        rows.append(row)
+    bench.rm(bench.fleet_cache)
+    return sorted(rows, key=lambda r: r.num)

@@ -1,0 +1,239 @@
+"""What every scenario family shares: the result row, the targets, and BenchBase (the
+workload, the servers, scratch space, running a side, pairing the sides, the ratio row).
+
+Every figure is the wall time of real processes (``bench.measure.run``) on the same data
+in the same run. Each run measures both sides back to back, alternating which goes first;
+the ratio reported is the median of the per-run ratios (layerwarm / peer), and the times
+shown are the medians of each side. Where a scenario says "cold", the page cache is
+dropped before each side (when this machine allows it; see ``BenchBase.cold``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.measure import CommandFailed, RunResult, can_drop_caches, drop_caches, median, run
+from bench.services import RedisServer
+from bench.workload import BuiltLayer, Workload, _log
+from tests.support.cli import layerwarm_cmd, layerwarm_env
+from tests.support.registry import RegistryServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "layerwarm-bench"
+IO_THREADS = 16  # layerwarm's default --io-threads; the S3 peer uses as many
+TIMEOUT = 3600
+
+
+@dataclass
+class Row:
+    num: int
+    title: str
+    lw: str = "—"
+    peer: str = "—"
+    ratio: str = "—"
+    target: str = ""
+    met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def check_target(value: float, op: str, limit: float) -> bool:
+    if op == "<=":
+        return value <= limit + 1e-9
+    if op == ">=":
+        return value >= limit - 1e-9
+    return round(value, 2) == round(limit, 2)
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+class BenchBase:
+    """State shared by the scenarios: workload, servers, scratch space, samples."""
+
+    def __init__(
+        self, workload: Workload, registry: RegistryServer, runs: int, scratch: Path
+    ) -> None:
+        self.w = workload
+        self.reg = registry
+        self.runs = runs
+        self.scratch = scratch
+        self.nproc = os.cpu_count() or 2
+        self.cold = can_drop_caches()
+        self.rss_kib: dict[str, list[int]] = {}
+        self.fleet_cache: Path | None = None  # the last cold fleet warm, for scenario 6
+        self.skopeo_retries = 0  # copies run again after skopeo's index.json race
+        self._s3: Any = None
+        self._redis: RedisServer | None = None
+    def close(self) -> None:
+        self.close_s3()
+        if self._redis is not None:
+            self._redis.stop()
+
+    def close_s3(self) -> None:
+        if self._s3 is not None:
+            self._s3.cleanup()
+            self._s3 = None
+
+    @property
+    def s3(self) -> Any:
+        if self._s3 is None:
+            from tests.support.s3 import S3Server
+
+            self._s3 = S3Server().start()
+            self._s3.create_bucket(BUCKET)
+        return self._s3
+
+    @property
+    def redis(self) -> RedisServer:
+        if self._redis is None:
+            self._redis = RedisServer(self.scratch / "redis").start()
+        return self._redis
+
+    def dir(self, name: str) -> Path:
+        path = self.scratch / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def rm(self, *paths: Path | None) -> None:
+        for p in paths:
+            if p is not None:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def cold_start(self) -> None:
+        if self.cold:
+            drop_caches()
+
+    def refs(self, names: Sequence[str], host: str | None = None) -> list[str]:
+        return [f"{host or self.reg.host}/{n}" for n in names]
+
+    def warm(
+        self,
+        names: Sequence[str],
+        cache: Path,
+        *,
+        remote: str | None = None,
+        host: str | None = None,
+    ) -> tuple[RunResult, dict[str, Any]]:
+        """`layerwarm warm --json REFS` in a child process; raises unless all is warm."""
+        argv = layerwarm_cmd("warm", "--json", *self.refs(names, host))
+        extra = {}
+        if remote:
+            argv += ["--remote", remote]
+            extra = self.s3.env() if remote.startswith("s3://") else {}
+        r = run(argv, env=layerwarm_env(cache, extra), cwd=REPO_ROOT, timeout=TIMEOUT)
+        report = json.loads(r.stdout)
+        if not report.get("ok"):
+            raise CommandFailed(f"layerwarm warm reported failures: {r.stdout[-3000:]}")
+        return r, report
+
+    def check_entries(self, cache: Path, layers: Sequence[BuiltLayer]) -> None:
+        """Every layer is a committed entry of the expected size (layerwarm checked the
+        diff_id itself before naming it)."""
+        for lay in layers:
+            p = cache / f"sha256_{lay.hex}"
+            if not p.exists() or p.stat().st_size != lay.uncompressed_size:
+                raise AssertionError(f"layerwarm left no correct entry {p}")
+
+    def check_peer(
+        self, out: Path, layers: Sequence[BuiltLayer], full: bool, prefix: str = ""
+    ) -> None:
+        """The peer's output files have the right size; with ``full``, the right digest."""
+        for lay in layers:
+            p = out / f"{prefix}{lay.hex}"
+            if p.stat().st_size != lay.uncompressed_size:
+                raise AssertionError(f"peer output {p}: wrong size")
+            if full and _digest_file(p) != lay.diff_id:
+                raise AssertionError(f"peer output {p}: digest is not the diff_id")
+
+    def skopeo_copy(self, name: str, layout: Path, host: str | None = None) -> None:
+        tag = name.split("/", 1)[1].replace(":", "-")
+        argv = ["skopeo", "copy", "-q", "--src-tls-verify=false",
+                f"docker://{host or self.reg.host}/{name}", f"oci:{layout}:{tag}"]
+        for attempt in range(3):
+            try:
+                run(argv, timeout=TIMEOUT)
+                return
+            except CommandFailed as e:
+                # skopeo 1.9 writes the layout's index.json without a lock or rename, so a
+                # parallel copy can read it half written ("EOF"): what a user's script would
+                # do is run that copy again, and its time counts for the peer.
+                if attempt == 2 or "EOF" not in str(e):
+                    raise
+                self.skopeo_retries += 1
+
+    def unpack(self, layout: Path, layers: Sequence[BuiltLayer], out: Path, parallel: int) -> None:
+        """``pigz -dc`` / ``zstd -dc`` of each layer blob in an OCI layout to a file."""
+
+        def one(lay: BuiltLayer) -> None:
+            tool = ["pigz", "-dc"] if lay.compression == "gzip" else ["zstd", "-dcq"]
+            run([*tool, str(layout / "blobs" / "sha256" / lay.hex)], stdout_path=out / lay.hex,
+                timeout=TIMEOUT)  # fmt: skip
+
+        with ThreadPoolExecutor(parallel) as pool:
+            list(pool.map(one, layers))
+
+    def paired(
+        self,
+        lw: Callable[[int], float],
+        peer: Callable[[int], float],
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Run both sides ``runs`` times, alternating which goes first; return the samples."""
+        lws, peers, ratios = [], [], []
+        for i in range(self.runs):
+            if i % 2 == 0:
+                a = lw(i)
+                b = peer(i)
+            else:
+                b = peer(i)
+                a = lw(i)
+            lws.append(a)
+            peers.append(b)
+            ratios.append(a / b)
+            _log(f"  run {i + 1}: layerwarm {a:.2f}s, peer {b:.2f}s, ratio {a / b:.2f}")
+        return lws, peers, ratios
+
+    def ratio_row(
+        self,
+        row: Row,
+        samples: tuple[list[float], list[float], list[float]],
+        op: str,
+        limit: float,
+    ) -> Row:
+        lws, peers, ratios = samples
+        r = median(ratios)
+        row.lw, row.peer, row.ratio = _fmt_s(median(lws)), _fmt_s(median(peers)), f"{r:.2f}"
+        row.target = f"{'≤' if op == '<=' else '≥'} {limit:.2f}"
+        row.met = check_target(r, op, limit)
+        row.data.update(layerwarm=lws, peer=peers, ratios=ratios)
+        if len(ratios) > 1:
+            row.notes.append(
+                "per-run ratios " + ", ".join(f"{x:.2f}" for x in ratios)
+            )
+        return row
+
+    def delete_prefix(self, prefix: str) -> None:
+        client = self.s3.client()
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=prefix + "/"
+        ):
+            objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objs:
+                client.delete_objects(Bucket=BUCKET, Delete={"Objects": objs})

@@ -1,0 +1,83 @@
+"""The `layerwarm` command: the embedded commands (workers/cli.py adds distributed mode).
+
+Each module registers its own subcommands and prints their results; the logic lives in
+the pipeline modules they call, imported inside each command so that start-up stays fast:
+    warm.py     warm, plan, verify
+    cache.py    ls, inspect, usage, rm, df, metrics
+    gc.py       gc, pin, unpin
+    common.py   exit codes, image arguments, settings, times: what they share
+
+Exit codes follow the usual convention: 0 everything warm, 1 something failed (each
+failure printed with its reason), 2 usage errors (bad flags, references or settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.cli import cache, gc, warm
+from pipeline.cli.common import (  # re-exported: workers/cli.py builds on them
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    image_args,
+    platform_arg,
+    read_refs,
+)
+from pipeline.errors import LayerwarmError, UsageError
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "image_args", "main",
+           "platform_arg", "read_refs", "run"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerwarm",
+        description="Prewarm container image layers as decompressed tars on local disk "
+        "and a shared blob store.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    warm.register(sub)  # warm, plan, verify
+    cache.register(sub)  # ls, inspect, usage, rm, df, metrics
+    gc.register(sub)  # gc, pin, unpin
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    # One line per event when nobody watches bars; on a terminal the bars replace them.
+    quiet = sys.stderr.isatty() and not getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, run the command, and turn errors into one line and an exit code."""
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    for name in ("io_threads", "cpu_threads", "io_concurrency", "cpu_concurrency"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"layerwarm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except LayerwarmError as e:
+        print(f"layerwarm: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("layerwarm: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)

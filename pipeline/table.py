@@ -1,0 +1,35 @@
+"""The one table renderer: every table the commands and the bench print goes through it.
+
+A table is a header and rows of strings. Columns are as wide as their widest cell and two
+spaces apart; a column is left-aligned unless named in `right` (numbers, sizes). Lines end
+without trailing blanks, so the last column never pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: Collection[int] = (),
+    *,
+    rule: bool = False,
+    indent: str = "",
+) -> list[str]:
+    """Lines of the table: the header, a line of dashes under it with `rule`, the rows.
+
+    `indent` prefixes every line (a table nested under a heading, as in `inspect`).
+    """
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in pairs]
+        return indent + "  ".join(cells).rstrip()
+
+    lines = [fmt(header)]
+    if rule:
+        lines.append(indent + "  ".join("-" * w for w in widths))
+    return lines + [fmt(r) for r in rows]
