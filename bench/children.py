@@ -59,7 +59,7 @@ def cmd_inflate(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     with open(args.blob, "rb") as src, open(os.devnull, "wb") as out:
-        return _timed(lambda: inflate_verified(spec, src, out))
+        return _timed(lambda: inflate_verified(spec, src, out).size)
 
 
 def cmd_s3get(args: argparse.Namespace) -> int:

@@ -96,6 +96,11 @@ class JobStore:
                 p.publish(self.events_channel(job_id), field)
             p.execute()
 
+    def layer_state(self, job_id: str, digest: str, target: str) -> str | None:
+        """One layer's state (pending, fetching, ..., done, failed), or None if unknown."""
+        raw = self.client.hget(self._key(job_id) + ":layers", f"{digest}|{target}")
+        return json.loads(raw).get("state") if raw else None
+
     def images(self, job_id: str) -> list[dict[str, Any]]:
         """The images the job's plan resolved (see `planned`); [] if unknown or expired."""
         raw = self.client.hget(self._key(job_id), "images")

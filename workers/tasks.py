@@ -1,16 +1,22 @@
-"""Celery tasks: thin wrappers that run pipeline stages and record progress.
+"""Celery tasks: thin wrappers that run one step of the lookup chain and record the outcome.
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
                           (tiny layers: one fetch_batch per 20, running fetch for each)
-    layerwarm.fetch       tiers first (disk, disk by diff_id, remote); else registry -> staging,
-                          sending the decompress task as the download starts (a layer of at
-                          most 256 KiB goes on to disk, and the fleet's remote tier, in this
-                          same task instead)
+    layerwarm.fetch       the chain (pipeline/chain.py) for the target's goal: the tiers in
+                          order; on a miss, registry -> staging, sending the decompress task
+                          as the download starts (a layer of at most 256 KiB is decompressed,
+                          and written back, in this same task instead)
     layerwarm.decompress  staging -> sha256_<hex> on the same host (its CPU queue), following
                           the download as it arrives
-    layerwarm.publish     disk -> remote tier on the same host (its IO queue)
+    layerwarm.publish     the chain's write-back: disk -> remote tier on the same host
     layerwarm.gc_all_nodes  (Celery beat) send one layerwarm.gc to every live node's IO queue
     layerwarm.gc          gc of this node's disk to its quota (pipeline.gc.scheduled_collect)
+
+The order of the tiers, what is written back, verification and retries all live in
+pipeline/: a task decodes its arguments, makes one call, and records what happened. A
+registry error has been retried by the one retry policy (pipeline/retry.py) before it
+gets here: a task never retries it again. It retries only while another worker holds the
+layer's lease; any error fails the layer at once, with its reason in the job record.
 
 Arguments are small JSON: job id, the layer's digests/type/size/source repos, the target,
 a lease token. Never bytes, never credentials: workers read their own Docker config.
@@ -26,9 +32,8 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,26 +42,21 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
-from pipeline import codecs, gc, sharing, sinks, stages, stats
+from pipeline import codecs, gc, sinks, stages, stats
+from pipeline.chain import Chain, Goal
 from pipeline.config import Settings
 from pipeline.digest import Digest
-from pipeline.errors import (
-    LayerwarmError,
-    NotFound,
-    PermanentError,
-    RemoteTierUnavailable,
-    TransientError,
-    VerificationError,
-)
+from pipeline.errors import LayerwarmError, PermanentError
+from pipeline.following import better_later, decompress_following
+from pipeline.layer import LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
 from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
-from pipeline.stages import LayerSpec, Source
 from pipeline.tiers.remote import RemoteTier
 from workers.app import GC_INTERVAL, JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
 from workers.jobs import JobStore
-from workers.leases import Leases
+from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
 from workers.ratelimit import RedisRateLimiter
 from workers.redisconn import connect
@@ -64,13 +64,32 @@ from workers.routing import Target, check_node, node_cpu_queue, node_io_queue
 from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
-MAX_TRANSIENT_RETRIES = 6
-# Layers up to this compressed size are decompressed (and, for the fleet, published) by
-# the fetch task itself: for tiny layers the hops between tasks, not the work, were the cost.
+# Layers up to this compressed size are decompressed (and written back) by the fetch task
+# itself: for tiny layers the hops between tasks, not the work, were the cost.
 INLINE_DECOMPRESS_BYTES = 256 << 10
 TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
+LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
+
+
+class LeaseBusy(LayerwarmError):
+    """Another worker of the fleet holds the layer's lease: it is fetching it."""
+
+    def __init__(self, holder: str | None) -> None:
+        super().__init__(f"another worker ({holder or 'unknown'}) is fetching this layer")
+        self.holder = holder
+
+
+@dataclass
+class Bookkeeping:
+    """What a task needs to record an outcome: Redis only, so it works when nothing else
+    does (a worker whose Docker config or remote tier cannot be loaded still fails its
+    layers with the reason, instead of leaving the job pending)."""
+
+    node: str
+    jobs: JobStore
+    leases: Leases
 
 
 @dataclass
@@ -81,20 +100,34 @@ class WorkerContext:
     jobs: JobStore
     leases: Leases
 
+    def chain(self, registry: Callable[[LayerSpec, Progress], int | None]) -> Chain:
+        return self.env.chain(registry)
+
+
+@functools.cache
+def bookkeeping() -> Bookkeeping:
+    node = check_node(os.environ.get("LAYERWARM_NODE") or socket.gethostname())
+    client = connect(broker_url())
+    lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
+    # A lease older than this is no longer renewed: its layer's chain was lost (the
+    # sweeper sends its fetch again, under a new token, after the same time).
+    leases = Leases(client, lease_ttl, node, max_hold=2 * VISIBILITY_TIMEOUT)
+    return Bookkeeping(node, JobStore(client, JOB_TTL), leases)
+
 
 @functools.cache
 def context() -> WorkerContext:
     """Per worker process: settings, registry client, tiers, Redis, built once."""
+    books = bookkeeping()
     settings = Settings.from_env()
-    client = connect(broker_url())
-    lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
+    client = books.jobs.client
     limiter = RedisRateLimiter(client, settings.registry_rate) if settings.registry_rate else None
     return WorkerContext(
-        node=check_node(os.environ.get("LAYERWARM_NODE") or socket.gethostname()),
+        node=books.node,
         env=Environment.from_settings(settings, limiter),
         settings=settings,
-        jobs=JobStore(client, JOB_TTL),
-        leases=Leases(client, lease_ttl),
+        jobs=books.jobs,
+        leases=books.leases,
     )
 
 
@@ -118,28 +151,34 @@ def layer_from_json(data: dict[str, Any]) -> LayerSpec:
     )
 
 
-def _count(source: Source, started: float | None, *, missed: Sequence[str] = (),
-           fetched: int = 0) -> None:
+def goal_of(target: str) -> Goal:
+    """A node target wants the layer on that node's disk; the fleet wants the shared tier."""
+    return "disk" if Target.parse(target).node is not None else "remote"
+
+
+def _count(result: LayerResult, goal: Goal, started: float | None) -> None:
     """This node's running totals for one layer (pipeline/stats.py); never fails the task.
 
     `started` is when the layer's fetch task began on this host (None: unknown, e.g. after
     a retry), so the seconds cover fetch and decompress; publishing is counted by bytes.
     """
-    seconds = None if started is None else max(0.0, time.time() - started)
-    counts = stats.layer_counts(source, missed=missed, fetched_bytes=fetched, seconds=seconds)
-    stats.record(context().env.disk.meta, counts)
-
-
-def _count_from_registry(layer: LayerSpec, started: float | None) -> None:
-    # It looked on disk, and in the remote tier when there is one, first.
-    missed = ("disk", "remote") if context().env.remote is not None else ("disk",)
-    _count("registry", started, missed=missed, fetched=layer.size)
-
-
-def _publish_counted(layer: LayerSpec, remote: RemoteTier, progress: JobProgress) -> None:
     c = context()
-    if stages.publish(layer, c.env.disk, remote, progress):
-        stats.record(c.env.disk.meta, {stats.PUBLISHED: c.env.disk.size(layer.digest) or 0})
+    if goal == "disk":
+        missed = {"disk": (), "link": (), "remote": ("disk",),
+                  "registry": ("disk", "remote")}[result.source or "registry"]
+    else:  # the fleet looks in the remote tier first
+        missed = {"remote": (), "disk": ("remote",), "link": ("remote",),
+                  "registry": ("remote", "disk")}[result.source or "registry"]
+    if c.env.remote is None:
+        missed = tuple(t for t in missed if t != "remote")
+    source: Source = result.source or "registry"
+    fetched = {"disk": 0, "link": 0, "remote": 0 if goal == "remote" else
+               result.uncompressed_size or 0, "registry": result.layer.size}[source]
+    seconds = None if started is None else max(0.0, time.time() - started)
+    counts = stats.layer_counts(
+        source, missed=missed, fetched_bytes=fetched, seconds=seconds,
+        published_bytes=(result.uncompressed_size or 0) if result.published else 0)
+    stats.record(c.env.disk.meta, counts)
 
 
 _images_recorded: set[str] = set()  # jobs whose images this process put in its .meta.db
@@ -165,13 +204,6 @@ def _record_job_images(job_id: str) -> None:
                     job_id, c.env.disk.meta.path, e)
 
 
-def _backoff(error: Exception, failures: int) -> float:
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        return retry_after
-    return min(2.0**failures, 60.0) * random.uniform(0.5, 1.5)
-
-
 class LayerTask(Task):
     """What every layer stage shares: its job record, its failure handling.
 
@@ -193,61 +225,42 @@ class LayerTask(Task):
         log.info("layer %s done for %s from %s on %s", layer.digest, target, tier, c.node)
         return {"digest": str(layer.digest), "target": target, "tier": tier, "host": c.node}
 
-    def decompressed(self, job_id: str, layer_json: dict[str, Any], layer: LayerSpec,
-                     target: str, token: str | None) -> dict[str, Any]:
-        """The layer is on this host's disk from the registry: publish it, or finish."""
-        c = context()
-        if c.env.remote is not None:
-            if Target.parse(target).node is not None:
-                # The node has the layer: its job is done; the shared copy follows.
-                self.done(job_id, layer, target, "registry", publish="pending")
-            publish.apply_async((job_id, layer_json, target), {"token": token},
-                                queue=node_io_queue(c.node))
-            return {"digest": str(layer.digest), "publish_on": c.node}
-        if token:
-            c.leases.release(layer.digest, token)
-        return self.done(job_id, layer, target, "registry")
-
-    def fail(self, job_id: str, layer: LayerSpec, target: str, error: BaseException,
+    def fail(self, job_id: str, layer: dict[str, Any], target: str, error: BaseException,
              token: str | None) -> None:
-        c = context()
-        if token:
-            c.leases.release(layer.digest, token)
-        c.jobs.update_layer(
-            job_id, str(layer.digest), target, state="failed", host=c.node,
-            reason=describe_error(error),
-        )
+        """Fail the layer at once with its reason; a traceback in the log if it is not ours.
 
-    def retry_transient(self, job_id: str, layer: LayerSpec, target: str, error: Exception,
-                        token: str | None, failures: int, queue: str) -> Retry:
-        """Retry with backoff (honouring Retry-After) or, past the limit, fail the layer.
-
-        The retry keeps the task's arguments and starts again from the tiers: every stage
-        is idempotent by content address, so a partial first try costs nothing but time.
+        Uses only Redis, so it works however the task failed.
         """
-        if token:
-            context().leases.release(layer.digest, token)
-        if failures >= MAX_TRANSIENT_RETRIES:
-            self.fail(job_id, layer, target, error, None)
-            raise error
-        log.warning("layer %s: %s; retry %d", layer.digest, describe_error(error), failures + 1)
-        return self.retry(
-            countdown=_backoff(error, failures), queue=queue,  # other kwargs (tier) carry on
-            kwargs={**(self.request.kwargs or {}), "failures": failures + 1, "token": None},
-        )
+        if not isinstance(error, LayerwarmError | OSError):
+            log.error("layer %s: unexpected error in %s", layer.get("digest"), self.name,
+                      exc_info=error)
+        books = bookkeeping()
+        digest = str(layer.get("digest"))
+        try:
+            if token:
+                books.leases.release(Digest.parse(digest), token)
+            books.jobs.update_layer(job_id, digest, target, state="failed", host=books.node,
+                                    reason=describe_error(error))
+        except (redis.RedisError, LayerwarmError) as e:
+            log.error("layer %s failed (%s) and the job record could not say so: %s",
+                      digest, describe_error(error), e)
+        log.error("layer failed: %s: %s", digest, describe_error(error))
 
 
 @app.task(name="layerwarm.plan", bind=True)
 def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
          platform: str | None) -> dict[str, Any]:
-    c = context()
-    wanted = None if platform == "all" else Platform.parse(platform or str(Platform.host()))
-    parsed = [Reference.parse(r) for r in refs]
     try:
+        c = context()
+        wanted = None if platform == "all" else Platform.parse(platform or str(Platform.host()))
+        parsed = [Reference.parse(r) for r in refs]
         with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-plan") as p:
             result = resolve_all(Resolver(c.env.client, c.env.disk.meta), parsed, wanted, p)
     except Exception as e:  # a job must never stay "planning" forever
-        c.jobs.planned(job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
+        if not isinstance(e, LayerwarmError | OSError):
+            log.exception("job %s: unexpected error in plan", job_id)
+        bookkeeping().jobs.planned(
+            job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
     work = [(layer_to_json(x), t) for x in result.layers for t in targets]
     c.jobs.planned(
@@ -286,124 +299,55 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
 @app.task(name="layerwarm.fetch", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-          failures: int = 0, token: str | None = None) -> dict[str, Any]:
-    c = context()
+          token: str | None = None, **_: Any) -> dict[str, Any]:
+    """The chain for this target's goal; on a miss the registry step starts here."""
     started = time.time()
-    spec, tgt = layer_from_json(layer), Target.parse(target)
-    progress = JobProgress(self, c.jobs, job_id, target, c.node,
-                           quiet_start=spec.size <= INLINE_DECOMPRESS_BYTES)
-    disk, remote = c.env.disk, c.env.remote
     try:
-        # Where it should be already? A node target also accepts a copy from the remote tier.
-        if tgt.node is not None:
-            with disk.lock(spec.digest):
-                on_disk = stages.check_disk(spec, disk) is not None
-                row = disk.meta.layer(spec.digest) if on_disk else None
-                shared = None if on_disk else sharing.share(spec, disk)
-            if on_disk:
-                _count("disk", started)
-            if shared is not None:  # same content on this disk under another digest: linked
-                _count("link", started)
-                if remote is None:
-                    return self.done(job_id, spec, target, "link", shared_from=str(shared.source))
-                publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
-                return self.done(job_id, spec, target, "link", shared_from=str(shared.source),
-                                 publish="pending")
-            if on_disk and remote is not None and row is not None and row.publish_pending:
-                # Warm here already, but an earlier publish could not reach the remote tier.
-                publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node))
-                return self.done(job_id, spec, target, "disk", publish="pending")
-            if on_disk:
-                return self.done(job_id, spec, target, "disk")
-            if remote is not None:
-                try:
-                    if (size := stages.restore(spec, disk, remote, progress)) is not None:
-                        _count("remote", started, missed=("disk",), fetched=size)
-                        return self.done(job_id, spec, target, "remote")
-                except (RemoteTierUnavailable, VerificationError, NotFound) as e:
-                    # The node's warm does not wait for the shared tier: go to the registry;
-                    # the publish after it keeps trying the remote tier.
-                    log.warning("layer %s: remote tier not usable (%s); using the registry",
-                                spec.digest, describe_error(e))
-                    remote = None
-        else:
-            if remote is None:
-                raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
-            if remote.stat(spec.digest) is not None:
-                _count("remote", started)
-                return self.done(job_id, spec, target, "remote")
+        c = context()
+        spec, goal = layer_from_json(layer), goal_of(target)
+        if goal == "remote" and c.env.remote is None:
+            raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
+        progress = JobProgress(self, c.jobs, job_id, target, c.node,
+                               quiet_start=spec.size <= INLINE_DECOMPRESS_BYTES)
 
-        # One registry fetch per fleet: whoever holds the lease fetches; others come back
-        # later and find the layer in the remote tier.
-        if remote is not None:
-            token = token or Leases.new_token(c.node)
-            if not c.leases.acquire(spec.digest, token):
-                c.jobs.update_layer(job_id, str(spec.digest), target, state="pending",
-                                    waiting=c.leases.holder(spec.digest))
-                raise self.retry(countdown=random.uniform(1.0, 3.0), queue=tgt.fetch_queue,
-                                 kwargs={"failures": failures, "token": None})
-            if remote.stat(spec.digest) is not None:  # finished while we waited for the lease
-                c.leases.release(spec.digest, token)
-                raise self.retry(countdown=0, queue=tgt.fetch_queue,
-                                 kwargs={"failures": failures, "token": None})
+        def claim() -> None:  # with a shared tier, one worker of the fleet fetches a layer
+            nonlocal token
+            if c.env.remote is not None:
+                token = token or Leases.new_token(c.node)
+                if not c.leases.acquire(spec.digest, token):
+                    raise LeaseBusy(c.leases.holder(spec.digest))
 
-        kept = c.leases.kept(spec.digest, token) if token else nullcontext()
-        inline = False
-        tier = "registry"
-        with kept, disk.lock(spec.digest):
-            # A remote target: content this worker holds under another digest is linked
-            # here and published, instead of fetched (a node target looked above).
-            shared = None
-            if not disk.has(spec.digest) and tgt.node is None:
-                shared = sharing.share(spec, disk)
-            if shared is not None:
-                tier = "link"
-                c.jobs.update_layer(job_id, str(spec.digest), target,
-                                    shared_from=str(shared.source))
-            if not disk.has(spec.digest):
-                log.info("fetching layer from registry: %s (%d bytes)", spec.digest, spec.size)
-                inline = spec.size <= INLINE_DECOMPRESS_BYTES
-                if not inline:
-                    # Sent first, so the decompression follows the download as it arrives
-                    # (stages.decompress_following) instead of waiting for its end.
-                    decompress.apply_async((job_id, layer, target),
-                                           {"token": token, "started": started},
-                                           queue=node_cpu_queue(c.node))
-                staging = stages.fetch(c.env.client, spec, disk, progress)
-                if inline:
-                    # Inflating this takes less than the hop to the CPU queue would.
-                    stages.decompress(spec, disk, staging, progress, c.settings.limits)
-                    _count_from_registry(spec, started)
-                else:
-                    return {"digest": str(spec.digest), "staged_on": c.node}
-        if inline and tgt.node is None and remote is not None:
-            # A fleet layer is done once shared; for a tiny one that is quicker than a task.
-            _publish_counted(spec, remote, progress)
-            if token:
-                c.leases.release(spec.digest, token)
-            return self.done(job_id, spec, target, "registry", publish="done")
-        if inline:
-            return self.decompressed(job_id, layer, spec, target, token)
-        # On disk before this task, or linked by it; only the remote tier lacks it.
-        if tier == "link":
-            _count("link", started, missed=("remote",))
-        else:
-            _count("disk", started, missed=("remote",) if remote is not None else ())
-        publish.apply_async((job_id, layer, target), {"token": token, "tier": tier},
-                            queue=node_io_queue(c.node))
-        return {"digest": str(spec.digest), "on_disk": c.node}
+        def registry(layer_: LayerSpec, progress_: Progress) -> int | None:
+            if spec.size <= INLINE_DECOMPRESS_BYTES:  # less work than a hop to the CPU queue
+                staging = stages.fetch(c.env.client, layer_, c.env.disk, progress_)
+                return stages.decompress(layer_, c.env.disk, staging, progress_,
+                                         c.settings.limits)
+            # Sent first, so the decompression follows the download as it arrives.
+            decompress.apply_async((job_id, layer, target), {"token": token, "started": started},
+                                   queue=node_cpu_queue(c.node))
+            stages.fetch(c.env.client, layer_, c.env.disk, progress_)
+            return None
+
+        result = c.chain(registry).materialize(spec, goal=goal, progress=progress, claim=claim)
+        if result.uncompressed_size is None:  # the decompress task goes on from here
+            return {"digest": str(spec.digest), "staged_on": c.node}
+        _count(result, goal, started)
+        if token:
+            c.leases.release(spec.digest, token)
+        extra = {"shared_from": str(result.shared_from)} if result.shared_from else {}
+        if result.published is not None:
+            extra["publish"] = "done" if result.published or goal == "remote" else "pending"
+        return self.done(job_id, spec, target, result.source or "registry", **extra)
+    except LeaseBusy as e:
+        bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
+                                        waiting=e.holder)
+        raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
+                         queue=Target.parse(target).fetch_queue, kwargs={"token": None}) from e
     except Retry:
         raise
-    except (LayerwarmError, OSError) as e:
-        if not isinstance(e, TransientError):
-            self.fail(job_id, spec, target, e, token)
-            raise
-        raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                   tgt.fetch_queue) from e
-    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
-        log.exception("layer %s: unexpected error in fetch", spec.digest)
-        raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                   tgt.fetch_queue) from e
+    except Exception as e:
+        self.fail(job_id, layer, target, e, token)
+        raise
 
 
 @app.task(name="layerwarm.fetch_batch", bind=True, ignore_result=True)
@@ -411,110 +355,117 @@ def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
                 target: str) -> dict[str, Any]:
     """Tiny layers of one job and target, each through the fetch task's own code, here.
 
-    A layer that would have been retried (a busy lease, a transient error) goes on as its
-    own fetch task, which retries it; a layer that failed for good is already recorded.
+    A layer whose lease is busy goes on as its own fetch task, which waits for it; a
+    layer that failed is already recorded in the job.
     """
     requeued = 0
     for layer in layers:
         try:
             fetch(job_id, layer, target)  # a direct call: runs now, in this task
-        except Exception as e:
-            if isinstance(e, (LayerwarmError, OSError)) and not isinstance(e, TransientError):
-                continue  # failed for good; `fetch` recorded it in the job
+        except LeaseBusy:
             requeued += 1
-            fetch.apply_async((job_id, layer, target), countdown=random.uniform(0.5, 2.0),
+            fetch.apply_async((job_id, layer, target), countdown=random.uniform(*LEASE_WAIT),
                               queue=Target.parse(target).fetch_queue)
+        except Exception:  # noqa: BLE001 - failed for good; `fetch` recorded it in the job
+            continue
     return {"layers": len(layers), "requeued": requeued}
 
 
 @app.task(name="layerwarm.decompress", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-               token: str | None = None, failures: int = 0,
-               started: float | None = None, deferrals: int = 0) -> dict[str, Any]:
+               token: str | None = None, started: float | None = None, deferrals: int = 0,
+               refetched: bool = False, **_: Any) -> dict[str, Any]:
     """Decompress the blob this host's fetch task is downloading (sent as it starts).
 
-    It follows the download as it arrives and commits once the fetch has verified the
-    blob. If the fetch fails, the fetch task retries or fails the layer, and this ends
-    without touching the job. While another layer's blob is staged whole on this host, it
-    does not wait on its own download: it goes back in the queue behind that one.
+    It follows the download as it arrives and commits once the blob is verified. If the
+    fetch failed, its task failed the layer. If the fetch left no blob (gc removed it
+    before this ran), the fetch is sent again at once, once. While another layer's blob
+    is staged whole on this host, it does not wait on its own download: it goes back in
+    the queue behind that one.
     """
-    c = context()
-    spec = layer_from_json(layer)
-    progress = JobProgress(self, c.jobs, job_id, target, c.node)
-    disk = c.env.disk
-    if deferrals < MAX_DEFERRALS and stages.better_later(spec, disk):
-        # Its download is still running and another layer's blob is ready here: that
-        # one goes first (it is ahead in this queue); this comes back in a moment. Only
-        # so often: a blob left staged by a crash would otherwise keep it going round.
-        decompress.apply_async(
-            (job_id, layer, target), {**(self.request.kwargs or {}), "deferrals": deferrals + 1},
-            queue=node_cpu_queue(c.node), countdown=DEFER_SECONDS)
-        return {"digest": str(spec.digest), "deferred": deferrals + 1}
     try:
-        kept = c.leases.kept(spec.digest, token) if token else nullcontext()
-        with kept:
-            outcome = stages.decompress_following(spec, disk, progress, c.settings.limits)
+        c = context()
+        spec, goal = layer_from_json(layer), goal_of(target)
+        disk = c.env.disk
+        if deferrals < MAX_DEFERRALS and better_later(spec, disk):
+            # Its download is still running and another layer's blob is ready here: that
+            # one goes first (it is ahead in this queue); this comes back in a moment. Only
+            # so often: a blob left staged by a crash would otherwise keep it going round.
+            decompress.apply_async(
+                (job_id, layer, target),
+                {**(self.request.kwargs or {}), "deferrals": deferrals + 1},
+                queue=node_cpu_queue(c.node), countdown=DEFER_SECONDS)
+            return {"digest": str(spec.digest), "deferred": deferrals + 1}
+        progress = JobProgress(self, c.jobs, job_id, target, c.node)
+        outcome = decompress_following(spec, disk, progress, c.settings.limits)
         if outcome is None:
-            log.info("layer %s: the fetch left no blob to decompress", spec.digest)
-            return {"digest": str(spec.digest), "fetch_failed": True}
+            state = c.jobs.layer_state(job_id, str(spec.digest), target)
+            if refetched or state in ("failed", "done"):
+                log.info("layer %s: the fetch left no blob to decompress", spec.digest)
+                return {"digest": str(spec.digest), "fetch_failed": True}
+            log.warning("layer %s: its staged blob is gone; fetching it again", spec.digest)
+            fetch.apply_async((job_id, layer, target), {"token": token},
+                              queue=node_io_queue(c.node))
+            return {"digest": str(spec.digest), "refetch": True}
         size, made = outcome
         if made:
-            _count_from_registry(spec, started)
+            _count(LayerResult(spec, "registry", size), goal, started)
             log.info("layer decompressed and cached: %s (%d bytes) %s",
                      spec.digest, size, disk.path(spec.digest))
-        return self.decompressed(job_id, layer, spec, target, token)
+        chain = c.chain(lambda *_: None)
+        if chain.wants_publish(spec, "registry", goal):
+            if goal == "disk":  # the node has the layer: its job is done; the shared copy follows
+                self.done(job_id, spec, target, "registry", publish="pending")
+            publish.apply_async((job_id, layer, target), {"token": token},
+                                queue=node_io_queue(c.node))
+            return {"digest": str(spec.digest), "publish_on": c.node}
+        if token:
+            c.leases.release(spec.digest, token)
+        return self.done(job_id, spec, target, "registry")
     except Retry:
         raise
-    except (LayerwarmError, OSError) as e:
-        self.fail(job_id, spec, target, e, token)
+    except Exception as e:
+        self.fail(job_id, layer, target, e, token)
         raise
-    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
-        log.exception("layer %s: unexpected error in decompress", spec.digest)
-        raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                   node_cpu_queue(c.node)) from e
 
 
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-            token: str | None = None, failures: int = 0, tier: str = "registry") -> dict[str, Any]:
-    c = context()
-    spec = layer_from_json(layer)
-    progress = JobProgress(self, c.jobs, job_id, target, c.node)
-    remote = c.env.remote
+            token: str | None = None, **_: Any) -> dict[str, Any]:
+    """The chain's write-back of a layer this host fetched: its entry to the remote tier."""
     try:
-        if remote is None:
-            raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
-        kept = c.leases.kept(spec.digest, token) if token else nullcontext()
-        with kept:
-            _publish_counted(spec, remote, progress)
+        c = context()
+        spec, goal = layer_from_json(layer), goal_of(target)
+        progress = JobProgress(self, c.jobs, job_id, target, c.node)
+        if token:
+            try:
+                c.leases.check(spec.digest, token)
+            except LeaseLost as e:
+                # Another worker may be at it now: not ours to publish. The fetch, sent
+                # again, finds the layer in the remote tier, or takes the lease anew.
+                log.warning("layer %s: %s; sending its fetch again", spec.digest, e)
+                fetch.apply_async((job_id, layer, target),
+                                  queue=Target.parse(target).fetch_queue)
+                return {"digest": str(spec.digest), "lease_lost": True}
+        published = c.chain(lambda *_: None).write_back(spec, "registry", goal=goal,
+                                                        progress=progress)
+        if published:
+            stats.record(c.env.disk.meta,
+                         {stats.PUBLISHED: c.env.disk.size(spec.digest) or 0})
         if token:
             c.leases.release(spec.digest, token)
-        if Target.parse(target).node is not None:
-            c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
+        state = "done" if published is not None else "pending"
+        if goal == "disk":
+            c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish=state)
             return {"digest": str(spec.digest), "published_by": c.node}
-        return self.done(job_id, spec, target, tier, publish="done")
+        return self.done(job_id, spec, target, "registry", publish="done")
     except Retry:
         raise
-    except TransientError as e:
-        if Target.parse(target).node is None:
-            raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                       node_io_queue(c.node)) from e
-        # The node is warm; keep trying the shared tier, patiently, for as long as it takes.
-        if token:
-            c.leases.release(spec.digest, token)
-        c.jobs.update_layer(job_id, str(spec.digest), target, state="done",
-                            publish="pending", publish_error=describe_error(e))
-        raise self.retry(countdown=min(_backoff(e, failures), 300.0), queue=node_io_queue(c.node),
-                         kwargs={"failures": failures + 1, "token": None}) from e
-    except (LayerwarmError, OSError) as e:
-        self.fail(job_id, spec, target, e, token)
+    except Exception as e:
+        self.fail(job_id, layer, target, e, token)
         raise
-    except Exception as e:  # not ours (e.g. the broker connection dropped): retry, bounded
-        log.exception("layer %s: unexpected error in publish", spec.digest)
-        raise self.retry_transient(job_id, spec, target, e, token, failures,
-                                   node_io_queue(c.node)) from e
 
 
 @app.task(name="layerwarm.gc")
@@ -546,8 +497,14 @@ def _ready(sender: Any = None, **_: Any) -> None:
     """Before the first task: build the context and load what the stages load on first
     use (codecs, writeback, the remote tier's client), so a job does not wait on it (in
     a fleet of two hosts that was four processes importing boto3 in a job's first second).
-    IO workers also start the sweeper; CPU workers only decompress."""
-    c = context()
+    Both start the lease renewer: a node's leases stay held while any of its workers
+    lives, across the hand-offs between stages. IO workers also start the sweeper."""
+    bookkeeping().leases.start_renewer()
+    try:
+        c = context()
+    except (LayerwarmError, OSError) as e:  # every task will fail its layer with this
+        log.error("this worker cannot work: %s", describe_error(e))
+        return
     codecs.preload()
     sinks.preload()
     if str(getattr(sender, "hostname", "")).startswith("io@"):

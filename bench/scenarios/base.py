@@ -10,7 +10,6 @@ dropped before each side (when this machine allows it; see ``BenchBase.cold``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 from bench.measure import CommandFailed, RunResult, can_drop_caches, drop_caches, median, run
 from bench.services import RedisServer
 from bench.workload import BuiltLayer, Workload, _log
+from pipeline.digest import digest_of_file
 from tests.support.cli import layerwarm_cmd, layerwarm_env
 from tests.support.registry import RegistryServer
 
@@ -56,13 +56,6 @@ def check_target(value: float, op: str, limit: float) -> bool:
         return value >= limit - 1e-9
     return round(value, 2) == round(limit, 2)
 
-
-def _digest_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 class BenchBase:
     """State shared by the scenarios: workload, servers, scratch space, samples."""
@@ -160,7 +153,7 @@ class BenchBase:
             p = out / f"{prefix}{lay.hex}"
             if p.stat().st_size != lay.uncompressed_size:
                 raise AssertionError(f"peer output {p}: wrong size")
-            if full and _digest_file(p) != lay.diff_id:
+            if full and str(digest_of_file(p)[0]) != lay.diff_id:
                 raise AssertionError(f"peer output {p}: digest is not the diff_id")
 
     def skopeo_copy(self, name: str, layout: Path, host: str | None = None) -> None:
