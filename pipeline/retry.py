@@ -7,15 +7,18 @@ not answer); everything else fails at once. Each request is retried at exactly o
     layer blobs          stages.fetch, one `run` per blob: a retry resumes with Range from
                          the bytes already verified, and an attempt that made progress
                          does not count against `attempts`
-    Celery tasks         never retry a registry error again: a task retries only while a
-                         lease is busy (workers/tasks.py), and a killed worker's message
-                         comes back by itself (acks_late)
+    Celery tasks         never retry a registry error again: a fetch retries only while a
+                         lease is busy, a node's publish while the remote tier is down (the
+                         node is warm meanwhile; workers/tasks.py), and a killed worker's
+                         message comes back by itself (acks_late)
 
 Worst case for one blob with the defaults: `attempts` (5) GETs per repository that holds it
 (each may first answer 401 and be sent again with a token): 10 per repository, more only
 while a cut download keeps making progress. Waits between attempts grow from `base` to
-`cap` with jitter (0.5, 1, 2, 4 s, each times 0.5-1: 3.75-7.5 s in all); a `Retry-After`
-is honoured up to `max_retry_after`, and never past the layer's `deadline`. A registry
+`cap` with jitter (0.5, 1, 2, 4 s, each times 0.5-1: 3.75-7.5 s in all). A `Retry-After`
+is honoured up to `max_retry_after`; one that asks for longer ends the retries at once
+with a message saying so (and a 429's pause of the host, shared by a fleet through Redis,
+lasts at most `max_retry_after`). Nothing waits past the layer's `deadline`. A registry
 that answers 500 to everything fails a layer in under 8 seconds of waiting.
 """
 
@@ -94,6 +97,11 @@ class Attempts:
         self.failures += 1
         if self.failures >= self.policy.attempts:
             raise error
+        if error.retry_after is not None and error.retry_after > self.policy.max_retry_after:
+            # Waiting that long would hold a slot and the digest's lock: say so, and stop.
+            raise TransientError(
+                f"{error} (it asks to wait {error.retry_after:.0f} s, more than "
+                f"LAYERWARM_MAX_RETRY_AFTER={self.policy.max_retry_after:.0f} s)") from error
         wait = self.policy.delay(self.failures, error)
         left = self._deadline - time.monotonic()
         if wait >= left:

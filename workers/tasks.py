@@ -15,8 +15,10 @@
 The order of the tiers, what is written back, verification and retries all live in
 pipeline/: a task decodes its arguments, makes one call, and records what happened. A
 registry error has been retried by the one retry policy (pipeline/retry.py) before it
-gets here: a task never retries it again. It retries only while another worker holds the
-layer's lease; any error fails the layer at once, with its reason in the job record.
+gets here: a task never retries it again. A fetch waits (by retrying) only while another
+worker holds the layer's lease, and a node's publish is tried again while the remote tier
+does not answer (the node is warm meanwhile); any other error fails the layer at once,
+with its reason in the job record.
 
 Arguments are small JSON: job id, the layer's digests/type/size/source repos, the target,
 a lease token. Never bytes, never credentials: workers read their own Docker config.
@@ -26,41 +28,40 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
-import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import Task
 from celery.exceptions import Retry
 from celery.signals import worker_ready
 
 from pipeline import codecs, gc, sinks, stages, stats
-from pipeline.chain import Chain, Goal
-from pipeline.config import Settings
-from pipeline.digest import Digest
 from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.following import better_later, decompress_following
-from pipeline.layer import LayerResult, LayerSpec, Progress, Source
+from pipeline.layer import LayerResult, LayerSpec, Progress
 from pipeline.manifest import Platform
 from pipeline.plan import Resolver, resolve_all
 from pipeline.reference import Reference
-from pipeline.runner import Environment, describe_error
+from pipeline.runner import describe_error
 from pipeline.tiers.remote import RemoteTier
-from workers.app import GC_INTERVAL, JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
-from workers.jobs import JobStore
+from workers.app import GC_INTERVAL, VISIBILITY_TIMEOUT, app
+from workers.layertask import (
+    LayerTask,
+    LeaseBusy,
+    bookkeeping,
+    context,
+    count_layer,
+    goal_of,
+    layer_from_json,
+    layer_to_json,
+)
 from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
-from workers.ratelimit import RedisRateLimiter
-from workers.redisconn import connect
-from workers.routing import Target, check_node, node_cpu_queue, node_io_queue
+from workers.routing import Target, node_cpu_queue, node_io_queue
 from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
@@ -71,180 +72,13 @@ TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
 LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
+PUBLISH_BACKOFF = (2.0, 300.0)  # a node's owed publish: first wait, longest wait (seconds)
 
 
-class LeaseBusy(LayerwarmError):
-    """Another worker of the fleet holds the layer's lease: it is fetching it."""
+def _no_registry(layer: LayerSpec, progress: Progress) -> None:
+    """The registry step of a chain used only for its write-back rules."""
+    raise AssertionError("a write-back chain never asks the registry")
 
-    def __init__(self, holder: str | None) -> None:
-        super().__init__(f"another worker ({holder or 'unknown'}) is fetching this layer")
-        self.holder = holder
-
-
-@dataclass
-class Bookkeeping:
-    """What a task needs to record an outcome: Redis only, so it works when nothing else
-    does (a worker whose Docker config or remote tier cannot be loaded still fails its
-    layers with the reason, instead of leaving the job pending)."""
-
-    node: str
-    jobs: JobStore
-    leases: Leases
-
-
-@dataclass
-class WorkerContext:
-    node: str
-    env: Environment
-    settings: Settings
-    jobs: JobStore
-    leases: Leases
-
-    def chain(self, registry: Callable[[LayerSpec, Progress], int | None]) -> Chain:
-        return self.env.chain(registry)
-
-
-@functools.cache
-def bookkeeping() -> Bookkeeping:
-    node = check_node(os.environ.get("LAYERWARM_NODE") or socket.gethostname())
-    client = connect(broker_url())
-    lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
-    # A lease older than this is no longer renewed: its layer's chain was lost (the
-    # sweeper sends its fetch again, under a new token, after the same time).
-    leases = Leases(client, lease_ttl, node, max_hold=2 * VISIBILITY_TIMEOUT)
-    return Bookkeeping(node, JobStore(client, JOB_TTL), leases)
-
-
-@functools.cache
-def context() -> WorkerContext:
-    """Per worker process: settings, registry client, tiers, Redis, built once."""
-    books = bookkeeping()
-    settings = Settings.from_env()
-    client = books.jobs.client
-    limiter = RedisRateLimiter(client, settings.registry_rate) if settings.registry_rate else None
-    return WorkerContext(
-        node=books.node,
-        env=Environment.from_settings(settings, limiter),
-        settings=settings,
-        jobs=books.jobs,
-        leases=books.leases,
-    )
-
-
-def layer_to_json(layer: LayerSpec) -> dict[str, Any]:
-    return {
-        "digest": str(layer.digest),
-        "diff_id": str(layer.diff_id),
-        "media_type": layer.media_type,
-        "size": layer.size,
-        "sources": [str(s) for s in layer.sources],
-    }
-
-
-def layer_from_json(data: dict[str, Any]) -> LayerSpec:
-    return LayerSpec(
-        Digest.parse(data["digest"]),
-        Digest.parse(data["diff_id"]),
-        str(data["media_type"]),
-        int(data["size"]),
-        tuple(Reference.parse(s) for s in data["sources"]),
-    )
-
-
-def goal_of(target: str) -> Goal:
-    """A node target wants the layer on that node's disk; the fleet wants the shared tier."""
-    return "disk" if Target.parse(target).node is not None else "remote"
-
-
-def _count(result: LayerResult, goal: Goal, started: float | None) -> None:
-    """This node's running totals for one layer (pipeline/stats.py); never fails the task.
-
-    `started` is when the layer's fetch task began on this host (None: unknown, e.g. after
-    a retry), so the seconds cover fetch and decompress; publishing is counted by bytes.
-    """
-    c = context()
-    if goal == "disk":
-        missed = {"disk": (), "link": (), "remote": ("disk",),
-                  "registry": ("disk", "remote")}[result.source or "registry"]
-    else:  # the fleet looks in the remote tier first
-        missed = {"remote": (), "disk": ("remote",), "link": ("remote",),
-                  "registry": ("remote", "disk")}[result.source or "registry"]
-    if c.env.remote is None:
-        missed = tuple(t for t in missed if t != "remote")
-    source: Source = result.source or "registry"
-    fetched = {"disk": 0, "link": 0, "remote": 0 if goal == "remote" else
-               result.uncompressed_size or 0, "registry": result.layer.size}[source]
-    seconds = None if started is None else max(0.0, time.time() - started)
-    counts = stats.layer_counts(
-        source, missed=missed, fetched_bytes=fetched, seconds=seconds,
-        published_bytes=(result.uncompressed_size or 0) if result.published else 0)
-    stats.record(c.env.disk.meta, counts)
-
-
-_images_recorded: set[str] = set()  # jobs whose images this process put in its .meta.db
-
-
-def _record_job_images(job_id: str) -> None:
-    """This node's `.meta.db` learns the job's images (for usage, ls, gc), once per job.
-
-    As the embedded runner does after a warm; a failure here fails no layer.
-    """
-    if job_id in _images_recorded:
-        return
-    _images_recorded.add(job_id)
-    c = context()
-    try:
-        c.env.disk.meta.record_images([
-            (Digest.parse(x["manifest_digest"]), x["ref"], x["platform"],
-             [Digest.parse(d) for d in x["layers"]])
-            for x in c.jobs.images(job_id)
-        ])
-    except (sqlite3.Error, redis.RedisError, LayerwarmError) as e:
-        log.warning("could not record the images of job %s in %s: %s",
-                    job_id, c.env.disk.meta.path, e)
-
-
-class LayerTask(Task):
-    """What every layer stage shares: its job record, its failure handling.
-
-    Layer tasks keep no Celery result (`ignore_result`): the job record is their outcome,
-    and Flower follows them through events. Storing STARTED and SUCCESS cost four Redis
-    round trips per task, a third of a tiny layer's.
-    """
-
-    def done(self, job_id: str, layer: LayerSpec, target: str, tier: str,
-             **extra: Any) -> dict[str, Any]:
-        c = context()
-        _record_job_images(job_id)
-        size = c.env.disk.size(layer.digest)
-        c.jobs.update_layer(
-            job_id, str(layer.digest), target, state="done", tier=tier, host=c.node,
-            bytes_done=layer.size, bytes_total=layer.size, uncompressed_size=size, reason=None,
-            **extra,
-        )
-        log.info("layer %s done for %s from %s on %s", layer.digest, target, tier, c.node)
-        return {"digest": str(layer.digest), "target": target, "tier": tier, "host": c.node}
-
-    def fail(self, job_id: str, layer: dict[str, Any], target: str, error: BaseException,
-             token: str | None) -> None:
-        """Fail the layer at once with its reason; a traceback in the log if it is not ours.
-
-        Uses only Redis, so it works however the task failed.
-        """
-        if not isinstance(error, LayerwarmError | OSError):
-            log.error("layer %s: unexpected error in %s", layer.get("digest"), self.name,
-                      exc_info=error)
-        books = bookkeeping()
-        digest = str(layer.get("digest"))
-        try:
-            if token:
-                books.leases.release(Digest.parse(digest), token)
-            books.jobs.update_layer(job_id, digest, target, state="failed", host=books.node,
-                                    reason=describe_error(error))
-        except (redis.RedisError, LayerwarmError) as e:
-            log.error("layer %s failed (%s) and the job record could not say so: %s",
-                      digest, describe_error(error), e)
-        log.error("layer failed: %s: %s", digest, describe_error(error))
 
 
 @app.task(name="layerwarm.plan", bind=True)
@@ -331,12 +165,19 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         result = c.chain(registry).materialize(spec, goal=goal, progress=progress, claim=claim)
         if result.uncompressed_size is None:  # the decompress task goes on from here
             return {"digest": str(spec.digest), "staged_on": c.node}
-        _count(result, goal, started)
+        count_layer(result, goal, started)
         if token:
             c.leases.release(spec.digest, token)
         extra = {"shared_from": str(result.shared_from)} if result.shared_from else {}
         if result.published is not None:
-            extra["publish"] = "done" if result.published or goal == "remote" else "pending"
+            extra["publish"] = "done"
+        elif goal == "disk" and c.env.remote is not None \
+                and c.chain(_no_registry).wants_publish(spec, "disk"):
+            # The remote tier did not answer: the node has the layer, the shared copy
+            # follows when the remote tier is back.
+            extra["publish"] = "pending"
+            publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node),
+                                countdown=PUBLISH_BACKOFF[0])
         return self.done(job_id, spec, target, result.source or "registry", **extra)
     except LeaseBusy as e:
         bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
@@ -410,11 +251,10 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             return {"digest": str(spec.digest), "refetch": True}
         size, made = outcome
         if made:
-            _count(LayerResult(spec, "registry", size), goal, started)
+            count_layer(LayerResult(spec, "registry", size), goal, started)
             log.info("layer decompressed and cached: %s (%d bytes) %s",
                      spec.digest, size, disk.path(spec.digest))
-        chain = c.chain(lambda *_: None)
-        if chain.wants_publish(spec, "registry", goal):
+        if c.chain(_no_registry).wants_publish(spec, "registry", goal):
             if goal == "disk":  # the node has the layer: its job is done; the shared copy follows
                 self.done(job_id, spec, target, "registry", publish="pending")
             publish.apply_async((job_id, layer, target), {"token": token},
@@ -433,7 +273,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None,
           ignore_result=True)
 def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
-            token: str | None = None, **_: Any) -> dict[str, Any]:
+            token: str | None = None, attempt: int = 0, **_: Any) -> dict[str, Any]:
     """The chain's write-back of a layer this host fetched: its entry to the remote tier."""
     try:
         c = context()
@@ -449,18 +289,25 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 fetch.apply_async((job_id, layer, target),
                                   queue=Target.parse(target).fetch_queue)
                 return {"digest": str(spec.digest), "lease_lost": True}
-        published = c.chain(lambda *_: None).write_back(spec, "registry", goal=goal,
-                                                        progress=progress)
+        chain = c.chain(_no_registry)
+        published = chain.write_back(spec, "registry", goal=goal, progress=progress)
         if published:
             stats.record(c.env.disk.meta,
                          {stats.PUBLISHED: c.env.disk.size(spec.digest) or 0})
         if token:
             c.leases.release(spec.digest, token)
-        state = "done" if published is not None else "pending"
-        if goal == "disk":
-            c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish=state)
-            return {"digest": str(spec.digest), "published_by": c.node}
-        return self.done(job_id, spec, target, "registry", publish="done")
+        if goal == "remote":
+            return self.done(job_id, spec, target, "registry", publish="done")
+        if chain.wants_publish(spec, "disk"):
+            # A node's layer whose remote tier did not answer: the node is warm; the
+            # shared copy is tried again, patiently, for as long as it takes.
+            c.jobs.update_layer(job_id, str(spec.digest), target, state="done",
+                                publish="pending")
+            low, high = PUBLISH_BACKOFF
+            raise self.retry(countdown=min(high, low * 2 ** attempt) * random.uniform(0.5, 1),
+                             queue=node_io_queue(c.node), kwargs={"attempt": attempt + 1})
+        c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
+        return {"digest": str(spec.digest), "published_by": c.node}
     except Retry:
         raise
     except Exception as e:

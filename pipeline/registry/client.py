@@ -320,10 +320,11 @@ class RegistryClient:
                     f"anonymously (no credentials for {ref.registry} in the Docker config)")
                 raise Unauthorized(f"{where} refused: {detail}; tried {as_who}")
             if status in (408, 429) or status >= 500:
-                retry_after = self.retry.retry_after(
-                    parse_retry_after(resp.headers.get("Retry-After")))
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 if status == 429:  # the whole fleet slows down for this host, not just us
-                    self._limiter.penalize(host.lower(), retry_after or PENALTY_WITHOUT_RETRY_AFTER)
+                    # ... for no longer than the policy would wait itself.
+                    pause = self.retry.retry_after(retry_after)
+                    self._limiter.penalize(host.lower(), pause or PENALTY_WITHOUT_RETRY_AFTER)
                 raise TransientError(f"{where}: {detail}", retry_after=retry_after)
             raise PermanentError(f"{where}: {detail}")
         finally:

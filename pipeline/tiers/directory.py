@@ -32,7 +32,7 @@ from pipeline.errors import (
     Unauthorized,
     UsageError,
 )
-from pipeline.tiers.remote import Progress, RemoteEntry, checked_metadata, entry_name
+from pipeline.tiers.base import Progress, RemoteEntry, checked_metadata, entry_name
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from pipeline.errors import (
     Unauthorized,
     UsageError,
 )
-from pipeline.tiers.remote import Progress, RemoteEntry, checked_metadata, entry_name
+from pipeline.tiers.base import Progress, RemoteEntry, checked_metadata, entry_name
 
 MiB = 1024 * 1024
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.digest import Digest
+from pipeline.errors import TransientError
 from pipeline.tiers.directory import DirectoryTier
 from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, leftovers, run_layerwarm
 from tests.support.images import Image, Layer, random_tar
@@ -188,18 +189,47 @@ def test_a_registry_answering_500_forever_fails_the_layer_after_the_policy(
 
 
 @pytest.mark.parametrize("status", [503, 429])
-def test_an_endless_retry_after_is_capped(
+def test_an_endless_retry_after_fails_at_once_instead_of_hanging(
     registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path, status: int,
 ) -> None:
-    """`Retry-After: 999999` once: the warm waits the cap (LAYERWARM_MAX_RETRY_AFTER),
-    not eleven days, with its locks held; a 429 pauses the host for no longer either."""
+    """`Retry-After: 999999` is not waited out with the layer's lock held: the layer
+    fails with a message that says why, and the next warm gets it."""
     lay = Layer(random_tar(4500 + status, 80_000), "gzip")
     [ref] = push(registry, registry_proxy, Image([lay]))
     registry_proxy.fail(f"/blobs/{lay.digest}", status, times=1,
                         headers={"Retry-After": "999999"})
-    env = {"LAYERWARM_MAX_RETRY_AFTER": "1", "LAYERWARM_REGISTRY_RATE": "100"}
 
-    p = run_layerwarm("warm", ref, cache_dir=cache_dir, env=env, timeout=60)
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert f"HTTP {status}" in p.stderr and "LAYERWARM_MAX_RETRY_AFTER=60" in p.stderr, p.stderr
+    assert entries(cache_dir) == set()
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, timeout=60)
     assert p.returncode == 0, p.stderr
     assert (cache_dir / cache_name(lay)).read_bytes() == lay.tar
-    assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 2
+
+
+def test_a_429_pauses_the_fleet_for_no_longer_than_the_cap(
+    registry: RegistryServer, registry_proxy: Proxy, redis_url: str,
+) -> None:
+    """The pause a 429 puts on a registry host for every worker (kept in Redis) is capped
+    like any wait: 999999 s would have stopped a fleet's pulls from that host for 11 days."""
+    import redis
+
+    from pipeline.reference import Reference
+    from pipeline.registry import DockerConfig, RegistryClient
+    from pipeline.retry import RetryPolicy
+    from workers.ratelimit import RedisRateLimiter
+
+    lay = Layer(random_tar(4600, 20_000), "gzip")
+    [ref] = push(registry, registry_proxy, Image([lay]))
+    registry_proxy.fail(r"/manifests/", 429, times=1, headers={"Retry-After": "999999"})
+    client = redis.Redis.from_url(redis_url)
+    limiter = RedisRateLimiter(client, 1000)
+    pause_key = f"layerwarm:rate:{registry_proxy.host.lower()}:pause"
+    client.delete(pause_key)
+    registry_client = RegistryClient(docker_config=DockerConfig(), rate_limiter=limiter,
+                                     retry=RetryPolicy(max_retry_after=5))
+    with pytest.raises(TransientError, match="LAYERWARM_MAX_RETRY_AFTER=5"):
+        registry_client.fetch_manifest(Reference.parse(ref))
+    assert 0 < client.pttl(pause_key) <= 5000
+    client.delete(pause_key)
