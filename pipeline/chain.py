@@ -37,7 +37,7 @@ from pipeline import sharing
 from pipeline.codecs import compression_for
 from pipeline.digest import Digest
 from pipeline.errors import NotFound, RemoteTierUnavailable, VerificationError
-from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
+from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, paired
 from pipeline.stages import check_disk, publish, remote_hit, restore
 from pipeline.tiers.disk import DiskTier
 
@@ -74,15 +74,25 @@ class LayerSource(Protocol):
 class DiskSource:
     disk: DiskTier
     name: Source = "disk"
+    # For the remote tier's sake: only an entry made from its own verified blob will do,
+    # since nothing else may be published under the digest.
+    paired_only: bool = False
 
     def has(self, layer: LayerSpec) -> bool:
         if self.disk.size(layer.digest) is None:
             return False
         row = self.disk.meta.layer(layer.digest)
-        return row is None or row.diff_id == layer.diff_id
+        if row is None:
+            return not self.paired_only
+        return row.diff_id == layer.diff_id and (not self.paired_only or paired(row.origin))
 
     def provide(self, layer: LayerSpec, progress: Progress) -> int | None:
-        return check_disk(layer, self.disk, touch=False)  # the runner marks hits at once
+        size = check_disk(layer, self.disk, touch=False)  # the runner marks hits at once
+        if size is not None and self.paired_only:
+            row = self.disk.meta.layer(layer.digest)
+            if row is None or not paired(row.origin):
+                return None  # fetched again: the verified blob replaces it
+        return size
 
     def read_range(self, layer: LayerSpec, offset: int, length: int) -> bytes:
         try:
@@ -161,7 +171,7 @@ class Chain:
         if goal == "remote":
             assert remote is not None, "a remote goal needs a remote tier"
             yield remote
-            yield DiskSource(self.disk)
+            yield DiskSource(self.disk, paired_only=True)
             return
         yield DiskSource(self.disk)
         yield ShareSource(self.disk)

@@ -22,7 +22,7 @@ from typing import TypeVar
 from pipeline.config import Limits
 from pipeline.errors import VerificationError
 from pipeline.follow import FollowedFetch, GrowingFile, StreamAbandoned, partial_path
-from pipeline.layer import NO_PROGRESS, FromBlob, HeldProgress, LayerSpec, Progress
+from pipeline.layer import NO_PROGRESS, FromBlob, HeldProgress, LayerSpec, Progress, paired
 from pipeline.registry.client import RegistryClient
 from pipeline.stages import (
     DEFAULT_LIMITS,
@@ -132,7 +132,7 @@ def decompress_following(
             with disk.space_guard(), disk.ingest(layer.digest) as ingest:
                 held.stage(layer, "decompressing", layer.size)
                 tar = inflate_verified(layer, follower, ingest.file, held, limits)
-                if not disk.has(layer.digest):
+                if not _verified_entry(layer, disk):  # else another process made it
                     ingest.commit(layer, tar, FromBlob(follower.verdict()))
                     staging.unlink(missing_ok=True)
                     return tar.size, True
@@ -149,6 +149,17 @@ def decompress_following(
         return None
     finally:
         follower.lock.release()
+
+
+def _verified_entry(layer: LayerSpec, disk: DiskTier) -> bool:
+    """Whether the disk holds this layer made from its own verified blob (nothing to do).
+
+    An entry that only shares the content (or was adopted) is replaced by the verified one.
+    """
+    if not disk.has(layer.digest):
+        return False
+    row = disk.meta.layer(layer.digest)
+    return row is not None and paired(row.origin) and row.diff_id == layer.diff_id
 
 
 def better_later(layer: LayerSpec, disk: DiskTier) -> bool:

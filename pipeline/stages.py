@@ -407,6 +407,7 @@ def publish(
     if row is None or not paired(row.origin) or row.diff_id != layer.diff_id:
         log.info("layer %s not published: its entry was not made from its own verified blob",
                  layer.digest)
+        disk.meta.set_publish_pending(layer.digest, False)  # nor will it ever be
         return False
     try:
         size = os.stat(path, follow_symlinks=False).st_size

@@ -85,6 +85,15 @@ def test_a_worker_links_instead_of_fetching(
     p = fleet.run("status", status["id"], timeout=60)
     assert p.returncode == 0 and "disk (shared by diff_id)" in p.stdout, p.stdout
 
+    # The same layer for the shared tier: the link is no proof of the zstd blob, so it is
+    # fetched, its verified entry replaces the link, and that is what gets published.
+    status = _submit(fleet, f"{ref}:zstd0", "--to", "remote")
+    [x] = status["layers"]
+    assert (x["state"], x["tier"]) == ("done", "registry"), x
+    assert registry_proxy.count("GET", f"/blobs/{zs[0].digest}") == 1
+    assert (shared_tier / _name(zs[0])).read_bytes() == tars[0]
+    assert b.read_bytes() == tars[0] and a.read_bytes() == tars[0]
+
     # A remote target: the shared tier gets only what a verified blob proved, so the
     # zstd blob is fetched (the config's diff_id is no proof), and then published.
     status = _submit(fleet, f"{ref}:zstd1", "--to", "remote")
