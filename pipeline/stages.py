@@ -379,11 +379,16 @@ def restore(
     if size is None:
         return None
     progress.stage(layer, "restoring", size)
+    verifier = Verifier(layer.diff_id, size=size,
+                        what=f"remote entry {remote.url}/{layer.digest.cache_name}")
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
-        ingest.file.close()
-        remote.download(layer.digest, ingest.path, lambda n: progress.advance(layer, n))
-        what = f"remote entry {remote.url}/{layer.digest.cache_name}"
-        tar = hash_file(ingest.path, layer.diff_id, size, what)
+
+        def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
+            verifier.update(chunk)
+            ingest.file.write(chunk)
+
+        remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
+        tar = verifier.verify()
         ingest.commit(layer, tar, FromRemote(remote.url))
     return tar.size
 

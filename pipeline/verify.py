@@ -2,7 +2,7 @@
 
 A bad entry (content or size not what was recorded) is removed, or only listed with
 `report_only`; an entry with no record cannot be judged and says so. Remote entries are
-checked against the diff-id in their own metadata, through a temp file on the disk tier.
+checked against the diff-id in their own metadata, hashed as they stream (nothing written).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.digest import Digest, hash_file
+from pipeline.digest import Digest, Verifier, hash_file
 from pipeline.errors import LayerwarmError, VerificationError
 from pipeline.tiers.disk import DiskTier
 
@@ -69,15 +69,14 @@ def verify_remote(
             out.append(Checked(digest, "remote", "unverifiable", "no diff-id in its metadata"))
             continue
         size = entry.metadata.get("uncompressed-size", "")
-        with disk.ingest(digest) as temp:  # never committed: a scratch file in .tmp
-            temp.file.close()
-            remote.download(digest, temp.path)
-            try:
-                hash_file(temp.path, diff_id, int(size) if size.isdigit() else None,
-                          f"remote entry {remote.url}/{digest.cache_name}")
-            except VerificationError as e:
-                removed = not report_only and remote.delete(digest)
-                out.append(Checked(digest, "remote", "bad", str(e), removed))
-                continue
+        verifier = Verifier(diff_id, size=int(size) if size.isdigit() else None,
+                            what=f"remote entry {remote.url}/{digest.cache_name}")
+        try:
+            remote.stream(digest, verifier.update)  # hashed as it streams: nothing written
+            verifier.verify()
+        except VerificationError as e:
+            removed = not report_only and remote.delete(digest)
+            out.append(Checked(digest, "remote", "bad", str(e), removed))
+            continue
         out.append(Checked(digest, "remote", "ok"))
     return out

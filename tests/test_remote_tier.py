@@ -197,6 +197,24 @@ def test_multipart_round_trip_reports_progress(backend: Backend, work: Path) -> 
     assert Digest.of_bytes(dest.read_bytes()) == digest
 
 
+def test_stream_hands_over_the_bytes_in_order_and_reads_ranges(
+    backend: Backend, work: Path
+) -> None:
+    """What a restore hashes as it copies, and what the read path reads: the same bytes."""
+    size = 3 * MiB + 7
+    digest, src = make_layer(work, size, seed=5)
+    backend.tier.upload(digest, src, metadata_for(digest, size))
+    got, received = bytearray(), []
+    assert backend.tier.stream(digest, got.extend, progress=received.append) == size
+    assert bytes(got) == src.read_bytes() and sum(received) == size
+    data = src.read_bytes()
+    assert backend.tier.read_range(digest, 1_000_000, 4096) == data[1_000_000:1_004_096]
+    assert backend.tier.read_range(digest, size - 3, 100) == data[-3:]
+    missing, _ = make_layer(work, 10, seed=6)
+    with pytest.raises(NotFound):
+        backend.tier.stream(missing, got.extend)
+
+
 def test_reupload_is_harmless(backend: Backend, work: Path) -> None:
     digest, src = make_layer(work, 5_000, seed=5)
     backend.tier.upload(digest, src, metadata_for(digest, 5_000))

@@ -82,6 +82,16 @@ class RemoteTier(Protocol):
         """
         ...
 
+    def stream(self, digest: Digest, write: Callable[[bytes | memoryview], object],
+               progress: Progress | None = None) -> int:
+        """Hand the layer's bytes, in order, to `write`; the count. NotFound if absent.
+
+        The caller hashes them as they pass (a restore verifies while it copies, without
+        reading the file again). Errors reading the tier are the tier's; errors from
+        `write` (the local disk's) pass through as they are.
+        """
+        ...
+
     def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
         """At most `length` bytes of the layer from `offset` (fewer only at its end); the
         caller checks them (the read path, against its index's chunk digests)."""

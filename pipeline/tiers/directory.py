@@ -122,6 +122,17 @@ class DirectoryTier:
                 size = _pump(lambda buf: self._call(what, fsrc.readinto, buf), fdst.write, progress)
         return RemoteEntry(digest, size, metadata)
 
+    def stream(self, digest: Digest, write: Callable[[bytes | memoryview], object],
+               progress: Progress | None = None) -> int:
+        what = f"download {digest}"
+        with self._errors(what):
+            try:
+                fd = os.open(self.root / digest.cache_name, os.O_RDONLY | os.O_NOFOLLOW)
+            except (FileNotFoundError, IsADirectoryError):
+                raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
+        with open(fd, "rb") as fsrc:
+            return _pump(lambda buf: self._call(what, fsrc.readinto, buf), write, progress)
+
     def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
         what = f"read {digest}"
         with self._errors(what):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ DEFAULT_TRANSFER = TransferConfig(
     use_threads=True,
 )
 
+_STREAM_CHUNK = 1 << 20
 _BOTO_ERRORS = (ClientError, BotoCoreError, Boto3Error, TransferRetriesExceeded)
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _AUTH_CODES = {
@@ -147,6 +149,29 @@ class S3Tier:
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, f"download {digest}") from exc
         return entry
+
+    def stream(self, digest: Digest, write: Callable[[bytes | memoryview], object],
+               progress: Progress | None = None) -> int:
+        # One GET read in order (download_file's parallel ranges arrive out of order, and
+        # the caller hashes as it goes); many layers restore side by side anyway.
+        what = f"download {digest}"
+        try:
+            body = self._s3(what).get_object(Bucket=self.bucket, Key=self._key(digest))["Body"]
+        except _BOTO_ERRORS as exc:
+            raise self._translate(exc, what) from exc
+        total = 0
+        with closing(body):
+            while True:
+                try:
+                    chunk = body.read(_STREAM_CHUNK)
+                except (*_BOTO_ERRORS, OSError) as exc:  # botocore wraps urllib3's
+                    raise self._translate(exc, what) from exc
+                if not chunk:
+                    return total
+                write(chunk)
+                total += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
 
     def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
         what = f"read {digest}"
