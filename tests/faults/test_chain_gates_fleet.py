@@ -62,19 +62,23 @@ def submit(fleet: Fleet, *args: str, timeout: float = 120) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-def test_a_corrupt_byte_after_the_gzip_stream_names_no_entry_on_a_worker(
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_corrupt_byte_after_the_stream_names_no_entry_on_a_worker(
     fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier,
+    compression: str,
 ) -> None:
     """The CPU worker has inflated the whole tar while the blob's held end, with the
     flipped byte, has not arrived: it must not commit before the fetch's verdict."""
-    lay = TrailingLayer(random_tar(4600, 300_000), "gzip")
+    lay = TrailingLayer(random_tar(4600 if compression == "gzip" else 4650, 300_000),
+                        compression)
     [ref] = push(registry, registry_proxy, [Image([lay])])
     registry_proxy.flip_byte(f"/blobs/{lay.digest}", lay.size - 1)
     hold = registry_proxy.hold(f"/blobs/{lay.digest}", HELD)
     try:
         job_id = fleet.submit_id(ref, "--to", "node:a")
         hold.wait(timeout=60)
-        wait_for_output(fleet.cache_dir("a"), lay)
+        if compression == "gzip":  # zstd's reader wants more input before its last output
+            wait_for_output(fleet.cache_dir("a"), lay)
         hold.release()
         status = fleet.wait_done(job_id, timeout=120)[job_id]
     finally:
