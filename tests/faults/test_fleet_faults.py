@@ -418,3 +418,57 @@ def test_redis_restart_with_layers_in_flight_loses_nothing(
                 assert sorted(live) == sorted(fleet.nodes), f"live nodes {live}{report}"
     finally:
         redis_server.stop()
+
+
+# ---------------------------------------------------------------- 7. restore under the lock
+
+
+def test_a_node_restore_holds_the_digest_lock_until_its_entry_is_recorded(
+    healthy: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3proxy: S3Proxy,
+    tier: S3Tier,
+) -> None:
+    """A node target restoring from S3 does it under the layer's lock, as every step of
+    the chain runs: an `rm` (or gc) on that node waits for it instead of interleaving,
+    which once left a row without a file and a job saying done."""
+    import subprocess
+    import threading
+
+    from tests.support.cli import layerwarm_cmd, layerwarm_env
+
+    fleet = healthy
+    lay = layer(5500, "gzip", 3_000_000)
+    [ref] = push(registry, registry_proxy, [Image([lay])])
+    p = fleet.submit(ref, "--to", "remote", "--wait", timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    node = next(n for n, names in fleet.entries().items() if cache_name(lay) not in names)
+    cache = fleet.cache_dir(node)
+
+    hold = s3proxy.hold(cache_name(lay), 1 << 20)  # the object's GET, its last MiB held
+    rm: subprocess.Popen[str] | None = None
+    try:
+        job_id = fleet.submit_id(ref, "--to", f"node:{node}")
+        hold.wait(timeout=60)  # the restore is under way on `node`
+        rm = subprocess.Popen(layerwarm_cmd("rm", lay.digest), env=layerwarm_env(cache),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(iter(rm.stderr.readline, "")))
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not any("waiting for its lock" in x for x in said):
+            assert rm.poll() is None, f"rm did not wait for the restore: {said}"
+            assert time.monotonic() < deadline, f"rm said nothing: {said}"
+            time.sleep(0.05)
+        hold.release()
+        out, _ = rm.communicate(timeout=60)
+        reader.join(5)
+    finally:
+        hold.release()
+        if rm is not None and rm.poll() is None:
+            rm.kill()
+    status = fleet.wait_done(job_id, timeout=60)[job_id]
+    [x] = status["layers"]
+    assert (x["state"], x["tier"]) == ("done", "remote"), x
+    assert f"removed {lay.digest} from disk" in out, out  # the restored entry, whole
+    assert cache_name(lay) not in entries(cache)
+    p = run_layerwarm("ls", "--json", cache_dir=cache)
+    assert p.returncode == 0 and lay.digest not in p.stdout, p.stdout  # no row left over
