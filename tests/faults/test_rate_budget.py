@@ -62,14 +62,16 @@ def test_embedded_warm_stays_under_the_budget(
 def test_a_429_pauses_the_host_for_every_user_of_the_budget(
     registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path
 ) -> None:
-    layers = [Layer(random_tar(220 + i, 20_000), "gzip") for i in range(12)]
+    layers = [Layer(random_tar(220 + i, 20_000), "gzip") for i in range(6)]
     r = f"t/{uuid.uuid4().hex[:10]}"
     registry.push_image(r, "1", Image(layers))
-    # With 5 requests a second the blobs are spread over ~2 s; one in the middle says 429.
-    registry_proxy.fail(f"/blobs/{layers[6].digest}", 429, times=1, headers={"Retry-After": "2"})
+    # One request a second (no burst): the first blob says 429, and every other thread's
+    # next request is a second away, long enough for the client to have heard it (with
+    # 5 a second and the 429 mid-way, a busy machine let a request slip in between).
+    registry_proxy.fail(f"/blobs/{layers[0].digest}", 429, times=1, headers={"Retry-After": "2"})
     p = run_layerwarm(
         "warm", "--io-threads", "4", f"{registry_proxy.host}/{r}:1", cache_dir=tmp_path / "c",
-        env={"LAYERWARM_REGISTRY_RATE": "5"},
+        env={"LAYERWARM_REGISTRY_RATE": "1"},
     )
     assert p.returncode == 0, p.stderr
     hits = registry_proxy.requests_log
