@@ -200,27 +200,9 @@ class Chain:
         started = time.monotonic()
         compression_for(layer.media_type)  # fail before any download for a type we can't unpack
         result = LayerResult(layer)
-        remote_source: RemoteSource | None = None
+        sources = list(self.sources(goal))
         with self.disk.lock(layer.digest), ExitStack() as content:
-            for source in self.sources(goal):
-                if isinstance(source, RemoteSource):
-                    remote_source = source
-                if isinstance(source, ShareSource):
-                    # One materialization per diff_id at a time: the next one links to it.
-                    content.enter_context(sharing.content_lock(self.disk, layer.diff_id))
-                if goal == "remote" and isinstance(source, RemoteSource):
-                    found = remote_hit(layer, source.remote)  # the goal itself: no copy
-                else:
-                    found = source.provide(layer, progress)
-                if found is not None:
-                    result.source, result.uncompressed_size = source.name, found
-                    if isinstance(source, ShareSource):
-                        row = self.disk.meta.layer(layer.digest)
-                        result.shared_from = _shared_source(row.origin if row else "")
-                    log.info("%s cache hit: %s (%d bytes) %s", source.name, layer.digest,
-                             found, self.disk.path(layer.digest))
-                    break
-            else:
+            if not self._from_tiers(layer, sources, goal, progress, content, result):
                 if goal == "remote":
                     content.enter_context(sharing.content_lock(self.disk, layer.diff_id))
                 if claim is not None:
@@ -233,16 +215,38 @@ class Chain:
                     return result  # decompressed elsewhere; that end writes back
                 log.info("layer decompressed and cached: %s (%d bytes) %s", layer.digest,
                          result.uncompressed_size, self.disk.path(layer.digest))
-        reachable = remote_source is None or not remote_source.unavailable
-        force = remote_source is not None and remote_source.corrupt
-        if reachable:
+        remote = next((x for x in sources if isinstance(x, RemoteSource)), None)
+        if remote is None or not remote.unavailable:
+            corrupt = remote is not None and remote.corrupt  # publish over it
             result.published = self.write_back(layer, result.source, goal=goal,
-                                                progress=progress, force=force)
-        elif self.remote is not None and result.source == "registry":
+                                                progress=progress, force=corrupt)
+        elif result.source == "registry":
             self.disk.meta.set_publish_pending(layer.digest, True)
         result.seconds = time.monotonic() - started
         progress.stage(layer, "done", None)
         return result
+
+    def _from_tiers(self, layer: LayerSpec, sources: Sequence[LayerSource], goal: Goal,
+                    progress: Progress, content: ExitStack, result: LayerResult) -> bool:
+        """Ask the tiers in order; fill `result` from the first that has the layer."""
+        for source in sources:
+            if isinstance(source, ShareSource):
+                # One materialization per diff_id at a time: the next one links to it.
+                content.enter_context(sharing.content_lock(self.disk, layer.diff_id))
+            if goal == "remote" and isinstance(source, RemoteSource):
+                found = remote_hit(layer, source.remote)  # the goal itself: no copy
+            else:
+                found = source.provide(layer, progress)
+            if found is None:
+                continue
+            result.source, result.uncompressed_size = source.name, found
+            if isinstance(source, ShareSource):
+                row = self.disk.meta.layer(layer.digest)
+                result.shared_from = _shared_source(row.origin if row else "")
+            log.info("%s cache hit: %s (%d bytes) %s", source.name, layer.digest, found,
+                     self.disk.path(layer.digest))
+            return True
+        return False
 
     def wants_publish(self, layer: LayerSpec, source: Source | None, goal: Goal = "disk") -> bool:
         """Whether a layer that came from `source` is owed to the remote tier."""

@@ -86,6 +86,16 @@ def paired(recorded_origin: str) -> bool:
     return recorded_origin in ("blob", "remote")
 
 
+def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
+    """What a published object carries: the pairing a hit in the remote tier is checked by."""
+    return {
+        "diff-id": str(layer.diff_id),
+        "media-type": layer.media_type,
+        "compressed-size": str(layer.size),
+        "uncompressed-size": str(uncompressed_size),
+    }
+
+
 @dataclass
 class LayerResult:
     layer: LayerSpec

@@ -108,7 +108,7 @@ class Attempts:
             raise TransientError(
                 f"{error} (gave up: retrying would pass the {self.policy.deadline:.0f} s "
                 "deadline, LAYERWARM_LAYER_DEADLINE)") from error
-        log.warning("%s; retry %d/%d in %.1fs", error, self.failures,
+        log.info("%s; retry %d/%d in %.1fs", error, self.failures,
                     self.policy.attempts - 1, wait)
         return wait
 

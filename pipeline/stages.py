@@ -32,7 +32,15 @@ from pipeline.errors import (
     VerificationError,
 )
 from pipeline.follow import BlobReader, GrowingFile, VerifyingReader, partial_path
-from pipeline.layer import NO_PROGRESS, FromBlob, FromRemote, LayerSpec, Progress, paired
+from pipeline.layer import (
+    NO_PROGRESS,
+    FromBlob,
+    FromRemote,
+    LayerSpec,
+    Progress,
+    paired,
+    remote_metadata,
+)
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
@@ -45,15 +53,6 @@ log = logging.getLogger("layerwarm")
 
 DEFAULT_LIMITS = Limits()
 SMALL_BLOB = 1 << 20  # compressed; below it, hash and write on the decompressing thread
-
-
-def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
-    return {
-        "diff-id": str(layer.diff_id),
-        "media-type": layer.media_type,
-        "compressed-size": str(layer.size),
-        "uncompressed-size": str(uncompressed_size),
-    }
 
 
 def fetch(

@@ -125,25 +125,24 @@ class DirectoryTier:
     def stream(self, digest: Digest, write: Callable[[bytes | memoryview], object],
                progress: Progress | None = None) -> int:
         what = f"download {digest}"
-        with self._errors(what):
-            try:
-                fd = os.open(self.root / digest.cache_name, os.O_RDONLY | os.O_NOFOLLOW)
-            except (FileNotFoundError, IsADirectoryError):
-                raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
-        with open(fd, "rb") as fsrc:
+        with open(self._open_entry(digest, what), "rb") as fsrc:
             return _pump(lambda buf: self._call(what, fsrc.readinto, buf), write, progress)
 
     def read_range(self, digest: Digest, offset: int, length: int) -> bytes:
         what = f"read {digest}"
+        fd = self._open_entry(digest, what)
+        try:
+            return self._call(what, os.pread, fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def _open_entry(self, digest: Digest, what: str) -> int:
+        """A descriptor of the entry, never through a planted link; NotFound if absent."""
         with self._errors(what):
             try:
-                fd = os.open(self.root / digest.cache_name, os.O_RDONLY | os.O_NOFOLLOW)
+                return os.open(self.root / digest.cache_name, os.O_RDONLY | os.O_NOFOLLOW)
             except (FileNotFoundError, IsADirectoryError):
                 raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
-            try:
-                return os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
 
     def upload(
         self,
