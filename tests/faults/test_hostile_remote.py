@@ -14,6 +14,7 @@ victim file outside the tier untouched.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import uuid
@@ -26,12 +27,16 @@ from tests.faults import test_disk_faults
 from tests.support.cli import entries, leftovers, run_layerwarm
 from tests.support.fleet import Fleet, S3Tier, broker_url_for, push, running_fleet
 from tests.support.hostile_remote import (
+    Victim,
     get_object,
     lines_naming,
     metadata_for,
     name_of,
+    plant_file,
     put_object,
+    read_tier,
     run_capped,
+    sidecar_bytes,
 )
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
@@ -84,6 +89,89 @@ def _verify_clean(cache_dir: Path, env: dict[str, str] | None = None,
     p = run_layerwarm("verify", *extra, cache_dir=cache_dir, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "bad" not in p.stdout.split("entries:")[0], p.stdout
+
+
+# -- a file:// tier: entries and sidecars that are not regular files ----------------------
+
+
+@pytest.mark.parametrize("kind", ["link-to-private", "link-to-dev-zero", "fifo"])
+def test_a_file_tier_entry_that_is_not_a_regular_file_is_refused(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path, kind: str,
+) -> None:
+    lay, ref = _image(registry, registry_proxy, 7100)
+    shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
+    victim = Victim.make(tmp_path / "outside", "secret", b"root only\n" * 1000)
+    entry = shared / name_of(lay)
+    if kind == "fifo":
+        plant_file(entry, "fifo")
+    else:
+        plant_file(entry, "link", target=victim.path if kind == "link-to-private"
+                   else Path("/dev/zero"))
+    # Its sidecar vouches for it with the layer's own metadata.
+    plant_file(shared / ".meta" / f"{name_of(lay)}.json", "file",
+               data=sidecar_bytes(metadata_for(lay, len(victim.data))))
+
+    p = _warm(ref, shared.as_uri(), cache_dir)
+    _from_registry(p, lay, cache_dir, registry_proxy)
+    _one_warning(p.stderr, str(entry), "not a regular file")
+    assert victim.untouched()
+    assert read_tier(shared, lay) == (lay.tar, metadata_for(lay)), "the planted entry is replaced"
+    _verify_clean(cache_dir, None, "--remote", shared.as_uri())
+
+
+@pytest.mark.parametrize("kind", ["link-to-private", "link-to-dev-zero", "fifo", "oversized"])
+def test_a_file_tier_sidecar_that_is_not_a_small_regular_file_is_refused(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path, kind: str,
+) -> None:
+    """The entry holds the right bytes: only its sidecar is hostile. /dev/zero must not be
+    read whole (the run is capped at 2 GiB), a FIFO must not be waited on."""
+    lay, ref = _image(registry, registry_proxy, 7200)
+    shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
+    honest = sidecar_bytes(metadata_for(lay))
+    victim = Victim.make(tmp_path / "outside", "private.json", honest)
+    plant_file(shared / name_of(lay), "file", data=lay.tar)
+    sidecar = shared / ".meta" / f"{name_of(lay)}.json"
+    if kind == "link-to-private":
+        plant_file(sidecar, "link", target=victim.path)
+    elif kind == "link-to-dev-zero":
+        plant_file(sidecar, "link", target=Path("/dev/zero"))
+    elif kind == "fifo":
+        plant_file(sidecar, "fifo")
+    else:  # valid JSON, the right metadata, but no sidecar of ours is 100 KiB
+        plant_file(sidecar, "file", data=sidecar_bytes(metadata_for(lay), pad=100 << 10))
+
+    p = _warm(ref, shared.as_uri(), cache_dir)
+    _from_registry(p, lay, cache_dir, registry_proxy)
+    says = "bytes" if kind == "oversized" else "not a regular file"
+    _one_warning(p.stderr, str(sidecar), says)
+    assert victim.untouched()
+    assert read_tier(shared, lay) == (lay.tar, metadata_for(lay))
+    _verify_clean(cache_dir, None, "--remote", shared.as_uri())
+
+
+def test_a_file_tier_whose_directories_are_links_is_not_written_through(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path,
+) -> None:
+    """`.tmp` and `.meta` planted as links to a directory outside the tier: the publish
+    refuses to write through them (one line naming one), the layer is warm on disk."""
+    lay, ref = _image(registry, registry_proxy, 7300)
+    shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
+    elsewhere = tmp_path / "elsewhere"
+    victim = Victim.make(elsewhere, "keep", b"x" * 100)
+    shared.mkdir()
+    for sub in (".tmp", ".meta"):
+        os.symlink(elsewhere, shared / sub)
+
+    p = run_layerwarm("warm", "--remote", shared.as_uri(), ref, cache_dir=cache_dir)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and f"error: layer {lay.digest}: " in errors[0], p.stderr
+    assert "not a directory" in errors[0] and str(shared / ".tmp") in errors[0], errors
+    assert sorted(os.listdir(elsewhere)) == ["keep"] and victim.untouched()
+    assert not (shared / name_of(lay)).exists()
+    assert (cache_dir / name_of(lay)).read_bytes() == lay.tar
+    _verify_clean(cache_dir)
 
 
 # -- restore: no more than the layer, and only if it fits ---------------------------------
@@ -173,3 +261,24 @@ def test_a_fleet_target_hit_checks_the_object_before_calling_it_done(
     assert get_object(tier.s3.client(), tier.bucket, key) == (lay.tar, metadata_for(lay))
     _verify_clean(fleet.client_cache, tier.s3.env(), "--remote", tier.url)
 
+
+def test_verify_remote_removes_an_entry_whose_sidecar_is_a_link(
+    registry: RegistryServer, registry_proxy: Proxy, tmp_path: Path,
+) -> None:
+    """`verify --remote` reports the refused entry bad and removes it: the link, never
+    the private file it points to."""
+    lay, _ = _image(registry, registry_proxy, 7700)
+    shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
+    victim = Victim.make(tmp_path / "outside", "private.json", sidecar_bytes(metadata_for(lay)))
+    plant_file(shared / name_of(lay), "file", data=lay.tar)
+    sidecar = shared / ".meta" / f"{name_of(lay)}.json"
+    plant_file(sidecar, "link", target=victim.path)
+
+    p = run_layerwarm("verify", "--remote", shared.as_uri(), cache_dir=cache_dir)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    [line] = [x for x in p.stdout.splitlines() if x.startswith("bad")]
+    assert lay.digest in line and "symbolic link" in line and "(removed)" in line, line
+    assert not os.path.lexists(shared / name_of(lay)) and not os.path.lexists(sidecar)
+    assert victim.untouched()
+    _verify_clean(cache_dir, None, "--remote", shared.as_uri())
