@@ -4,7 +4,8 @@ This module is the one place that spells the order. Each tier is a `LayerSource`
 
     DiskSource      the entry on this host's disk, if it is this layer (stages.check_disk)
     ShareSource     content on disk with the layer's diff_id under another digest: linked
-    RemoteSource    the remote tier's object, if its metadata names the diff_id: restored
+    RemoteSource    the remote tier's object, if its metadata says it is the layer
+                    (stages.remote_object) and it fits on disk: restored
     registry        the blob, fetched and decompressed (an embedded step, or Celery's)
 
 `materialize` asks them in order for a goal, under the digest's lock, then writes back:
@@ -35,10 +36,18 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pipeline import sharing
 from pipeline.codecs import compression_for
+from pipeline.config import Limits
 from pipeline.digest import Digest
-from pipeline.errors import NotFound, RemoteTierUnavailable, VerificationError
+from pipeline.errors import NoSpace, NotFound, RemoteTierUnavailable, VerificationError
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, paired
-from pipeline.stages import check_disk, publish, remote_hit, restore
+from pipeline.stages import (
+    DEFAULT_LIMITS,
+    check_disk,
+    publish,
+    remote_hit,
+    remote_object,
+    restore,
+)
 from pipeline.tiers.disk import DiskTier
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
@@ -133,26 +142,41 @@ class RemoteSource:
     remote: RemoteTier
     name: Source = "remote"
     unavailable: bool = False  # it did not answer: do not publish to it either
-    corrupt: bool = False      # its object did not verify: publish over it
+    corrupt: bool = False      # its object is not this layer: publish over it
+    limits: Limits = DEFAULT_LIMITS
 
     def has(self, layer: LayerSpec) -> bool:
-        return remote_hit(layer, self.remote) is not None
+        return remote_hit(layer, self.remote, self.limits) is not None
 
     def provide(self, layer: LayerSpec, progress: Progress) -> int | None:
         try:
-            return restore(layer, self.disk, self.remote, progress)
+            return restore(layer, self.disk, self.remote, progress, self.limits)
         except RemoteTierUnavailable as e:
             log.warning("remote tier unavailable, using the registry: %s", e)
             self.unavailable = True
         except VerificationError as e:
-            log.warning("remote entry is corrupt, using the registry: %s", e)
-            self.corrupt = True
+            self._corrupt(e)
+        except NoSpace as e:  # the registry's copy may be smaller (or say so itself)
+            log.warning("remote entry does not fit, using the registry: %s", e)
         except NotFound:
             pass  # removed between stat and download (remote gc): a miss
         return None
 
+    def check(self, layer: LayerSpec) -> int | None:
+        """The object's size if it is this layer by its metadata, copying nothing: the
+        hit of the fleet's goal, which is the remote tier itself."""
+        try:
+            return remote_object(layer, self.remote, self.limits)
+        except VerificationError as e:
+            self._corrupt(e)
+            return None
+
+    def _corrupt(self, e: VerificationError) -> None:
+        log.warning("remote entry is corrupt, using the registry: %s", e)
+        self.corrupt = True
+
     def read_range(self, layer: LayerSpec, offset: int, length: int) -> bytes:
-        if remote_hit(layer, self.remote) is None:
+        if remote_hit(layer, self.remote, self.limits) is None:
             raise NotFound(f"layer {layer.digest} is not in {self.remote.url}")
         return self.remote.read_range(layer.digest, offset, length)
 
@@ -164,10 +188,12 @@ class Chain:
     disk: DiskTier
     remote: RemoteTier | None
     registry: RegistryStep
+    limits: Limits = DEFAULT_LIMITS  # what a remote object may claim to be (restore's cap)
 
     def sources(self, goal: Goal = "disk") -> Iterator[LayerSource]:
         """The tiers in the order they are asked (the registry comes after them)."""
-        remote = None if self.remote is None else RemoteSource(self.disk, self.remote)
+        remote = None if self.remote is None else \
+            RemoteSource(self.disk, self.remote, limits=self.limits)
         if goal == "remote":
             assert remote is not None, "a remote goal needs a remote tier"
             yield remote
@@ -234,7 +260,7 @@ class Chain:
                 # One materialization per diff_id at a time: the next one links to it.
                 content.enter_context(sharing.content_lock(self.disk, layer.diff_id))
             if goal == "remote" and isinstance(source, RemoteSource):
-                found = remote_hit(layer, source.remote)  # the goal itself: no copy
+                found = source.check(layer)  # the goal itself: no copy
             else:
                 found = source.provide(layer, progress)
             if found is None:

@@ -13,7 +13,7 @@ Nothing here does I/O; every other pipeline module may import it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -94,6 +94,27 @@ def remote_metadata(layer: LayerSpec, uncompressed_size: int) -> dict[str, str]:
         "compressed-size": str(layer.size),
         "uncompressed-size": str(uncompressed_size),
     }
+
+
+# What a remote object's metadata must say for it to be taken as a layer. Not media-type:
+# one blob may be listed under an OCI and a Docker type, and the tar is the same.
+_PAIRING_KEYS = ("diff-id", "compressed-size", "uncompressed-size")
+
+
+def remote_mismatch(layer: LayerSpec, size: int, metadata: Mapping[str, str]) -> str | None:
+    """Why a remote tier's object of `size` bytes is not this layer; None if it may be.
+
+    The one rule for trusting an object by its metadata (a restore, a fleet-target hit,
+    publish's "already there"): it must be what `remote_metadata` would write for this
+    layer and this size. The manifest's size and the object's own size pin the rest, so
+    a restore knows how many bytes to expect before it reads one. Only hashing the bytes
+    proves them; this keeps out objects that do not even claim to be the layer.
+    """
+    wanted = remote_metadata(layer, size)
+    for key in _PAIRING_KEYS:
+        if metadata.get(key) != wanted[key]:
+            return f"its {key} is {metadata.get(key)!r:.80}, not {wanted[key]}"
+    return None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     fetch       registry blob -> .staging/sha256_<hex>   (digest + size verified while streaming)
     decompress  a verified blob -> sha256_<hex> on disk  (the tar's sha256 == diff_id)
-    restore     remote tier -> sha256_<hex> on disk      (its diff-id metadata and content checked)
+    restore     remote tier -> sha256_<hex> on disk      (its metadata, free space, content checked)
     publish     disk -> remote tier, with metadata       (only entries whose blob was verified)
     check_disk  whether the disk entry is what the requesting image wants
 
@@ -40,6 +40,7 @@ from pipeline.layer import (
     Progress,
     paired,
     remote_metadata,
+    remote_mismatch,
 )
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
@@ -70,6 +71,7 @@ def fetch(
     `growing`, if given, hears of every write, so a reader can follow the download.
     """
     try:
+        disk.ensure_room(layer.size, f"blob {layer.digest}")
         return _fetch(client, layer, disk, progress, growing)
     except BaseException:
         if growing is not None:
@@ -354,36 +356,60 @@ class _Counting:
         return data
 
 
-def remote_hit(layer: LayerSpec, remote: RemoteTier) -> int | None:
-    """The size of the remote tier's object for this layer, if it is this layer; else None.
+def remote_object(layer: LayerSpec, remote: RemoteTier,
+                  limits: Limits = DEFAULT_LIMITS) -> int | None:
+    """The size of the remote tier's object for this layer; None when the tier has none.
 
-    Its metadata must name the diff_id the requesting image expects: another diff_id (or
-    none) is a miss, whoever put it there.
+    Raises VerificationError when the object there is not this layer by what it says of
+    itself (`remote_mismatch`: diff_id, the manifest's size, its own size), when it is
+    bigger than a layer may be, or when the tier refuses it (a directory tier's entry or
+    sidecar that is not a regular file). Every use of a remote object asks this first.
     """
     entry = remote.stat(layer.digest)
     if entry is None:
         return None
-    if entry.metadata.get("diff-id") != str(layer.diff_id):
-        log.warning("remote entry %s/%s has diff-id %r, not %s: not a hit", remote.url,
-                    layer.digest.cache_name, entry.metadata.get("diff-id"), layer.diff_id)
-        return None
+    where = f"remote entry {remote.url}/{layer.digest.cache_name}"
+    why = remote_mismatch(layer, entry.size, entry.metadata)
+    if why is not None:
+        raise VerificationError(f"{where}: {why}")
+    try:
+        _check_limits(layer, entry.size, layer.size, limits)
+    except LimitExceeded as e:
+        raise LimitExceeded(f"{where}: {e}") from None
     return entry.size
 
 
+def remote_hit(layer: LayerSpec, remote: RemoteTier,
+               limits: Limits = DEFAULT_LIMITS) -> int | None:
+    """`remote_object`, with an object that is not this layer logged and taken as a miss."""
+    try:
+        return remote_object(layer, remote, limits)
+    except VerificationError as e:
+        log.warning("%s: not a hit", e)
+        return None
+
+
 def restore(
-    layer: LayerSpec, disk: DiskTier, remote: RemoteTier, progress: Progress = NO_PROGRESS
+    layer: LayerSpec, disk: DiskTier, remote: RemoteTier, progress: Progress = NO_PROGRESS,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> int | None:
-    """Copy the layer from the remote tier to disk, verified; None when the remote lacks it."""
-    size = remote_hit(layer, remote)
+    """Copy the layer from the remote tier to disk, verified; None when the remote lacks it.
+
+    The object's metadata says how many bytes to expect (`remote_object`); the disk must
+    have room for them before the first is written (else NoSpace), and the copy stops
+    at that many (a longer stream is a SizeMismatch, nothing more written).
+    """
+    size = remote_object(layer, remote, limits)
     if size is None:
         return None
+    where = f"remote entry {remote.url}/{layer.digest.cache_name}"
+    disk.ensure_room(size, where)
     progress.stage(layer, "restoring", size)
-    verifier = Verifier(layer.diff_id, size=size,
-                        what=f"remote entry {remote.url}/{layer.digest.cache_name}")
+    verifier = Verifier(layer.diff_id, size=size, what=where)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
 
         def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
-            verifier.update(chunk)
+            verifier.update(chunk)  # raises past `size`, before the chunk is written
             ingest.file.write(chunk)
 
         remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
@@ -404,7 +430,8 @@ def publish(
 
     Only an entry made from this digest's verified blob (or copied from the remote tier)
     is published: content shared by diff_id, or adopted without a row, proves nothing
-    about the digest it is named for. An object with other metadata is replaced.
+    about the digest it is named for. An object there that `remote_object` does not take
+    for this layer, or of another size than the entry, is replaced.
     """
     path = disk.path(layer.digest)
     row = disk.meta.layer(layer.digest)
@@ -419,12 +446,14 @@ def publish(
         return _evicted_before_publish(layer)
     if not force:
         try:
-            entry = remote.stat(layer.digest)
+            there = remote_object(layer, remote) == size
         except RemoteTierUnavailable:
             disk.meta.set_publish_pending(layer.digest, True)
             raise
-        if entry is not None and entry.size == size \
-                and entry.metadata.get("diff-id") == str(layer.diff_id):
+        except VerificationError as e:
+            log.info("replacing it: %s", e)
+            there = False
+        if there:
             disk.meta.set_publish_pending(layer.digest, False)
             return False
     progress.stage(layer, "publishing", size)

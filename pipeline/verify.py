@@ -59,7 +59,12 @@ def verify_remote(
     out = []
     wanted = digests if digests is not None else [e.digest for e in remote.list()]
     for digest in wanted:
-        entry = remote.stat(digest)
+        try:
+            entry = remote.stat(digest)
+        except VerificationError as e:  # refused by the tier (a planted link): not a layer
+            removed = not report_only and remote.delete(digest)
+            out.append(Checked(digest, "remote", "bad", str(e), removed))
+            continue
         if entry is None:
             out.append(Checked(digest, "remote", "missing", f"not in {remote.url}"))
             continue

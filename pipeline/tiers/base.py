@@ -61,7 +61,10 @@ class RemoteTier(Protocol):
 
     Errors: `RemoteTierUnavailable` (transient: unreachable, timeout, 5xx, throttling),
     `NotFound` (download of an absent layer), `Unauthorized` (access refused),
-    `UsageError` (misconfiguration such as a bucket that does not exist).
+    `UsageError` (misconfiguration such as a bucket that does not exist),
+    `VerificationError` (what is stored under the name cannot be a layer the tier wrote,
+    e.g. a directory tier's entry or sidecar that is a symlink or a FIFO: refused, never
+    followed). Metadata is untrusted: `pipeline.stages.remote_object` judges it.
     """
 
     url: str  # for messages and logs; never contains credentials
@@ -72,7 +75,8 @@ class RemoteTier(Protocol):
         ...
 
     def stat(self, digest: Digest) -> RemoteEntry | None:
-        """The entry for `digest`, or None when the tier does not have it."""
+        """The entry for `digest`, or None when the tier does not have it (VerificationError
+        when what is there is refused)."""
         ...
 
     def download(self, digest: Digest, dest: Path, progress: Progress | None = None) -> RemoteEntry:

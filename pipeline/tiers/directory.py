@@ -9,10 +9,18 @@ Layout (entries sit directly under the root so `ls` lists layers by digest):
 An upload copies into `.tmp/`, fsyncs, writes the sidecar, then renames the entry into
 place: rename within one filesystem is atomic (also on NFS), so readers on any host see
 either no entry or a complete one. Temp files left by a crash are only ever in `.tmp/`.
+
+Anyone who can write to the share can plant anything under these names, so nothing is
+followed: an entry or sidecar that is not a regular file (a symlink to a private file or
+to /dev/zero, a FIFO) is refused with a VerificationError naming it, which the pipeline
+takes as "not this layer" and replaces; a sidecar is read only up to a cap; `.tmp` and
+`.meta` are used only when they are real directories, never written through as links.
+A rename replaces a planted link itself, never its target.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,6 +39,7 @@ from pipeline.errors import (
     RemoteTierUnavailable,
     Unauthorized,
     UsageError,
+    VerificationError,
 )
 from pipeline.tiers.base import Progress, RemoteEntry, checked_metadata, entry_name
 
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # Layers are tens to hundreds of MiB: big buffers keep syscalls (and NFS round trips) few.
 _CHUNK = 4 * 1024 * 1024
+# A sidecar is a few hundred bytes of JSON; one this big is not ours, and is not read whole.
+SIDECAR_CAP = 64 * 1024
 
 T = TypeVar("T")
 
@@ -73,6 +84,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file" if not stat.S_ISREG(mode) else "a regular file"
+
+
 class DirectoryTier:
     """A `RemoteTier` on a local or network filesystem directory."""
 
@@ -97,24 +121,14 @@ class DirectoryTier:
 
     def stat(self, digest: Digest) -> RemoteEntry | None:
         self._ensure_root()
-        with self._errors(f"stat {digest}"):
-            try:
-                st = os.stat(self.root / digest.cache_name)
-            except FileNotFoundError:
-                return None
-        if not stat.S_ISREG(st.st_mode):
+        st = self._regular(self.root / digest.cache_name, f"stat {digest}")
+        if st is None:
             return None
         return RemoteEntry(digest, st.st_size, self._read_sidecar(digest))
 
     def download(self, digest: Digest, dest: Path, progress: Progress | None = None) -> RemoteEntry:
-        self._ensure_root()
         what = f"download {digest}"
-        with self._errors(what):
-            try:
-                fsrc = open(self.root / digest.cache_name, "rb")
-            except (FileNotFoundError, IsADirectoryError):
-                raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
-        with fsrc:
+        with open(self._open_entry(digest, what), "rb") as fsrc:
             metadata = self._read_sidecar(digest)
             # Errors writing `dest` are the local disk's (e.g. ENOSPC) and stay OSError;
             # only reading the share is translated into remote-tier errors.
@@ -137,12 +151,12 @@ class DirectoryTier:
             os.close(fd)
 
     def _open_entry(self, digest: Digest, what: str) -> int:
-        """A descriptor of the entry, never through a planted link; NotFound if absent."""
-        with self._errors(what):
-            try:
-                return os.open(self.root / digest.cache_name, os.O_RDONLY | os.O_NOFOLLOW)
-            except (FileNotFoundError, IsADirectoryError):
-                raise NotFound(f"remote tier {self.url}: no layer {digest}") from None
+        """A descriptor of the entry, a regular file (`_open_regular`); NotFound if absent."""
+        self._ensure_root()
+        fd = self._open_regular(self.root / digest.cache_name, what)
+        if fd is None:
+            raise NotFound(f"remote tier {self.url}: no layer {digest}")
+        return fd
 
     def upload(
         self,
@@ -157,8 +171,8 @@ class DirectoryTier:
         self._ensure_root()
         with open(src, "rb") as fsrc:  # a missing `src` is the caller's bug: plain OSError
             with self._errors(what):
-                self._tmp.mkdir(exist_ok=True)  # re-made each time: gc may sweep .tmp
-                self._meta.mkdir(exist_ok=True)
+                self._subdir(self._tmp, create=True)  # re-made each time: gc may sweep .tmp
+                self._subdir(self._meta, create=True)
                 fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".part")
                 try:
                     with os.fdopen(fd, "wb") as fdst:
@@ -184,9 +198,10 @@ class DirectoryTier:
             except FileNotFoundError:
                 existed = False
             # Entry first, then sidecar: a crash in between leaves only an orphan sidecar,
-            # which no reader trusts without its entry.
-            with suppress(FileNotFoundError):
-                os.unlink(self._meta / f"{name}.json")
+            # which no reader trusts without its entry. (unlink never follows a link.)
+            if self._subdir(self._meta, create=False):
+                with suppress(FileNotFoundError):
+                    os.unlink(self._meta / f"{name}.json")
         return existed
 
     def list(self) -> Iterator[RemoteEntry]:
@@ -232,22 +247,88 @@ class DirectoryTier:
             self._ready = True
 
     def _read_sidecar(self, digest: Digest) -> dict[str, str]:
+        """The entry's metadata: {} when it has none (or it is not JSON), refused
+        (VerificationError) when the sidecar is not a regular file of at most SIDECAR_CAP."""
         path = self._meta / f"{digest.cache_name}.json"
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
+        what = f"read metadata of {digest}"
+        with self._errors(what):
+            fd = self._open_regular(path, what) if self._subdir(self._meta) else None
+        if fd is None:
             return {}
-        except ValueError:
-            # A damaged sidecar must not hide a good layer: the content is verified by
-            # its digest anyway, only the descriptive metadata is lost.
+        with open(fd, "rb") as f:
+            data = self._call(what, f.read, SIDECAR_CAP + 1)
+        if len(data) > SIDECAR_CAP:
+            raise VerificationError(
+                f"remote tier {self.url}: {path} has more than {SIDECAR_CAP} bytes, "
+                "too many for metadata: refused")
+        try:
+            parsed = json.loads(data)
+        except (ValueError, RecursionError):
+            # The pipeline takes an entry without its metadata for no layer at all; the
+            # bytes are still the tier's to keep or replace.
             log.warning("remote tier %s: ignoring unreadable metadata %s", self.url, path)
             return {}
-        except OSError as exc:
-            raise self._translate(exc, f"read metadata of {digest}") from exc
-        if not isinstance(data, dict):
+        if not isinstance(parsed, dict):
             return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        return {k: v for k, v in parsed.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _regular(self, path: Path, what: str) -> os.stat_result | None:
+        """lstat of `path` if it is a regular file; None if absent; else refused."""
+        with self._errors(what):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+        if not stat.S_ISREG(st.st_mode):
+            raise self._refused(path, _kind(st.st_mode), "a regular file")
+        return st
+
+    def _open_regular(self, path: Path, what: str) -> int | None:
+        """A read-only descriptor of `path` if it is a regular file; None if absent.
+
+        Anything else is refused (VerificationError naming it): a link is never followed
+        (to a private file, to /dev/zero) and a FIFO never waited on. The lstat keeps us
+        from opening a device at all; O_NOFOLLOW and the fstat catch a swap in between.
+        """
+        if self._regular(path, what) is None:
+            return None
+        with self._errors(what):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise self._refused(path, "a symbolic link", "a regular file") from None
+                raise
+            try:
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    raise self._refused(path, _kind(mode), "a regular file")
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def _subdir(self, path: Path, *, create: bool = False) -> bool:
+        """Whether `path` (.tmp or .meta) is a real directory, made first if `create`;
+        anything else there (a planted link) is refused, so nothing goes through it."""
+        with self._errors(f"open {path.name}"):
+            if create:
+                with suppress(FileExistsError):
+                    path.mkdir()
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return False
+        if not stat.S_ISDIR(mode):
+            raise self._refused(path, _kind(mode), "a directory")
+        return True
+
+    def _refused(self, path: Path, kind: str, wanted: str) -> VerificationError:
+        return VerificationError(
+            f"remote tier {self.url}: {path} is {kind}, not {wanted}: refused")
 
     def _write_sidecar(self, name: str, meta: dict[str, str]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".json.part")

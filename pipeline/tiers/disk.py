@@ -122,6 +122,19 @@ class DiskTier:
             if not ingest.committed:
                 Path(name).unlink(missing_ok=True)
 
+    def ensure_room(self, size: int, what: str) -> None:
+        """Raise NoSpace unless the cache's filesystem has `size` bytes free for `what`.
+
+        Asked before a download or a restore writes anything, so bytes that cannot fit
+        fail at once (or, from the remote tier, fall back to the registry) instead of
+        filling the disk first. Others write meanwhile: `space_guard` still catches ENOSPC.
+        """
+        self._ensure_dirs()
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise NoSpace(f"no space left on {self.root}: {what} needs {size} bytes, {free} free")
+
 
 class Ingest:
     def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO) -> None:
