@@ -176,20 +176,30 @@ def _reconcile(disk: DiskTier, report: GcReport) -> None:
     known = {r.digest for r in disk.meta.layers()}
     for digest in sorted(on_disk - known):
         with _try_lock(disk, digest) as got:
-            if not got or disk.meta.layer(digest) is not None:
-                continue
-            path = disk.path(digest)
-            try:
-                st = os.stat(path, follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode):
-                    continue  # a link to elsewhere is never read, let alone recorded
-                diff_id, size = digest_of_file(path)
-            except FileNotFoundError:
-                continue
-            mtime = st.st_mtime
-            disk.meta.adopt_layer(digest, diff_id, size, mtime)
-            report.adopted.append(digest)
-            log.info("gc: adopted %s (no record; diff_id %s)", digest, diff_id)
+            if got and disk.meta.layer(digest) is None:
+                report.adopted += adopt(disk, [digest])
+
+
+def adopt(disk: DiskTier, digests: Collection[Digest]) -> list[Digest]:
+    """Rehash each entry and record it (adopted: last used = its mtime); those recorded.
+
+    Also how a `.meta.db` made anew is refilled (DiskTier): then without the digests'
+    locks, which its caller may hold; a warm's own row, recorded after, wins anyway.
+    """
+    out = []
+    for digest in digests:
+        path = disk.path(digest)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue  # a link to elsewhere is never read, let alone recorded
+            diff_id, size = digest_of_file(path)
+        except FileNotFoundError:
+            continue
+        disk.meta.adopt_layer(digest, diff_id, size, st.st_mtime)
+        out.append(digest)
+        log.info("adopted %s (no record; diff_id %s)", digest, diff_id)
+    return out
 
 
 def _inodes(disk: DiskTier) -> list[_Inode]:

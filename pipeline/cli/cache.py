@@ -16,13 +16,16 @@ if TYPE_CHECKING:
     from pipeline.stats import HitRatio
 
 
-def _cache(args: argparse.Namespace, *, remote_from_env: bool = True):  # -> (DiskTier, remote)
+def _cache(args: argparse.Namespace, *, remote_from_env: bool = True,
+           read_only: bool = True):  # -> (DiskTier, remote)
+    """The disk tier (read_only: for commands that only look, which never write .meta.db)
+    and the remote tier when one is given."""
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
 
     settings = settings_of(args)
     url = settings.remote_url if remote_from_env else args.remote
-    return DiskTier(settings.cache_dir), (open_remote(url) if url else None)
+    return DiskTier(settings.cache_dir, read_only=read_only), (open_remote(url) if url else None)
 
 
 def _images_json(images) -> list[dict]:
@@ -130,7 +133,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
     digests = cacheops.parse_digests(args.digests)
-    disk, remote = _cache(args, remote_from_env=False)  # the remote only when asked for
+    # The remote only when asked for; rm writes, so an unusable .meta.db is repaired.
+    disk, remote = _cache(args, remote_from_env=False, read_only=False)
 
     def waiting(d: object) -> None:
         print(f"layerwarm: {d}: in use, waiting for its lock", file=sys.stderr, flush=True)

@@ -118,7 +118,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     if args.list:
         if args.refs or args.file:
             raise UsageError("pin --list takes no image references")
-        found = DiskTier(settings.cache_dir).meta.pins()
+        found = DiskTier(settings.cache_dir, read_only=True).meta.pins()
         if args.json:
             print(json.dumps([{"layer": d, "ref": ref, "until": when(until)}
                               for d, ref, until in found], indent=2))
