@@ -8,7 +8,9 @@
     images   which image (manifest digest, ref, platform) uses which layer
     counters running totals since the cache was made (hits, bytes, evictions, ...)
     configs  image config blobs by digest: content-addressed, so a warm of images already
-             seen asks the registry only for their manifests (tags can move; configs cannot)
+             seen asks the registry only for their manifests (tags can move; configs cannot).
+             Bounded: the Resolver stores none above LAYERWARM_MAX_STORED_CONFIG, and gc
+             drops those unused (last_used) for LAYERWARM_STORED_CONFIG_TTL
     pins     layers protected from gc until a time, and the image ref that pinned them
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
@@ -72,7 +74,8 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE TABLE IF NOT EXISTS configs (
     digest TEXT PRIMARY KEY,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    last_used REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -99,6 +102,13 @@ class LayerRecord:
     last_used: float
     publish_pending: bool
     origin: str
+
+
+@dataclass(frozen=True)
+class MetadataUsage:
+    bytes: int  # .meta.db with its -wal and -shm, on disk
+    configs: int  # image configs stored
+    config_bytes: int  # their size
 
 
 @dataclass(frozen=True)
@@ -342,20 +352,64 @@ class Metadata:
         return [ImageRow(*r) for r in self._rows(sql + " ORDER BY ref, manifest_digest", args)]
 
     def config(self, digest: Digest) -> bytes | None:
-        """An image config stored earlier (the caller verifies it), or None."""
+        """An image config stored earlier (the caller verifies it), or None; marked used."""
         try:
             rows = self._rows("SELECT data FROM configs WHERE digest=?", (str(digest),))
         except sqlite3.Error as e:  # a cache of documents: a miss, not a failure
             log.warning("metadata config read in %s failed: %s", self.path, e)
             return None
-        return bytes(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        self._update("UPDATE configs SET last_used=? WHERE digest=?",
+                     [(time.time(), str(digest))])
+        return bytes(rows[0][0])
 
     def record_config(self, digest: Digest, data: bytes) -> None:
         try:
-            self._query(lambda db: db.execute("INSERT OR REPLACE INTO configs VALUES (?, ?)",
-                                              (str(digest), data)), None, create=True)
+            self._query(lambda db: db.execute(
+                "INSERT OR REPLACE INTO configs (digest, data, last_used) VALUES (?, ?, ?)",
+                (str(digest), data, time.time())), None, create=True)
         except sqlite3.Error as e:
             log.warning("metadata config write in %s failed: %s", self.path, e)
+
+    def usage(self) -> MetadataUsage:
+        """What the database takes on disk, and how much of it is stored image configs."""
+        rows = self._rows("SELECT count(*), coalesce(sum(length(data)), 0) FROM configs")
+        configs, config_bytes = rows[0] if rows else (0, 0)
+        size = 0
+        for suffix in _SIDE_FILES:
+            try:
+                st = os.lstat(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                continue
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return MetadataUsage(size, configs, config_bytes)
+
+    def drop_configs(self, unused_since: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Drop the stored configs not used since `unused_since` (epoch seconds): how many,
+        and their bytes. When that leaves a quarter of the file free, give it back."""
+        where = "FROM configs WHERE last_used < ?"
+        rows = self._rows(f"SELECT count(*), coalesce(sum(length(data)), 0) {where}",
+                          (unused_since,))
+        count, size = rows[0] if rows else (0, 0)
+        if count and not dry_run:
+            self._query(lambda db: db.execute(f"DELETE {where}", (unused_since,)), None)
+            self._vacuum_if_sparse()
+        return count, size
+
+    def _vacuum_if_sparse(self) -> None:
+        # Deleted rows leave free pages that SQLite reuses but never returns to the disk.
+        def run(db: sqlite3.Connection) -> None:
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            if free and free * 4 >= pages:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        try:
+            self._query(run, None)
+        except sqlite3.OperationalError as e:  # busy: the next gc will try again
+            log.warning("could not compact %s: %s", self.path, e)
 
     def bump(self, name: str, amount: float = 1.0) -> None:
         """Add ``amount`` to the running total ``name`` (created at 0)."""
@@ -443,6 +497,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a `.meta.db` made by an older version up to this schema."""
     _add_origin_column(conn)
+    _add_config_last_used(conn)
 
 
 def _add_origin_column(conn: sqlite3.Connection) -> None:
@@ -451,6 +506,19 @@ def _add_origin_column(conn: sqlite3.Connection) -> None:
     columns = {r[1] for r in conn.execute("PRAGMA table_info(layers)")}
     if "origin" not in columns:
         conn.execute("ALTER TABLE layers ADD COLUMN origin TEXT NOT NULL DEFAULT 'unknown'")
+
+
+def _add_config_last_used(conn: sqlite3.Connection) -> None:
+    """Configs stored before their use was kept count as used now: gc keeps them for a
+    whole TTL from the upgrade, not dropping them all at its first run."""
+    def missing() -> bool:
+        return "last_used" not in {r[1] for r in conn.execute("PRAGMA table_info(configs)")}
+
+    if missing():
+        with _transaction(conn):
+            if missing():  # again, alone: another process may have just added it
+                conn.execute("ALTER TABLE configs ADD COLUMN last_used REAL NOT NULL DEFAULT 0")
+                conn.execute("UPDATE configs SET last_used=?", (time.time(),))
 
 
 def _record(row: tuple) -> LayerRecord:

@@ -110,7 +110,8 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        plan = resolve_all(Resolver(env.client, env.disk.meta), list(refs), platform, io)
+        resolver = Resolver(env.client, env.disk.meta, settings.max_stored_config)
+        plan = resolve_all(resolver, list(refs), platform, io)
         progress.planned(plan.layers)
         counted: list[dict[str, float]] = []
 

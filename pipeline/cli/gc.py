@@ -30,7 +30,8 @@ def _gc_json(disk_root: Path, r) -> dict:
             "skipped": [{"digest": str(x.digest), "size": x.size, "reason": x.reason}
                         for x in r.skipped],
             "swept": [{"path": x.path, "size": x.size} for x in r.swept],
-            "adopted": [str(d) for d in r.adopted], "dropped": [str(d) for d in r.dropped]}
+            "adopted": [str(d) for d in r.adopted], "dropped": [str(d) for d in r.dropped],
+            "configs_dropped": r.configs_dropped, "config_bytes_dropped": r.config_bytes_dropped}
 
 
 def _remote_gc_json(url: str, r) -> dict:
@@ -44,7 +45,7 @@ def _remote_gc_json(url: str, r) -> dict:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from pipeline import gc
-    from pipeline.progress import human_bytes
+    from pipeline.progress import human_bytes, human_seconds
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
     from pipeline.units import parse_duration, parse_size
@@ -79,7 +80,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if max_size is None:
         max_size = settings.max_cache_size  # LAYERWARM_MAX_CACHE_SIZE; None: housekeeping only
     grace = parse_duration(args.grace, "--grace") if args.grace else gc.DEFAULT_GRACE
-    r = gc.collect(disk, max_size, dry_run=args.dry_run, grace=grace)
+    r = gc.collect(disk, max_size, dry_run=args.dry_run, grace=grace,
+                   config_ttl=settings.stored_config_ttl)
     if args.json:
         print(json.dumps(_gc_json(disk.root, r), indent=2))
         return _gc_exit(r.under_quota, r.size_after, max_size)
@@ -94,6 +96,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"adopted {d} (a file without a record: rehashed and recorded)")
     for d in r.dropped:
         print(f"{'would drop' if r.dry_run else 'dropped'} the record of {d} (its file is gone)")
+    if r.configs_dropped:
+        print(f"{'would drop' if r.dry_run else 'dropped'} {r.configs_dropped} stored image "
+              f"configs unused for {human_seconds(settings.stored_config_ttl)} "
+              f"({human_bytes(r.config_bytes_dropped)}; LAYERWARM_STORED_CONFIG_TTL)")
     quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
     print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
           f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "

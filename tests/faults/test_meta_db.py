@@ -21,6 +21,7 @@ import os
 import queue
 import re
 import shutil
+import sqlite3
 import subprocess
 import threading
 import uuid
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, run_layerwarm
-from tests.support.images import Image, Layer, random_tar
+from tests.support.images import Image, Layer, canonical_json, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 
@@ -331,3 +332,124 @@ def test_a_reader_on_a_read_only_cache_says_so_in_one_line(
     print(_one_warning(p, re.escape(str(cache_dir / ".meta.db"))))
     _shows_the_entries(command, p.stdout, w)
     assert _tree(cache_dir) == before
+
+
+# ---------------------------------------------------------------- bounded stored configs
+
+
+@dataclass
+class PaddedImage(Image):
+    """An image whose config carries `padding` bytes of history, like a long Dockerfile."""
+
+    padding: int = 0
+
+    def config_bytes(self) -> bytes:
+        config = json.loads(super().config_bytes())
+        config["history"] = [{"created_by": "RUN " + "x" * self.padding}]
+        return canonical_json(config)
+
+
+def _push_padded(registry: RegistryServer, host: str, seed: int, padding: int) -> tuple[str, str]:
+    """(ref, config digest) of a one-layer image with a config of about `padding` bytes."""
+    image = PaddedImage([Layer(random_tar(seed, 20_000), "gzip")], padding=padding)
+    repo = f"cfg/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "1", image)
+    return f"{host}/{repo}:1", image.config_digest
+
+
+def _config_gets(proxy: Proxy, digest: str) -> int:
+    return proxy.count("GET", re.escape(f"/blobs/{digest}"))
+
+
+def _df(cache_dir: Path, env: dict[str, str] | None = None) -> dict:
+    p = run_layerwarm("df", "--json", cache_dir=cache_dir, env=env, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def _meta_bytes(cache_dir: Path) -> int:
+    return sum(os.path.getsize(cache_dir / n) for n in (".meta.db", ".meta.db-wal")
+               if (cache_dir / n).exists())
+
+
+def test_a_config_above_the_cap_is_not_stored_and_is_fetched_again(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    ref, config = _push_padded(registry, registry_proxy.host, 960, 3 << 20)  # 3 MiB
+    for run in (1, 2):
+        p = run_layerwarm("warm", ref, cache_dir=cache_dir, timeout=TIMEOUT)
+        assert p.returncode == 0, p.stderr
+        assert _config_gets(registry_proxy, config) == run, "not stored: asked for each time"
+    assert "LAYERWARM_MAX_STORED_CONFIG" in p.stderr, p.stderr
+    print(next(x for x in p.stderr.splitlines() if "LAYERWARM_MAX_STORED_CONFIG" in x))
+    assert _meta_bytes(cache_dir) < 256 << 10, "the 3 MiB config is not in .meta.db"
+    assert _df(cache_dir)["metadata"]["configs"] == 0
+
+    # Raised, the cap lets it in: the next warm asks the registry for its manifest only.
+    raised = {"LAYERWARM_MAX_STORED_CONFIG": "4MiB"}
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, env=raised, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, env=raised, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert _config_gets(registry_proxy, config) == 3
+
+
+def test_df_counts_stored_configs_and_gc_collects_the_unused_ones(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    pushed = [_push_padded(registry, registry_proxy.host, 970 + i, 200_000) for i in range(4)]
+    for ref, _ in pushed:
+        p = run_layerwarm("warm", ref, cache_dir=cache_dir, timeout=TIMEOUT)
+        assert p.returncode == 0, p.stderr
+    meta = _df(cache_dir)["metadata"]
+    assert meta["configs"] == 4 and meta["config_bytes"] > 4 * 200_000, meta
+    assert meta["bytes"] > meta["config_bytes"], meta
+    p = run_layerwarm("df", cache_dir=cache_dir, timeout=TIMEOUT)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("metadata"))
+    assert "4 image configs" in line, line
+    print(line)
+
+    p = run_layerwarm("gc", "--json", cache_dir=cache_dir, timeout=TIMEOUT)  # all used just now
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["configs_dropped"] == 0
+    assert _df(cache_dir)["metadata"]["configs"] == 4
+    before = _meta_bytes(cache_dir)
+
+    ttl0 = {"LAYERWARM_STORED_CONFIG_TTL": "0s"}  # anything not used this instant is old
+    p = run_layerwarm("gc", cache_dir=cache_dir, env=ttl0, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^dropped 4 stored image configs", p.stdout, re.M), p.stdout
+    meta = _df(cache_dir)["metadata"]
+    assert meta["configs"] == 0 and meta["config_bytes"] == 0, meta
+    assert _meta_bytes(cache_dir) < before / 4, "gc gave the space back"
+    assert entries(cache_dir), "configs go, entries stay"
+
+    registry_proxy.reset()
+    ref, config = pushed[0]
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert _config_gets(registry_proxy, config) == 1, "a collected config is fetched again"
+    assert registry_proxy.count() == 1, "and only it: the layers are disk hits"
+    with sqlite3.connect(cache_dir / ".meta.db") as db:  # the integrity a user can check
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_configs_stored_before_their_use_was_kept_stay_for_a_whole_ttl(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    image = PaddedImage([Layer(random_tar(980, 20_000), "gzip")], padding=1000)
+    repo = f"cfg/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "1", image)
+    with sqlite3.connect(cache_dir / ".meta.db") as old:  # the configs table as it was
+        old.execute("CREATE TABLE configs (digest TEXT PRIMARY KEY, data BLOB NOT NULL)")
+        old.execute("INSERT INTO configs VALUES (?, ?)", (image.config_digest,
+                                                          image.config_bytes()))
+    old.close()
+
+    p = run_layerwarm("gc", "--json", cache_dir=cache_dir, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["configs_dropped"] == 0, "an upgrade does not empty it"
+    p = run_layerwarm("warm", f"{registry_proxy.host}/{repo}:1", cache_dir=cache_dir,
+                      timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert _config_gets(registry_proxy, image.config_digest) == 0, "read from .meta.db"
