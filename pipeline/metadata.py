@@ -191,8 +191,9 @@ class Metadata:
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:  # no WAL switch, no schema: it reads what is there or fails
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
-                                   isolation_level=None, check_same_thread=False)
+            uri = Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"  # %-escaped: ? # %
+            conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=30000")
             return conn
         # Not tied to a thread: one thread at a time uses it, handed over by _db.

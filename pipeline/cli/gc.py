@@ -45,7 +45,7 @@ def _remote_gc_json(url: str, r) -> dict:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from pipeline import gc
-    from pipeline.progress import human_bytes, human_seconds
+    from pipeline.progress import human_bytes
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
     from pipeline.units import parse_duration, parse_size
@@ -53,7 +53,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
     verb = "would evict" if args.dry_run else "evicted"
-    disk = DiskTier(settings.cache_dir)
+    # A dry run changes nothing, .meta.db included: an unusable one is read as empty.
+    disk = DiskTier(settings.cache_dir, read_only=args.dry_run)
     if args.remote is not None:
         url = args.remote or Settings.from_env().remote_url  # bare --remote: the env's
         if not url:
@@ -85,6 +86,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_gc_json(disk.root, r), indent=2))
         return _gc_exit(r.under_quota, r.size_after, max_size)
+    _print_disk_gc(r, verb, settings.stored_config_ttl)
+    quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
+    print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
+          f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "
+          f"{human_bytes(r.freed)} freed")
+    return _gc_exit(r.under_quota, r.size_after, max_size)
+
+
+def _print_disk_gc(r, verb: str, config_ttl: float) -> None:  # r: gc.GcReport
+    from pipeline.progress import human_bytes, human_seconds
+
     for e in r.evicted:
         note = "" if e.freed or not e.size else "  (another name of the same file remains)"
         print(f"{verb} {e.digest}  {human_bytes(e.size)}  last used {when(e.last_used)}{note}")
@@ -98,13 +110,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{'would drop' if r.dry_run else 'dropped'} the record of {d} (its file is gone)")
     if r.configs_dropped:
         print(f"{'would drop' if r.dry_run else 'dropped'} {r.configs_dropped} stored image "
-              f"configs unused for {human_seconds(settings.stored_config_ttl)} "
+              f"configs unused for {human_seconds(config_ttl)} "
               f"({human_bytes(r.config_bytes_dropped)}; LAYERWARM_STORED_CONFIG_TTL)")
-    quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
-    print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
-          f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "
-          f"{human_bytes(r.freed)} freed")
-    return _gc_exit(r.under_quota, r.size_after, max_size)
 
 
 def _gc_exit(under_quota: bool, size: int, max_size: int | None) -> int:

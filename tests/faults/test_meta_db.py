@@ -191,7 +191,8 @@ def _reader_args(command: str, w: Warmed) -> tuple[str, ...]:
     digest = w.layers[0].digest
     return {"ls": ("ls",), "df": ("df",), "metrics": ("metrics",),
             "inspect": ("inspect", digest), "usage": ("usage", digest),
-            "pin --list": ("pin", "--list")}[command]
+            "pin --list": ("pin", "--list"), "plan": ("plan", w.ref),
+            "gc --dry-run": ("gc", "--dry-run")}[command]
 
 
 def _shows_the_entries(command: str, out: str, w: Warmed) -> None:
@@ -212,11 +213,18 @@ def _shows_the_entries(command: str, out: str, w: Warmed) -> None:
         assert re.search(r"^diff_id\s+-$", out, re.M), "what only .meta.db knows is unknown"
     elif command == "usage":
         assert f"0 images use {first.digest} (on disk)" in out, out
+    elif command == "plan":
+        for lay in w.layers:
+            line = next(x for x in out.splitlines() if lay.digest[7:19] in x)
+            assert " disk " in line, line
+    elif command == "gc --dry-run":
+        assert out.splitlines()[-1].endswith("would evict 0 layers, 0 B freed"), out
     else:
         assert out.strip() == "no pins", out
 
 
-@pytest.mark.parametrize("command", ["ls", "df", "metrics", "inspect", "usage", "pin --list"])
+@pytest.mark.parametrize("command", ["ls", "df", "metrics", "inspect", "usage", "pin --list",
+                                     "plan", "gc --dry-run"])
 def test_a_reader_on_a_corrupt_meta_db_lists_the_directory_and_writes_nothing(
     command: str, registry: RegistryServer, cache_dir: Path
 ) -> None:
