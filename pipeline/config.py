@@ -91,6 +91,22 @@ def _quota(env: Mapping[str, str]) -> dict[str, object]:
     }
 
 
+def _stored_configs(env: Mapping[str, str]) -> dict[str, object]:
+    """What `.meta.db` keeps of image configs: the largest one it stores, and how long an
+    unused one stays (gc drops it after). Real configs are a few KiB, a long history some
+    tens; one of 7 MiB stored per image grew the file by hundreds of MB."""
+    out: dict[str, object] = {}
+    size, ttl = env.get("LAYERWARM_MAX_STORED_CONFIG"), env.get("LAYERWARM_STORED_CONFIG_TTL")
+    if size or ttl:  # units (and its regexes) only when there is something to parse
+        from pipeline.units import parse_duration, parse_size
+
+        if size:
+            out["max_stored_config"] = parse_size(size, "LAYERWARM_MAX_STORED_CONFIG")
+        if ttl:
+            out["stored_config_ttl"] = parse_duration(ttl, "LAYERWARM_STORED_CONFIG_TTL")
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path
@@ -105,6 +121,10 @@ class Settings:
     max_cache_size: int | None = None  # bytes; None: no automatic gc
     cache_high_watermark: float = 0.9
     cache_low_watermark: float = 0.8
+    # Image configs kept in .meta.db: larger ones are fetched again each time they are
+    # needed; gc drops those unused for longer than the TTL (seconds).
+    max_stored_config: int = 256 << 10
+    stored_config_ttl: float = 7 * 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +142,7 @@ class Settings:
             registry_rate=_rate(env, "LAYERWARM_REGISTRY_RATE"),
             retry=RetryPolicy.from_env(env),
             **_quota(env),
+            **_stored_configs(env),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -7,7 +7,9 @@ Disk (`collect`), in one pass:
 2. reconcile `.meta.db` with the files, which stay the truth: a row whose file is gone is
    dropped; a file without a row is adopted (rehashed for its diff_id and recorded, last
    used = its mtime, so it keeps its place in the LRU order);
-3. evict least recently used entries until the cache is at most the target size.
+3. evict least recently used entries until the cache is at most the target size;
+4. drop the image configs `.meta.db` stores that no warm used for `config_ttl` seconds
+   (LAYERWARM_STORED_CONFIG_TTL), compacting the file when that freed a quarter of it.
 
 Sizes count each inode once: entries with the same content may be hard links (two names,
 one inode), and removing one name frees nothing while another remains. So the unit of
@@ -78,6 +80,8 @@ class GcReport:
     swept: list[Swept] = field(default_factory=list)
     adopted: list[Digest] = field(default_factory=list)
     dropped: list[Digest] = field(default_factory=list)  # rows whose file was gone
+    configs_dropped: int = 0  # stored image configs unused for the TTL
+    config_bytes_dropped: int = 0
 
     @property
     def freed(self) -> int:
@@ -176,20 +180,30 @@ def _reconcile(disk: DiskTier, report: GcReport) -> None:
     known = {r.digest for r in disk.meta.layers()}
     for digest in sorted(on_disk - known):
         with _try_lock(disk, digest) as got:
-            if not got or disk.meta.layer(digest) is not None:
-                continue
-            path = disk.path(digest)
-            try:
-                st = os.stat(path, follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode):
-                    continue  # a link to elsewhere is never read, let alone recorded
-                diff_id, size = digest_of_file(path)
-            except FileNotFoundError:
-                continue
-            mtime = st.st_mtime
-            disk.meta.adopt_layer(digest, diff_id, size, mtime)
-            report.adopted.append(digest)
-            log.info("gc: adopted %s (no record; diff_id %s)", digest, diff_id)
+            if got and disk.meta.layer(digest) is None:
+                report.adopted += adopt(disk, [digest])
+
+
+def adopt(disk: DiskTier, digests: Collection[Digest]) -> list[Digest]:
+    """Rehash each entry and record it (adopted: last used = its mtime); those recorded.
+
+    Also how a `.meta.db` made anew is refilled (DiskTier): then without the digests'
+    locks, which its caller may hold; a warm's own row, recorded after, wins anyway.
+    """
+    out = []
+    for digest in digests:
+        path = disk.path(digest)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue  # a link to elsewhere is never read, let alone recorded
+            diff_id, size = digest_of_file(path)
+        except FileNotFoundError:
+            continue
+        disk.meta.adopt_layer(digest, diff_id, size, st.st_mtime)
+        out.append(digest)
+        log.info("adopted %s (no record; diff_id %s)", digest, diff_id)
+    return out
 
 
 def _inodes(disk: DiskTier) -> list[_Inode]:
@@ -221,10 +235,12 @@ def collect(
     grace: float = DEFAULT_GRACE,
     protect: Collection[Digest] = (),
     now: float | None = None,
+    config_ttl: float | None = None,
 ) -> GcReport:
     """Sweep, reconcile, and evict LRU entries until the cache is at most `target` bytes.
 
     `protect`: layers never evicted by this run (those a warm has just materialized).
+    `config_ttl`: drop stored image configs unused for this long (None: keep them).
     `dry_run` changes nothing (no lock is taken either) and reports what would happen.
     """
     now = time.time() if now is None else now
@@ -261,6 +277,9 @@ def collect(
         report.evicted += evicted
         total -= node.size
     report.size_after = total
+    if config_ttl is not None:
+        report.configs_dropped, report.config_bytes_dropped = disk.meta.drop_configs(
+            now - config_ttl, dry_run=dry_run)
     return report
 
 
@@ -305,7 +324,8 @@ def auto_collect(
         return None
     if cache_size(disk) <= settings.cache_high_watermark * quota:
         return None
-    report = collect(disk, int(settings.cache_low_watermark * quota), protect=protect)
+    report = collect(disk, int(settings.cache_low_watermark * quota), protect=protect,
+                     config_ttl=settings.stored_config_ttl)
     log.info(
         "gc: cache above %.0f%% of %d bytes: evicted %d layers, %d bytes freed",
         settings.cache_high_watermark * 100,
@@ -331,7 +351,8 @@ def scheduled_collect(disk: DiskTier, settings: Settings) -> GcReport | None:
     if settings.max_cache_size is None:
         return None
     # Below the high watermark nothing is evicted, but old temp files are still swept.
-    return auto_collect(disk, settings) or collect(disk, None)
+    return auto_collect(disk, settings) or collect(disk, None,
+                                                  config_ttl=settings.stored_config_ttl)
 
 
 # ---------------------------------------------------------------- remote tier

@@ -8,30 +8,50 @@
     images   which image (manifest digest, ref, platform) uses which layer
     counters running totals since the cache was made (hits, bytes, evictions, ...)
     configs  image config blobs by digest: content-addressed, so a warm of images already
-             seen asks the registry only for their manifests (tags can move; configs cannot)
+             seen asks the registry only for their manifests (tags can move; configs cannot).
+             Bounded: the Resolver stores none above LAYERWARM_MAX_STORED_CONFIG, and gc
+             drops those unused (last_used) for LAYERWARM_STORED_CONFIG_TTL
     pins     layers protected from gc until a time, and the image ref that pinned them
 
 The files stay the source of truth: a row says what an entry should be (so `verify` can
 re-hash it and a warm can notice a truncated one), never that it exists. Each query or
 transaction has a connection to itself, taken from the idle ones (or opened, when all are
 busy) and given back after; WAL and a busy timeout let many processes share the file.
+
+A database that cannot be used (not a database, malformed, truncated; or `.meta.db`, its
+-wal or -shm not a regular file, e.g. a symlink, which is never opened through) bricked
+every command. Now a process that writes moves it aside, with its -wal and -shm, to
+`.meta.db.corrupt-<UTC time>`, says so in one warning, and rebuilds it from the entries
+on disk (`rebuild`: gc's adoption, which hashes each one); the retried query then runs on
+the new file. One process at a time repairs, under `.locks/meta.db.lock`; one that waited
+finds it repaired and only reconnects. A `read_only` Metadata (ls, df, metrics, inspect,
+usage) never moves or creates anything: it warns once and reads as empty, so those
+commands list what the directory holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.digest import Digest
+from pipeline.errors import PermanentError
 
 log = logging.getLogger("layerwarm")
 _INIT = threading.Lock()  # one thread of a process sets a database up at a time
+T = TypeVar("T")
+_SIDE_FILES = ("", "-wal", "-shm")  # SQLite's files for one database: they go together
+_BROKEN = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB: the file itself is bad
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     digest TEXT PRIMARY KEY,
@@ -54,7 +74,8 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE TABLE IF NOT EXISTS configs (
     digest TEXT PRIMARY KEY,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    last_used REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -84,6 +105,13 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
+class MetadataUsage:
+    bytes: int  # .meta.db with its -wal and -shm, on disk
+    configs: int  # image configs stored
+    config_bytes: int  # their size
+
+
+@dataclass(frozen=True)
 class ImageRow:
     manifest_digest: str
     ref: str
@@ -91,35 +119,83 @@ class ImageRow:
     layer_digest: str
 
 
+class Unusable(sqlite3.DatabaseError):
+    """`.meta.db` (or its -wal, -shm) is something SQLite must not open: never followed."""
+
+
 class Metadata:
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, read_only: bool = False, lock: Path | None = None,
+        rebuild: Callable[[], int] | None = None,
+    ) -> None:
+        """`read_only`: never create, move or write anything (commands that only read).
+        `lock`: the file held while repairing; `rebuild`: refills a new database after an
+        unusable one was moved aside, returning how many entries it recorded."""
         self.path = path
+        self.read_only = read_only
+        self._lock_path = lock or path.with_name(path.name + ".lock")
+        self._rebuild = rebuild
         # Idle connections, for any thread to take (_db). One per thread opened and set up
         # (pragmas, WAL, schema) 17 of them in a warm of 12 cached images, slowing each
         # thread's first query; the pool holds as many as ever ran at once: 2 there.
         self._idle: list[sqlite3.Connection] = []
         self._idle_lock = threading.Lock()
+        # Bumped when the file is replaced: connections to the old one are not reused.
+        self._generation = 0
+        self._repair = threading.Lock()  # one thread of this process repairs at a time
+        self._repairing = threading.local()
+        self._unreadable = False  # read_only: warned once, then read as empty
+
+    def _query(self, fn: Callable[[sqlite3.Connection], T], empty: T, *,
+               create: bool = False) -> T:
+        """`fn` on a connection (`empty` when there is no database yet). An unusable
+        database is repaired once and `fn` run again; a read-only one reads as empty."""
+        for attempt in (1, 2):
+            generation = self._generation
+            try:
+                with self._db(create=create) as db:
+                    return empty if db is None else fn(db)
+            except sqlite3.DatabaseError as e:
+                if self.read_only:
+                    # A table an older version did not make holds nothing (a writer adds it).
+                    if "no such table" not in str(e):
+                        self._give_up_reading(e)
+                    return empty
+                if attempt == 2 or not _broken(e):
+                    raise
+                self._heal(e, generation)
+        raise AssertionError("unreachable")
 
     @contextmanager
     def _db(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
         with self._idle_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            if not create and not self.path.exists():
+            if self._unreadable or (not create and not os.path.lexists(self.path)):
                 yield None  # nothing recorded yet; reading must not create the file
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
+            _check_files(self.path)
+            if not self.read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
             conn = self._connect()
+        generation = self._generation
         try:
             yield conn
         finally:
-            if conn.in_transaction:  # a transaction its ROLLBACK could not end: not reusable
+            # A transaction its ROLLBACK could not end, or a file replaced since: not reusable.
+            if conn.in_transaction or generation != self._generation:
                 conn.close()
             else:
                 with self._idle_lock:
                     self._idle.append(conn)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:  # no WAL switch, no schema: it reads what is there or fails
+            uri = Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"  # %-escaped: ? # %
+            conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
         # Not tied to a thread: one thread at a time uses it, handed over by _db.
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                check_same_thread=False)
@@ -137,13 +213,58 @@ class Metadata:
                     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         conn.execute("PRAGMA journal_mode=WAL")
                     conn.executescript(_SCHEMA)
-                    _add_origin_column(conn)
+                    _migrate(conn)
                 return conn
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     conn.close()
                     raise
                 time.sleep(0.05)
+            except sqlite3.DatabaseError:
+                conn.close()
+                raise
+
+    def _give_up_reading(self, e: sqlite3.Error) -> None:
+        if not self._unreadable:
+            self._unreadable = True
+            log.warning("cannot read %s (%s): listing what the cache directory holds "
+                        "without what it records", self.path, e)
+
+    def _heal(self, e: sqlite3.DatabaseError, generation: int) -> None:
+        """Replace the unusable database `e` was about, unless another thread or process
+        already has (since `generation`)."""
+        if getattr(self._repairing, "active", False):
+            raise e  # the rebuilt file failed too: no loop
+        with self._repair:
+            if generation != self._generation:
+                return  # another thread of this process has just replaced it
+            self._repairing.active = True
+            try:
+                with _exclusive(self._lock_path, self.path):
+                    self._replace(str(e))
+            finally:
+                self._repairing.active = False
+
+    def _replace(self, reason: str) -> None:
+        """Under the repair lock: drop our connections; if the file is still unusable
+        (another process may have repaired it while we waited), move it aside and rebuild."""
+        self._generation += 1
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if _usable(self.path):
+            return
+        try:
+            aside = _move_aside(self.path)
+        except OSError as e:
+            raise PermanentError(f"{self.path} cannot be used ({reason}) nor moved aside: "
+                                 f"{e.strerror}") from None
+        log.warning("%s cannot be used (%s): moved aside to %s; rebuilding it from the "
+                    "entries on disk", self.path, reason, aside.name)
+        if self._rebuild is not None:
+            count = self._rebuild()
+            log.info("rebuilt %s: %d entries recorded again", self.path, count)
 
     def record_layer(
         self, digest: Digest, diff_id: Digest, media_type: str, compressed_size: int,
@@ -151,45 +272,36 @@ class Metadata:
     ) -> None:
         """What a committed entry is (pipeline/tiers/disk.py `Ingest.commit` calls this)."""
         now = time.time()
-        with self._db(create=True) as db:
-            assert db is not None
-            db.execute(
-                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT(digest) "
-                "DO UPDATE SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
-                "compressed_size=excluded.compressed_size, "
-                "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used, "
-                "origin=excluded.origin, publish_pending=0",
-                (str(digest), str(diff_id), media_type, compressed_size, uncompressed_size,
-                 now, now, origin),
-            )
+        self._query(lambda db: db.execute(
+            "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT(digest) "
+            "DO UPDATE SET diff_id=excluded.diff_id, media_type=excluded.media_type, "
+            "compressed_size=excluded.compressed_size, "
+            "uncompressed_size=excluded.uncompressed_size, last_used=excluded.last_used, "
+            "origin=excluded.origin, publish_pending=0",
+            (str(digest), str(diff_id), media_type, compressed_size, uncompressed_size,
+             now, now, origin),
+        ), None, create=True)
 
     def set_publish_pending(self, digest: Digest, pending: bool) -> None:
         """A layer on disk that the remote tier still lacks (it was down): publish later."""
         self._update("UPDATE layers SET publish_pending=? WHERE digest=?",
-                     (int(pending), str(digest)))
+                     [(int(pending), str(digest))])
 
     def touch(self, *digests: Digest) -> None:
         """Mark layers used now (for gc's LRU), all in one statement."""
         if digests:
             now = time.time()
-            self._update_many("UPDATE layers SET last_used=? WHERE digest=?",
-                              [(now, str(d)) for d in digests])
+            self._update("UPDATE layers SET last_used=? WHERE digest=?",
+                         [(now, str(d)) for d in digests])
 
-    def _update_many(self, sql: str, rows: list[tuple]) -> None:
-        try:
-            with self._db(create=False) as db:
-                if db is not None:
-                    with _transaction(db):  # one transaction, not one per row
-                        db.executemany(sql, rows)
-        except sqlite3.Error as e:
-            log.warning("metadata update in %s failed: %s", self.path, e)
+    def _update(self, sql: str, rows: list[tuple]) -> None:
+        # Bookkeeping on existing rows: losing an update is better than failing a warm.
+        def run(db: sqlite3.Connection) -> None:
+            with _transaction(db):  # one transaction, not one per row
+                db.executemany(sql, rows)
 
-    def _update(self, sql: str, args: tuple) -> None:
-        # Bookkeeping on an existing row: losing one update is better than failing a warm.
         try:
-            with self._db(create=False) as db:
-                if db is not None:
-                    db.execute(sql, args)
+            self._query(run, None)
         except sqlite3.Error as e:
             log.warning("metadata update in %s failed: %s", self.path, e)
 
@@ -197,8 +309,7 @@ class Metadata:
         self, images: Sequence[tuple[Digest, str, str | None, Sequence[Digest]]]
     ) -> None:
         """Which layers each image (manifest digest, ref, platform) uses; one transaction."""
-        with self._db(create=True) as db:
-            assert db is not None
+        def run(db: sqlite3.Connection) -> None:
             with _transaction(db):
                 for manifest_digest, ref, platform, layers in images:
                     # A tag that moved: the ref's old manifest no longer says what it uses.
@@ -212,24 +323,23 @@ class Metadata:
                          for i, d in enumerate(layers)],
                     )
 
+        self._query(run, None, create=True)
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Every row of a read; none when there is no database (reads never create it)."""
+        return self._query(lambda db: db.execute(sql, args).fetchall(), [])
+
     def layer(self, digest: Digest) -> LayerRecord | None:
-        with self._db(create=False) as db:
-            if db is None:
-                return None
-            row = db.execute("SELECT * FROM layers WHERE digest=?", (str(digest),)).fetchone()
-        return _record(row) if row else None
+        rows = self._rows("SELECT * FROM layers WHERE digest=?", (str(digest),))
+        return _record(rows[0]) if rows else None
 
     def layers(self) -> list[LayerRecord]:
-        with self._db(create=False) as db:
-            rows = [] if db is None else db.execute("SELECT * FROM layers").fetchall()
-        return [_record(r) for r in rows]
+        return [_record(r) for r in self._rows("SELECT * FROM layers")]
 
     def with_diff_id(self, diff_id: Digest) -> list[LayerRecord]:
         """Rows of every entry holding this content (sharing by diff_id), oldest first."""
-        with self._db(create=False) as db:
-            rows = [] if db is None else db.execute(
-                "SELECT * FROM layers WHERE diff_id=? ORDER BY created", (str(diff_id),)
-            ).fetchall()
+        rows = self._rows("SELECT * FROM layers WHERE diff_id=? ORDER BY created",
+                          (str(diff_id),))
         return [_record(r) for r in rows]
 
     # Queries for the cache commands (pipeline/cacheops.py); reads never create the file.
@@ -240,29 +350,67 @@ class Metadata:
         args: tuple = ()
         if layer is not None:
             sql, args = sql + " WHERE layer_digest=?", (str(layer),)
-        with self._db(create=False) as db:
-            rows = [] if db is None else db.execute(sql + " ORDER BY ref, manifest_digest",
-                                                    args).fetchall()
-        return [ImageRow(*r) for r in rows]
+        return [ImageRow(*r) for r in self._rows(sql + " ORDER BY ref, manifest_digest", args)]
 
     def config(self, digest: Digest) -> bytes | None:
-        """An image config stored earlier (the caller verifies it), or None."""
+        """An image config stored earlier (the caller verifies it), or None; marked used."""
         try:
-            with self._db(create=False) as db:
-                row = None if db is None else db.execute(
-                    "SELECT data FROM configs WHERE digest=?", (str(digest),)).fetchone()
+            rows = self._rows("SELECT data FROM configs WHERE digest=?", (str(digest),))
         except sqlite3.Error as e:  # a cache of documents: a miss, not a failure
             log.warning("metadata config read in %s failed: %s", self.path, e)
             return None
-        return bytes(row[0]) if row else None
+        if not rows:
+            return None
+        self._update("UPDATE configs SET last_used=? WHERE digest=?",
+                     [(time.time(), str(digest))])
+        return bytes(rows[0][0])
 
     def record_config(self, digest: Digest, data: bytes) -> None:
         try:
-            with self._db(create=True) as db:
-                assert db is not None
-                db.execute("INSERT OR REPLACE INTO configs VALUES (?, ?)", (str(digest), data))
+            self._query(lambda db: db.execute(
+                "INSERT OR REPLACE INTO configs (digest, data, last_used) VALUES (?, ?, ?)",
+                (str(digest), data, time.time())), None, create=True)
         except sqlite3.Error as e:
             log.warning("metadata config write in %s failed: %s", self.path, e)
+
+    def usage(self) -> MetadataUsage:
+        """What the database takes on disk, and how much of it is stored image configs."""
+        rows = self._rows("SELECT count(*), coalesce(sum(length(data)), 0) FROM configs")
+        configs, config_bytes = rows[0] if rows else (0, 0)
+        size = 0
+        for suffix in _SIDE_FILES:
+            try:
+                st = os.lstat(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                continue
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return MetadataUsage(size, configs, config_bytes)
+
+    def drop_configs(self, unused_since: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Drop the stored configs not used since `unused_since` (epoch seconds): how many,
+        and their bytes. When that leaves a quarter of the file free, give it back."""
+        where = "FROM configs WHERE last_used < ?"
+        rows = self._rows(f"SELECT count(*), coalesce(sum(length(data)), 0) {where}",
+                          (unused_since,))
+        count, size = rows[0] if rows else (0, 0)
+        if count and not dry_run:
+            self._query(lambda db: db.execute(f"DELETE {where}", (unused_since,)), None)
+            self._vacuum_if_sparse()
+        return count, size
+
+    def _vacuum_if_sparse(self) -> None:
+        # Deleted rows leave free pages that SQLite reuses but never returns to the disk.
+        def run(db: sqlite3.Connection) -> None:
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            if free and free * 4 >= pages:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        try:
+            self._query(run, None)
+        except sqlite3.OperationalError as e:  # busy: the next gc will try again
+            log.warning("could not compact %s: %s", self.path, e)
 
     def bump(self, name: str, amount: float = 1.0) -> None:
         """Add ``amount`` to the running total ``name`` (created at 0)."""
@@ -270,22 +418,21 @@ class Metadata:
 
     def bump_many(self, amounts: Mapping[str, float]) -> None:
         """Add to several running totals in one transaction: all of them or none."""
+        def run(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany(
+                    "INSERT INTO counters VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    list(amounts.items()),
+                )
+
         try:
-            with self._db(create=True) as db:
-                assert db is not None
-                with _transaction(db):
-                    db.executemany(
-                        "INSERT INTO counters VALUES (?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                        list(amounts.items()),
-                    )
+            self._query(run, None, create=True)
         except sqlite3.Error as e:  # a lost count must not fail the work it counts
             log.warning("metadata counters %s in %s failed: %s", ", ".join(amounts), self.path, e)
 
     def counters(self) -> dict[str, float]:
-        with self._db(create=False) as db:
-            rows = [] if db is None else db.execute("SELECT name, value FROM counters").fetchall()
-        return dict(rows)
+        return dict(self._rows("SELECT name, value FROM counters"))
 
     def adopt_layer(self, digest: Digest, diff_id: Digest, size: int, last_used: float) -> None:
         """Record an entry found without a row (copied in by hand, or its row was lost).
@@ -294,40 +441,32 @@ class Metadata:
         unknown ("" and 0), and its last use is the file's mtime, so an adopted entry keeps
         its place in the LRU order. An existing row (a warm won the race) is kept.
         """
-        with self._db(create=True) as db:
-            assert db is not None
-            db.execute(
-                "INSERT OR IGNORE INTO layers VALUES (?, ?, '', 0, ?, ?, ?, 0, 'adopted')",
-                (str(digest), str(diff_id), size, last_used, last_used),
-            )
+        self._query(lambda db: db.execute(
+            "INSERT OR IGNORE INTO layers VALUES (?, ?, '', 0, ?, ?, ?, 0, 'adopted')",
+            (str(digest), str(diff_id), size, last_used, last_used),
+        ), None, create=True)
 
     def pin(self, layers: Sequence[Digest], ref: str, until: float) -> None:
         """Protect `layers` from gc until `until` (epoch seconds); a new pin of a ref wins."""
-        with self._db(create=True) as db:
-            assert db is not None
-            db.executemany(
-                "INSERT INTO pins VALUES (?, ?, ?) ON CONFLICT(layer_digest, ref) "
-                "DO UPDATE SET until=excluded.until",
-                [(str(d), ref, until) for d in layers],
-            )
+        self._query(lambda db: db.executemany(
+            "INSERT INTO pins VALUES (?, ?, ?) ON CONFLICT(layer_digest, ref) "
+            "DO UPDATE SET until=excluded.until",
+            [(str(d), ref, until) for d in layers],
+        ), None, create=True)
+
+    def _delete(self, sql: str, args: tuple) -> int:
+        """How many rows a DELETE removed (0 when there is no database)."""
+        return self._query(lambda db: db.execute(sql, args).rowcount, 0)
 
     def unpin(self, ref: str) -> int:
         """Drop every pin `ref` made; returns how many layers it had pinned."""
-        with self._db(create=False) as db:
-            if db is None:
-                return 0
-            return db.execute("DELETE FROM pins WHERE ref=?", (ref,)).rowcount
+        return self._delete("DELETE FROM pins WHERE ref=?", (ref,))
 
     def pins(self, now: float | None = None) -> list[tuple[str, str, float]]:
         """(layer digest, ref, until) of every pin still in force at `now`."""
         now = time.time() if now is None else now
-        with self._db(create=False) as db:
-            if db is None:
-                return []
-            return db.execute(
-                "SELECT layer_digest, ref, until FROM pins WHERE until > ? "
-                "ORDER BY ref, layer_digest", (now,),
-            ).fetchall()
+        return self._rows("SELECT layer_digest, ref, until FROM pins WHERE until > ? "
+                          "ORDER BY ref, layer_digest", (now,))
 
     def pinned_until(self, now: float | None = None) -> dict[str, float]:
         """Each pinned layer's digest and the end of its longest pin still in force."""
@@ -338,15 +477,10 @@ class Metadata:
 
     def drop_expired_pins(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
-        with self._db(create=False) as db:
-            if db is None:
-                return 0
-            return db.execute("DELETE FROM pins WHERE until <= ?", (now,)).rowcount
+        return self._delete("DELETE FROM pins WHERE until <= ?", (now,))
 
     def forget(self, digest: Digest) -> None:
-        with self._db(create=False) as db:
-            if db is not None:
-                db.execute("DELETE FROM layers WHERE digest=?", (str(digest),))
+        self._delete("DELETE FROM layers WHERE digest=?", (str(digest),))
 
 
 @contextmanager
@@ -361,6 +495,12 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a `.meta.db` made by an older version up to this schema."""
+    _add_origin_column(conn)
+    _add_config_last_used(conn)
+
+
 def _add_origin_column(conn: sqlite3.Connection) -> None:
     """A `.meta.db` made before origins were kept gets the column; its rows stay "unknown"
     (never published: whether their blob was verified cannot be told now)."""
@@ -369,6 +509,91 @@ def _add_origin_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE layers ADD COLUMN origin TEXT NOT NULL DEFAULT 'unknown'")
 
 
+def _add_config_last_used(conn: sqlite3.Connection) -> None:
+    """Configs stored before their use was kept count as used now: gc keeps them for a
+    whole TTL from the upgrade, not dropping them all at its first run."""
+    def missing() -> bool:
+        return "last_used" not in {r[1] for r in conn.execute("PRAGMA table_info(configs)")}
+
+    if missing():
+        with _transaction(conn):
+            if missing():  # again, alone: another process may have just added it
+                conn.execute("ALTER TABLE configs ADD COLUMN last_used REAL NOT NULL DEFAULT 0")
+                conn.execute("UPDATE configs SET last_used=?", (time.time(),))
+
+
 def _record(row: tuple) -> LayerRecord:
+    origin = row[8] if len(row) > 8 else "unknown"  # read-only, from before origins
     return LayerRecord(Digest.parse(row[0]), Digest.parse(row[1]), *row[2:7], bool(row[7]),
-                       row[8])
+                       origin)
+
+
+def _broken(e: sqlite3.DatabaseError) -> bool:
+    """Whether `e` says the database itself is unusable (not busy, not read-only)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, Unusable) or (code is not None and code & 0xFF in _BROKEN)
+
+
+def _check_files(path: Path) -> None:
+    """Unusable unless the database and its -wal and -shm are regular files or absent:
+    SQLite follows a symlink, and would write its rows or WAL frames through it."""
+    for suffix in _SIDE_FILES:
+        name = f"{path}{suffix}"
+        try:
+            mode = os.lstat(name).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise Unusable(f"{os.path.basename(name)} is {kind}")
+
+
+def _usable(path: Path) -> bool:
+    """Whether the database at `path` can be used now (absent: it will be created)."""
+    try:
+        _check_files(path)
+        if not os.path.lexists(path):
+            return True
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            return conn.execute("PRAGMA quick_check(1)").fetchone()[0] == "ok"
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        if _broken(e):
+            return False
+        raise
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the database and its -wal and -shm (links themselves, never their targets)
+    to `<name>.corrupt-<UTC time>[-n]`, kept for whoever wants to look at them."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 0
+    while any(os.path.lexists(f"{aside}{s}") for s in _SIDE_FILES):
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    for suffix in _SIDE_FILES:
+        if os.path.lexists(f"{path}{suffix}"):
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside
+
+
+@contextmanager
+def _exclusive(lock: Path, what: Path) -> Iterator[None]:
+    """flock(2) on `lock` (never through a symlink) while repairing `what`; a process
+    that finds it held says so and waits for the repair to end."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise PermanentError(f"cannot open the lock {lock}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process repairing %s", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ that warms into the directory, and every restart, adds to the same numbers:
     layerwarm_layer_materialize_seconds           histogram
     layerwarm_evictions_total, layerwarm_evicted_bytes_total    (bumped by gc)
     layerwarm_cache_entries, layerwarm_cache_bytes              gauges, from the files
+    layerwarm_metadata_bytes                                    gauge, .meta.db and its WAL
 
 Reading never creates the cache directory or its database: a cache not made yet is all 0.
 """
@@ -122,6 +123,11 @@ class CacheCollector(Collector):
             "layerwarm_cache_bytes",
             "Bytes of the entries on disk, each hard-linked file once.",
             value=size,
+        )
+        yield GaugeMetricFamily(
+            "layerwarm_metadata_bytes",
+            "Bytes .meta.db takes on disk (with its -wal and -shm), stored configs included.",
+            value=self.disk.meta.usage().bytes,
         )
 
 

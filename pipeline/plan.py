@@ -13,6 +13,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.errors import InvalidManifest, LayerwarmError
 from pipeline.layer import LayerSpec
@@ -105,12 +106,15 @@ class Resolver:
     """Turns references into ResolvedImages; thread-safe, one request per unique document.
 
     With a `ConfigStore`, image configs come from it when it has them (verified against
-    their digest like a download), and downloaded ones are kept there.
+    their digest like a download), and downloaded ones of at most `max_stored` bytes are
+    kept there (a larger one is fetched again when needed: it would bloat the store).
     """
 
-    def __init__(self, client: RegistryClient, configs: ConfigStore | None = None) -> None:
+    def __init__(self, client: RegistryClient, configs: ConfigStore | None = None,
+                 max_stored: int = Settings.max_stored_config) -> None:
         self.client = client
         self._stored = configs
+        self._max_stored = max_stored
         self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
             _Memo()
         )
@@ -172,8 +176,12 @@ class Resolver:
                 return data
             log.warning("stored image config %s does not match its digest; fetching it", digest)
         data = self.client.fetch_blob(ref, digest)
-        if self._stored is not None:
+        if self._stored is not None and len(data) <= self._max_stored:
             self._stored.record_config(digest, data)
+        elif self._stored is not None:
+            log.info("image config %s is %d bytes, above LAYERWARM_MAX_STORED_CONFIG (%d): "
+                     "not stored, fetched again when needed", digest, len(data),
+                     self._max_stored)
         return data
 
 

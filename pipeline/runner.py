@@ -59,9 +59,11 @@ class Environment:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, rate_limiter: RateLimiter | None = None
+        cls, settings: Settings, rate_limiter: RateLimiter | None = None, *,
+        read_only: bool = False,
     ) -> Environment:
-        """`rate_limiter` defaults to an in-process budget when LAYERWARM_REGISTRY_RATE is set."""
+        """`rate_limiter` defaults to an in-process budget when LAYERWARM_REGISTRY_RATE is set;
+        `read_only`: the disk tier's `.meta.db` is only read (never repaired or written)."""
         if rate_limiter is None and settings.registry_rate:
             rate_limiter = LocalRateLimiter(settings.registry_rate)
         client = RegistryClient(
@@ -75,7 +77,7 @@ class Environment:
             from pipeline.tiers.remote import open_remote
 
             remote = open_remote(settings.remote_url)
-        return cls(client, DiskTier(settings.cache_dir), remote)
+        return cls(client, DiskTier(settings.cache_dir, read_only=read_only), remote)
 
     def chain(self, registry: RegistryStep | None = None) -> Chain:
         """The lookup chain over this environment's tiers; `registry` ends it (default: fetch
@@ -110,7 +112,8 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        plan = resolve_all(Resolver(env.client, env.disk.meta), list(refs), platform, io)
+        resolver = Resolver(env.client, env.disk.meta, settings.max_stored_config)
+        plan = resolve_all(resolver, list(refs), platform, io)
         progress.planned(plan.layers)
         counted: list[dict[str, float]] = []
 
@@ -180,7 +183,7 @@ def plan_only(
     env: Environment | None = None,
 ) -> tuple[Plan, dict[LayerSpec, Source | None]]:
     """Resolve refs and report what each tier holds; makes no changes."""
-    env = env or Environment.from_settings(settings)
+    env = env or Environment.from_settings(settings, read_only=True)
     with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
         plan = resolve_all(Resolver(env.client), list(refs), platform, io)
     return plan, env.chain().locate(plan.layers)

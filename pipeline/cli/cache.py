@@ -16,13 +16,16 @@ if TYPE_CHECKING:
     from pipeline.stats import HitRatio
 
 
-def _cache(args: argparse.Namespace, *, remote_from_env: bool = True):  # -> (DiskTier, remote)
+def _cache(args: argparse.Namespace, *, remote_from_env: bool = True,
+           read_only: bool = True):  # -> (DiskTier, remote)
+    """The disk tier (read_only: for commands that only look, which never write .meta.db)
+    and the remote tier when one is given."""
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
 
     settings = settings_of(args)
     url = settings.remote_url if remote_from_env else args.remote
-    return DiskTier(settings.cache_dir), (open_remote(url) if url else None)
+    return DiskTier(settings.cache_dir, read_only=read_only), (open_remote(url) if url else None)
 
 
 def _images_json(images) -> list[dict]:
@@ -130,7 +133,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
     digests = cacheops.parse_digests(args.digests)
-    disk, remote = _cache(args, remote_from_env=False)  # the remote only when asked for
+    # The remote only when asked for; rm writes, so an unusable .meta.db is repaired.
+    disk, remote = _cache(args, remote_from_env=False, read_only=False)
 
     def waiting(d: object) -> None:
         print(f"layerwarm: {d}: in use, waiting for its lock", file=sys.stderr, flush=True)
@@ -153,12 +157,15 @@ def cmd_df(args: argparse.Namespace) -> int:
     t = cacheops.totals(disk)
     hits = stats.hit_ratio(disk.meta.counters())
     sharing = cacheops.sharing_totals(disk)
+    meta = disk.meta.usage()
     if args.json:
         print(json.dumps({"cache_dir": str(disk.root), "entries": t.entries, "bytes": t.bytes,
                           "images": t.images, "shared_entries": t.shared_entries,
                           "referenced_bytes": t.referenced_bytes,
                           "saved_bytes": t.saved_bytes, **_hit_ratio_json(hits),
-                          **_sharing_json(sharing)}, indent=2))
+                          **_sharing_json(sharing),
+                          "metadata": {"bytes": meta.bytes, "configs": meta.configs,
+                                       "config_bytes": meta.config_bytes}}, indent=2))
         return EXIT_OK
     print(f"cache dir      {disk.root}")
     print(f"entries        {t.entries}")
@@ -169,6 +176,8 @@ def cmd_df(args: argparse.Namespace) -> int:
           f"layers add up to {human_bytes(t.referenced_bytes)}")
     print(_hit_ratio_text(hits))
     _print_sharing(sharing)
+    print(f"metadata       {human_bytes(meta.bytes)} ({meta.bytes} bytes) in .meta.db: "
+          f"{meta.configs} image configs, {human_bytes(meta.config_bytes)}")
     return EXIT_OK
 
 
@@ -241,6 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             remote="remove from this remote tier too (LAYERWARM_REMOTE is not used)",
             json_out=False)
     p.add_argument("digests", nargs="+", metavar="DIGEST", help=digest_help)
-    add("df", cmd_df, "totals: entries, bytes, bytes saved by sharing layers, hit ratio")
+    add("df", cmd_df, "totals: entries, bytes, bytes saved by sharing layers, hit ratio, "
+        ".meta.db's size")
     add("metrics", cmd_metrics, "Prometheus text: hits, misses, bytes, seconds, cache size",
         json_out=False)

@@ -30,7 +30,8 @@ def _gc_json(disk_root: Path, r) -> dict:
             "skipped": [{"digest": str(x.digest), "size": x.size, "reason": x.reason}
                         for x in r.skipped],
             "swept": [{"path": x.path, "size": x.size} for x in r.swept],
-            "adopted": [str(d) for d in r.adopted], "dropped": [str(d) for d in r.dropped]}
+            "adopted": [str(d) for d in r.adopted], "dropped": [str(d) for d in r.dropped],
+            "configs_dropped": r.configs_dropped, "config_bytes_dropped": r.config_bytes_dropped}
 
 
 def _remote_gc_json(url: str, r) -> dict:
@@ -52,7 +53,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
     verb = "would evict" if args.dry_run else "evicted"
-    disk = DiskTier(settings.cache_dir)
+    # A dry run changes nothing, .meta.db included: an unusable one is read as empty.
+    disk = DiskTier(settings.cache_dir, read_only=args.dry_run)
     if args.remote is not None:
         url = args.remote or Settings.from_env().remote_url  # bare --remote: the env's
         if not url:
@@ -79,10 +81,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if max_size is None:
         max_size = settings.max_cache_size  # LAYERWARM_MAX_CACHE_SIZE; None: housekeeping only
     grace = parse_duration(args.grace, "--grace") if args.grace else gc.DEFAULT_GRACE
-    r = gc.collect(disk, max_size, dry_run=args.dry_run, grace=grace)
+    r = gc.collect(disk, max_size, dry_run=args.dry_run, grace=grace,
+                   config_ttl=settings.stored_config_ttl)
     if args.json:
         print(json.dumps(_gc_json(disk.root, r), indent=2))
         return _gc_exit(r.under_quota, r.size_after, max_size)
+    _print_disk_gc(r, verb, settings.stored_config_ttl)
+    quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
+    print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
+          f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "
+          f"{human_bytes(r.freed)} freed")
+    return _gc_exit(r.under_quota, r.size_after, max_size)
+
+
+def _print_disk_gc(r, verb: str, config_ttl: float) -> None:  # r: gc.GcReport
+    from pipeline.progress import human_bytes, human_seconds
+
     for e in r.evicted:
         note = "" if e.freed or not e.size else "  (another name of the same file remains)"
         print(f"{verb} {e.digest}  {human_bytes(e.size)}  last used {when(e.last_used)}{note}")
@@ -94,11 +108,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"adopted {d} (a file without a record: rehashed and recorded)")
     for d in r.dropped:
         print(f"{'would drop' if r.dry_run else 'dropped'} the record of {d} (its file is gone)")
-    quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
-    print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
-          f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "
-          f"{human_bytes(r.freed)} freed")
-    return _gc_exit(r.under_quota, r.size_after, max_size)
+    if r.configs_dropped:
+        print(f"{'would drop' if r.dry_run else 'dropped'} {r.configs_dropped} stored image "
+              f"configs unused for {human_seconds(config_ttl)} "
+              f"({human_bytes(r.config_bytes_dropped)}; LAYERWARM_STORED_CONFIG_TTL)")
 
 
 def _gc_exit(under_quota: bool, size: int, max_size: int | None) -> int:
@@ -118,7 +131,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     if args.list:
         if args.refs or args.file:
             raise UsageError("pin --list takes no image references")
-        found = DiskTier(settings.cache_dir).meta.pins()
+        found = DiskTier(settings.cache_dir, read_only=True).meta.pins()
         if args.json:
             print(json.dumps([{"layer": d, "ref": ref, "until": when(until)}
                               for d, ref, until in found], indent=2))

@@ -37,13 +37,21 @@ log = logging.getLogger("layerwarm")
 
 
 class DiskTier:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / ".tmp"
         self.staging_dir = self.root / ".staging"
         self.locks_dir = self.root / ".locks"
-        self.meta = Metadata(self.root / ".meta.db")
+        # read_only: commands that only look (ls, df, ...) never move or write .meta.db.
+        self.meta = Metadata(self.root / ".meta.db", read_only=read_only,
+                             lock=self.locks_dir / "meta.db.lock", rebuild=self._readopt)
         self._ready = False
+
+    def _readopt(self) -> int:
+        """Refill a `.meta.db` made anew (the old one was unusable): gc's adoption."""
+        from pipeline.gc import adopt  # gc imports this module
+
+        return len(adopt(self, self.entries()))
 
     def _ensure_dirs(self) -> None:
         # Made on first write, not on construction, so read-only commands change nothing.
