@@ -38,6 +38,7 @@ from pipeline.codecs import compression_for
 from pipeline.digest import Digest
 from pipeline.errors import NotFound, RemoteTierUnavailable, VerificationError
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, paired
+from pipeline.nofollow import open_file
 from pipeline.stages import check_disk, publish, remote_hit, restore
 from pipeline.tiers.disk import DiskTier
 
@@ -96,7 +97,7 @@ class DiskSource:
 
     def read_range(self, layer: LayerSpec, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(self.disk.path(layer.digest), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = open_file(self.disk.path(layer.digest), what="cache entry")
         except FileNotFoundError:
             raise NotFound(f"layer {layer.digest} is not on disk") from None
         try:
