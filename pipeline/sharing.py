@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.errors import NotAFile, VerificationError
 from pipeline.layer import LayerSpec, Shared
 from pipeline.metadata import LayerRecord
 from pipeline.nofollow import open_file, regular
-from pipeline.tiers.disk import DigestLock, DiskTier, Ingest
+from pipeline.tiers.disk import ENTRY_MODE, DigestLock, DiskTier, Ingest
 
 log = logging.getLogger("layerwarm")
 
@@ -125,8 +126,11 @@ def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Linked | No
     if st.st_size != size:
         return None
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+        # A copy is readable by no more users than its source.
+        ingest.mode = stat.S_IMODE(st.st_mode) & ENTRY_MODE
         if _hardlink(src, ingest):
             how: How = "hardlink"
+            ingest.mode = None  # the source's own inode: its mode is left as it is
         elif _reflink(src, ingest):
             how = "reflink"
         else:

@@ -16,7 +16,8 @@ origin. A crash at any point leaves nothing or a complete entry.
 
 Nothing here is reached through a link (pipeline/nofollow.py): an entry name that is not
 a regular file is no entry (`checked_size` removes it, never its target), a lock file
-is opened without following one, and a subdirectory that is a link is refused.
+is opened without following one, a subdirectory that is a link is refused, and temp
+files stay 0600 until the verified entry is named (0644: other users read entries).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from pipeline.metadata import Metadata
 from pipeline.nofollow import drop_stray, open_file, real_dir, regular
 
 log = logging.getLogger("layerwarm")
+
+ENTRY_MODE = 0o644  # entries are read by other users; temp files are 0600 until commit
 
 
 class DiskTier:
@@ -162,8 +165,9 @@ class DiskTier:
     def ingest(self, digest: Digest) -> Iterator[Ingest]:
         """A temp file that becomes the entry for `digest` only if `commit()` is called."""
         self._ensure_dirs(self.tmp_dir)
+        # mkstemp: O_EXCL, O_NOFOLLOW and 0600, so unverified bytes are no one else's to
+        # read; `Ingest.commit` widens the verified entry to `Ingest.mode`.
         fd, name = tempfile.mkstemp(prefix=f"{digest.cache_name}.", dir=self.tmp_dir)
-        os.fchmod(fd, 0o644)  # entries are read by other users (containerd, CI jobs)
         ingest = Ingest(self, digest, Path(name), os.fdopen(fd, "wb"))
         try:
             yield ingest
@@ -177,6 +181,9 @@ class Ingest:
     def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO) -> None:
         self.tier, self.digest, self.path, self.file = tier, digest, path, file
         self.committed = False
+        # The entry's mode: entries are read by other users (containerd, CI jobs). None
+        # leaves the file's own mode (a hard link shares its source's inode and mode).
+        self.mode: int | None = ENTRY_MODE
 
     def commit(self, layer: LayerSpec, tar: Verified, origin: Origin) -> Path:
         """Make the temp file the entry for `layer`, if the proofs hold; else raise.
@@ -188,6 +195,8 @@ class Ingest:
         if self.file.closed:  # replaced by a hard link (pipeline/sharing.py): open it
             self.file = open(open_file(self.path, what="temp file"), "rb")
         self.file.flush()
+        if self.mode is not None:
+            os.fchmod(self.file.fileno(), self.mode)
         os.fsync(self.file.fileno())
         self.file.close()
         target = self.tier.path(self.digest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import entries, leftovers, run_layerwarm
+from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, leftovers, run_layerwarm
 from tests.support.hostile import ERROR_LINE, LOG_LINE
 from tests.support.images import Image, Layer, random_tar
 from tests.support.mounts import tmpfs
@@ -325,3 +326,38 @@ def test_a_cache_subdirectory_that_is_a_link_is_refused(
     _warm_ok(ref, cache_dir)
     assert (cache_dir / _name(lay)).read_bytes() == lay.tar
     _verify_clean(cache_dir)
+
+
+# ------------------------------------------------------------------------------- modes
+
+
+def test_temp_files_are_private_until_the_verified_entry_is_named(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path,
+) -> None:
+    """While a layer is fetched and decompressed its unverified bytes are 0600; the entry
+    named from them is 0644 (other users read entries)."""
+    lay = Layer(random_tar(1209, 3_000_000), "none")  # incompressible: the hold is mid-blob
+    ref = _push(registry, registry_proxy, lay)
+    hold = registry_proxy.hold(f"/blobs/{lay.digest}", HELD)
+    warm = subprocess.Popen(layerwarm_cmd("warm", ref), env=layerwarm_env(cache_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hold.wait(timeout=60)
+        # The decompression was started before the download's first request: its temp
+        # file exists by the time the proxy holds the blob's tail.
+        files = [cache_dir / ".tmp" / n for n in os.listdir(cache_dir / ".tmp")]
+        files += [cache_dir / ".staging" / n for n in os.listdir(cache_dir / ".staging")]
+        assert len(files) == 2, files
+        modes = {p.name: oct(stat.S_IMODE(os.lstat(p).st_mode)) for p in files}
+        hold.release()
+        _, err = warm.communicate(timeout=120)
+    finally:
+        hold.release()
+        if warm.poll() is None:
+            warm.kill()
+            warm.wait()
+    assert warm.returncode == 0, err
+    assert set(modes.values()) == {"0o600"}, modes
+    entry = cache_dir / _name(lay)
+    assert stat.S_IMODE(os.lstat(entry).st_mode) == 0o644
+    assert entry.read_bytes() == lay.tar
