@@ -12,6 +12,7 @@ prints them.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
@@ -244,7 +245,7 @@ def _files(disk: DiskTier) -> dict[str, tuple[tuple[int, int], int]]:
     out = {}
     for digest in disk.entries():
         try:
-            st = disk.path(digest).stat()
+            st = os.lstat(disk.path(digest))
         except FileNotFoundError:
             continue  # removed while we looked
         out[str(digest)] = ((st.st_dev, st.st_ino), st.st_size)
@@ -272,7 +273,7 @@ def shares_with(disk: DiskTier, digest: Digest) -> list[Digest]:
     """Other entries that are the same file as `digest`'s entry (hard links, same diff_id)."""
     row = disk.meta.layer(digest)
     try:
-        ino = disk.path(digest).stat().st_ino
+        ino = os.lstat(disk.path(digest)).st_ino
     except FileNotFoundError:
         return []
     if row is None:
@@ -280,7 +281,7 @@ def shares_with(disk: DiskTier, digest: Digest) -> list[Digest]:
     out = []
     for other in disk.meta.with_diff_id(row.diff_id):
         try:
-            if other.digest != digest and disk.path(other.digest).stat().st_ino == ino:
+            if other.digest != digest and os.lstat(disk.path(other.digest)).st_ino == ino:
                 out.append(other.digest)
         except FileNotFoundError:
             continue

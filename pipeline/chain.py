@@ -40,6 +40,7 @@ from pipeline.config import Limits
 from pipeline.digest import Digest
 from pipeline.errors import NoSpace, NotFound, RemoteTierUnavailable, VerificationError
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, paired
+from pipeline.nofollow import open_file
 from pipeline.stages import (
     DEFAULT_LIMITS,
     check_disk,
@@ -105,7 +106,7 @@ class DiskSource:
 
     def read_range(self, layer: LayerSpec, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(self.disk.path(layer.digest), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = open_file(self.disk.path(layer.digest), what="cache entry")
         except FileNotFoundError:
             raise NotFound(f"layer {layer.digest} is not on disk") from None
         try:

@@ -10,12 +10,12 @@ are what a digest says. `hash_file` is the one way a file on disk is hashed.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DigestMismatch, InvalidDigest, SizeMismatch
+from pipeline.nofollow import open_file
 
 CHUNK = 1 << 20  # bytes per read when hashing or copying a file
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
@@ -126,10 +126,11 @@ class Verified:
 def hash_file(path: Path, expected: Digest, size: int | None, what: str) -> Verified:
     """Hash the file at `path` against `expected` (and `size`, when known); the proof.
 
-    Opened without following a symlink: a cache never hashes what a planted link names.
+    Opened without following a symlink: a cache never hashes what a planted link names
+    (NotAFile instead, as for anything but a regular file).
     """
     verifier = Verifier(expected, size=size, what=what)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_file(path)
     with open(fd, "rb") as f:
         while chunk := f.read(CHUNK):
             verifier.update(chunk)
@@ -139,7 +140,7 @@ def hash_file(path: Path, expected: Digest, size: int | None, what: str) -> Veri
 def digest_of_file(path: Path, algorithm: str = "sha256") -> tuple[Digest, int]:
     """What the file at `path` hashes to, and its size (for a file with no known digest)."""
     h, n = hashlib.new(algorithm), 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_file(path)
     with open(fd, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)

@@ -14,6 +14,7 @@
         ├── Unauthorized           401/403 after trying the credentials we have
         ├── InsecureRegistry       plain HTTP to a registry that is not allowed it
         ├── NoSpace                the cache's filesystem is full
+        ├── NotAFile               a name in the cache that is a link, FIFO, directory...
         └── VerificationError      bytes that are not what their digest says
             ├── DigestMismatch
             ├── SizeMismatch
@@ -99,3 +100,10 @@ class LimitExceeded(VerificationError):
 
 class NoSpace(PermanentError):
     """ENOSPC while writing into the cache; the partial file is removed."""
+
+
+class NotAFile(PermanentError):
+    """A name in the cache that is not a regular file (a planted link, a FIFO, a device).
+
+    Never followed, opened or read: see pipeline/nofollow.py.
+    """

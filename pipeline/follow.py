@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pipeline.digest import Digest, Verified, Verifier
-from pipeline.errors import LayerwarmError
+from pipeline.errors import LayerwarmError, NotAFile
+from pipeline.nofollow import open_file
 
 if TYPE_CHECKING:
     from pipeline.tiers.disk import DigestLock
@@ -242,9 +243,9 @@ class FollowedFetch:
     def _open(self) -> None:
         for path in (partial_path(self._staging), self._staging):
             try:
-                self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self._fd = open_file(path)
                 return
-            except FileNotFoundError:
+            except (FileNotFoundError, NotAFile):  # a link is nothing the fetch wrote
                 continue
 
     def verdict(self) -> Verified:
@@ -266,7 +267,7 @@ class FollowedFetch:
         """Whether the staging name holds the file read (renamed there once verified)."""
         assert self._fd is not None
         try:
-            staged = self._staging.stat()
+            staged = os.lstat(self._staging)
         except FileNotFoundError:
             return False
         ours = os.fstat(self._fd)

@@ -37,7 +37,7 @@ from typing import Literal
 
 from pipeline.config import Settings
 from pipeline.digest import Digest, digest_of_file
-from pipeline.errors import InvalidDigest
+from pipeline.errors import InvalidDigest, NotAFile
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteEntry, RemoteTier
 
@@ -163,7 +163,12 @@ def sweep(
 
 
 def _reconcile(disk: DiskTier, report: GcReport) -> None:
-    """Rows without files are dropped; files without rows are rehashed and recorded."""
+    """Rows without files are dropped; files without rows are rehashed and recorded.
+
+    A name that is not a regular file (a planted link, a FIFO) is removed, with a warning.
+    """
+    if not report.dry_run:
+        _drop_strays(disk)
     on_disk = set(disk.entries())
     for row in disk.meta.layers():
         if row.digest in on_disk:
@@ -204,6 +209,16 @@ def adopt(disk: DiskTier, digests: Collection[Digest]) -> list[Digest]:
         out.append(digest)
         log.info("adopted %s (no record; diff_id %s)", digest, diff_id)
     return out
+
+
+def _drop_strays(disk: DiskTier) -> None:
+    for digest in disk.strays():
+        with _try_lock(disk, digest) as got:
+            try:
+                if got:
+                    disk.checked_size(digest)  # the name goes, never what a link names
+            except NotAFile as e:  # a directory: never removed as a tree
+                log.warning("gc: %s", e)
 
 
 def _inodes(disk: DiskTier) -> list[_Inode]:

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.digest import CHUNK, Digest, Verified, Verifier, hash_file
-from pipeline.errors import VerificationError
+from pipeline.errors import NotAFile, VerificationError
 from pipeline.layer import LayerSpec, Shared
 from pipeline.metadata import LayerRecord
-from pipeline.tiers.disk import DigestLock, DiskTier, Ingest
+from pipeline.nofollow import open_file, regular
+from pipeline.tiers.disk import ENTRY_MODE, DigestLock, DiskTier, Ingest
 
 log = logging.getLogger("layerwarm")
 
@@ -78,7 +79,7 @@ def share(layer: LayerSpec, disk: DiskTier, wait: float = SOURCE_LOCK_WAIT) -> L
             continue
         try:
             shared = _share_from(layer, disk, row.digest)
-        except FileNotFoundError:  # removed by hand behind the lock's back: look further
+        except (FileNotFoundError, NotAFile):  # removed or replaced by hand: look further
             continue
         except VerificationError as e:
             # The source is not what its row says. Drop it, as `verify` would, so no
@@ -116,17 +117,20 @@ def _share_from(layer: LayerSpec, disk: DiskTier, source: Digest) -> Linked | No
     row = disk.meta.layer(source)
     src = disk.path(source)
     try:
-        st = src.lstat()
-    except FileNotFoundError:
-        return None
-    if row is None or row.diff_id != layer.diff_id or not stat.S_ISREG(st.st_mode):
+        st = regular(src, "cache entry")
+    except NotAFile:
+        return None  # not an entry (check_disk, verify or gc removes it under its lock)
+    if st is None or row is None or row.diff_id != layer.diff_id:
         return None
     size = row.uncompressed_size
     if st.st_size != size:
         return None
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+        # A copy is readable by no more users than its source.
+        ingest.mode = stat.S_IMODE(st.st_mode) & ENTRY_MODE
         if _hardlink(src, ingest):
             how: How = "hardlink"
+            ingest.mode = None  # the source's own inode: its mode is left as it is
         elif _reflink(src, ingest):
             how = "reflink"
         else:
@@ -167,7 +171,7 @@ def _hardlink(src: Path, ingest: Ingest) -> bool:
 
 def _reflink(src: Path, ingest: Ingest) -> bool:
     """Clone `src`'s extents into the ingest file (btrfs, XFS); False where unsupported."""
-    with open(src, "rb") as f:
+    with open(open_file(src, what="cache entry"), "rb") as f:
         try:
             fcntl.ioctl(ingest.file.fileno(), FICLONE, f.fileno())
         except OSError:
@@ -178,7 +182,7 @@ def _reflink(src: Path, ingest: Ingest) -> bool:
 def _copy(src: Path, ingest: Ingest, diff_id: Digest, size: int) -> Verified:
     """Copy `src` into the ingest file, hashing as it goes; raises unless it is `diff_id`."""
     verifier = Verifier(diff_id, size=size, what=f"disk entry {src} (copy)")
-    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+    with open(open_file(src, what="cache entry"), "rb") as f:
         while chunk := f.read(CHUNK):
             verifier.update(chunk)
             ingest.file.write(chunk)

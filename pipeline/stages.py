@@ -25,6 +25,7 @@ from pipeline.digest import Verified, Verifier, hash_file
 from pipeline.errors import (
     DigestMismatch,
     LimitExceeded,
+    NotAFile,
     NotFound,
     RemoteTierUnavailable,
     SizeMismatch,
@@ -42,6 +43,7 @@ from pipeline.layer import (
     remote_metadata,
     remote_mismatch,
 )
+from pipeline.nofollow import drop_stray, open_file, regular
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
@@ -86,16 +88,17 @@ def _fetch(
     progress: Progress,
     growing: GrowingFile | None,
 ) -> Path:
-    staging = disk.staging_path(layer.digest)
+    staging = disk.staging_file(layer.digest)
     if _staging_verified(staging, layer):
         return staging  # an earlier fetch whose decompress did not run
     partial = partial_path(staging)
+    drop_stray(partial, "partial download")  # never resumed (appended to) through a link
     progress.stage(layer, "fetching", layer.size)
     last: Exception | None = None
     for source in layer.sources:
         try:
             with disk.space_guard():
-                resumed = partial.exists()
+                resumed = os.path.lexists(partial)
                 try:
                     verified = _download(client, source, layer, partial, progress, growing)
                 except VerificationError:
@@ -127,7 +130,10 @@ def _staging_verified(staging: Path, layer: LayerSpec) -> bool:
     can have the right size and the wrong bytes: hash it again rather than trust its size.
     """
     try:
-        if staging.stat().st_size != layer.size:
+        if drop_stray(staging, "staged layer blob"):
+            return False  # a link is not an earlier fetch's blob: fetch it
+        st = regular(staging)
+        if st is None or st.st_size != layer.size:
             return False
         hash_file(staging, layer.digest, layer.size, "staged layer blob")
         return True
@@ -166,10 +172,12 @@ def _download(
 ) -> Verified:
     """Download the blob into `dest`, resuming after a cut by the one retry policy."""
     verifier = Verifier(layer.digest, size=layer.size, what="layer blob")
-    resuming = dest.exists()
+    resuming = os.path.lexists(dest)
     # Readable (a follower preads a duplicate of this descriptor) and unbuffered (each
     # chunk must be in the file when `growing.wrote` says so). Chunks are 1 MiB anyway.
-    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # A new file is made with O_EXCL: nothing put there since the look is written into.
+    fd = open_file(dest, os.O_RDWR | (0 if resuming else os.O_CREAT | os.O_EXCL),
+                   what="partial download")
     with open(fd, "r+b", buffering=0) as out:
         if resuming:
             _resume_point(out, verifier)
@@ -217,7 +225,7 @@ def decompress(
     happened to the file since its fetch). The staging file is removed once the entry
     exists, or when its content can never become one (wrong digest or diff_id, a bomb).
     """
-    fd = os.open(staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_file(staging, what="staged layer blob")
     with open(fd, "rb") as src:
         try:
             size = decompress_stream(
@@ -296,7 +304,7 @@ def check_disk(layer: LayerSpec, disk: DiskTier, *, touch: bool = True) -> int |
     The caller holds the digest's lock. `touch=False` leaves marking a hit as used to the
     caller (the embedded runner marks a whole warm's hits at once).
     """
-    size = disk.size(layer.digest)
+    size = disk.checked_size(layer.digest)  # a link or FIFO there is removed: a miss
     if size is None:
         return None
     path = disk.path(layer.digest)
@@ -319,7 +327,7 @@ def check_disk(layer: LayerSpec, disk: DiskTier, *, touch: bool = True) -> int |
         # name alone is no proof, so hash it before adopting it, unpaired, as this layer.
         try:
             hash_file(path, layer.diff_id, None, f"disk entry {path}")
-        except (VerificationError, OSError) as e:
+        except (VerificationError, NotAFile, OSError) as e:
             log.warning("%s; fetching it again", e)
             disk.remove(layer.digest)
             return None

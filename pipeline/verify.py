@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pipeline.digest import Digest, Verifier, hash_file
-from pipeline.errors import LayerwarmError, VerificationError
+from pipeline.errors import LayerwarmError, NotAFile, VerificationError
+from pipeline.nofollow import regular
 from pipeline.tiers.disk import DiskTier
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
@@ -32,10 +33,17 @@ def verify_disk(
     disk: DiskTier, digests: Sequence[Digest] | None = None, *, report_only: bool = False
 ) -> list[Checked]:
     out = []
-    for digest in digests if digests is not None else disk.entries():
+    # Every entry name on disk, links and FIFOs too: they are reported (and removed).
+    for digest in digests if digests is not None else sorted(disk.entries() + disk.strays()):
         with disk.lock(digest):
             path = disk.path(digest)
-            if not path.is_file():
+            try:
+                found = regular(path, "cache entry")
+            except NotAFile as e:  # no entry; removing the name leaves a link's target alone
+                out.append(Checked(digest, "disk", "bad", str(e),
+                                   not report_only and disk.remove(digest)))
+                continue
+            if found is None:
                 out.append(Checked(digest, "disk", "missing", f"no entry {path.name}"))
                 continue
             row = disk.meta.layer(digest)
@@ -44,7 +52,7 @@ def verify_disk(
                 continue
             try:
                 hash_file(path, row.diff_id, row.uncompressed_size, f"disk entry {path}")
-            except VerificationError as e:
+            except (VerificationError, NotAFile) as e:
                 removed = not report_only and disk.remove(digest)
                 out.append(Checked(digest, "disk", "bad", str(e), removed))
                 continue

@@ -13,6 +13,11 @@ bytes came from (an `Origin`: a verified blob of this very digest, the remote ti
 another entry's content), checks both against the layer and the file's size, and refuses
 anything else. Then: fsync, rename, fsync the directory, and record the row with its
 origin. A crash at any point leaves nothing or a complete entry.
+
+Nothing here is reached through a link (pipeline/nofollow.py): an entry name that is not
+a regular file is no entry (`checked_size` removes it, never its target), a lock file
+is opened without following one, a subdirectory that is a link is refused, and temp
+files stay 0600 until the verified entry is named (0644: other users read entries).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.digest import Digest, Verified
-from pipeline.errors import InvalidDigest, NoSpace, PermanentError, VerificationError
+from pipeline.errors import InvalidDigest, NoSpace, NotAFile, PermanentError, VerificationError
 from pipeline.layer import FromBlob, LayerSpec, Origin, Shared, origin_text
 from pipeline.metadata import Metadata
+from pipeline.nofollow import drop_stray, open_file, real_dir, regular
 
 log = logging.getLogger("layerwarm")
+
+ENTRY_MODE = 0o644  # entries are read by other users; temp files are 0600 until commit
 
 
 class DiskTier:
@@ -53,16 +61,27 @@ class DiskTier:
 
         return len(adopt(self, self.entries()))
 
-    def _ensure_dirs(self) -> None:
-        # Made on first write, not on construction, so read-only commands change nothing.
-        if self._ready:
-            return
+    def _ensure_dirs(self, sub: Path) -> None:
+        """Make the cache directory and its subdirectories; check `sub`, about to be used.
+
+        Made on first write, not on construction, so read-only commands change nothing.
+        `sub` is checked on every use: one swapped for a link, even later, is refused
+        (and one removed by hand is made again).
+        """
         try:
-            for d in (self.root, self.tmp_dir, self.staging_dir, self.locks_dir):
-                d.mkdir(parents=True, exist_ok=True)
+            if not self._ready:
+                self.root.mkdir(parents=True, exist_ok=True)
+            for d in (sub,) if self._ready else (self.tmp_dir, self.staging_dir, self.locks_dir):
+                try:
+                    os.mkdir(d)
+                except FileExistsError:
+                    pass  # a directory, or a link: refused when it is used
+            self._ready = True
+            real_dir(sub)
         except OSError as e:
-            raise PermanentError(f"cannot create cache directory {self.root}: {e.strerror}") from e
-        self._ready = True
+            raise PermanentError(
+                f"cannot create cache directory {e.filename or self.root}: {e.strerror}"
+            ) from e
 
     def path(self, digest: Digest) -> Path:
         return self.root / digest.cache_name
@@ -70,36 +89,70 @@ class DiskTier:
     def staging_path(self, digest: Digest) -> Path:
         return self.staging_dir / digest.cache_name
 
+    def staging_file(self, digest: Digest) -> Path:
+        """`staging_path`, for a fetch about to write there: `.staging` checked to be a
+        directory (not a link to one elsewhere)."""
+        self._ensure_dirs(self.staging_dir)
+        return self.staging_path(digest)
+
     def size(self, digest: Digest) -> int | None:
-        """Size of the entry, or None when there is none."""
+        """Size of the entry, or None when there is none (a link or FIFO is none either)."""
         try:
-            return self.path(digest).stat().st_size
-        except FileNotFoundError:
+            st = regular(self.path(digest), "cache entry")
+        except NotAFile:
             return None
+        return None if st is None else st.st_size
+
+    def checked_size(self, digest: Digest) -> int | None:
+        """`size`, after removing a name that is not a regular file (and its row).
+
+        For callers about to trust the entry; they hold the digest's lock.
+        """
+        if drop_stray(self.path(digest), "cache entry"):
+            self.meta.forget(digest)
+        return self.size(digest)
 
     def has(self, digest: Digest) -> bool:
         return self.size(digest) is not None
 
     def remove(self, digest: Digest) -> bool:
-        """Drop an entry and its row; the caller holds the digest's lock."""
+        """Drop an entry (the name: a link's target is not touched) and its row.
+
+        A directory under an entry's name is left (nothing here removes a tree). The
+        caller holds the digest's lock.
+        """
         self.meta.forget(digest)
         try:
             self.path(digest).unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             return False
         return True
 
     def entries(self) -> list[Digest]:
-        """Every well-formed entry name in the cache directory."""
-        if not self.root.is_dir():
+        """Every well-formed entry name in the cache directory that is a regular file."""
+        return [d for d, is_file in self._names() if is_file]
+
+    def strays(self) -> list[Digest]:
+        """Entry names that are not regular files (links, FIFOs...): no entries, to remove."""
+        return [d for d, is_file in self._names() if not is_file]
+
+    def _names(self) -> list[tuple[Digest, bool]]:
+        try:
+            items = sorted(os.scandir(self.root), key=lambda i: i.name)
+        except (FileNotFoundError, NotADirectoryError):
             return []
         out = []
-        for p in sorted(self.root.iterdir()):
+        for item in items:
             try:
-                out.append(Digest.parse(p.name, allow_cache_name=True))
+                digest = Digest.parse(item.name, allow_cache_name=True)
+                is_file = item.is_file(follow_symlinks=False)
             except InvalidDigest:
                 continue  # not ours (or hostile): never touched
-        return [d for d in out if d.cache_name == self.path(d).name and self.path(d).is_file()]
+            except FileNotFoundError:
+                continue  # removed while we looked
+            if digest.cache_name == item.name:
+                out.append((digest, is_file))
+        return out
 
     @contextmanager
     def space_guard(self) -> Iterator[None]:
@@ -113,15 +166,16 @@ class DiskTier:
 
     def lock(self, digest: Digest) -> DigestLock:
         """An exclusive, cross-process lock for materializing one digest on this host."""
-        self._ensure_dirs()
+        self._ensure_dirs(self.locks_dir)
         return DigestLock(self.locks_dir / f"{digest.cache_name}.lock")
 
     @contextmanager
     def ingest(self, digest: Digest) -> Iterator[Ingest]:
         """A temp file that becomes the entry for `digest` only if `commit()` is called."""
-        self._ensure_dirs()
+        self._ensure_dirs(self.tmp_dir)
+        # mkstemp: O_EXCL, O_NOFOLLOW and 0600, so unverified bytes are no one else's to
+        # read; `Ingest.commit` widens the verified entry to `Ingest.mode`.
         fd, name = tempfile.mkstemp(prefix=f"{digest.cache_name}.", dir=self.tmp_dir)
-        os.fchmod(fd, 0o644)  # entries are read by other users (containerd, CI jobs)
         ingest = Ingest(self, digest, Path(name), os.fdopen(fd, "wb"))
         try:
             yield ingest
@@ -137,7 +191,7 @@ class DiskTier:
         fail at once (or, from the remote tier, fall back to the registry) instead of
         filling the disk first. Others write meanwhile: `space_guard` still catches ENOSPC.
         """
-        self._ensure_dirs()
+        self._ensure_dirs(self.tmp_dir)  # the root must exist to be asked
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         if size > free:
@@ -148,6 +202,9 @@ class Ingest:
     def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO) -> None:
         self.tier, self.digest, self.path, self.file = tier, digest, path, file
         self.committed = False
+        # The entry's mode: entries are read by other users (containerd, CI jobs). None
+        # leaves the file's own mode (a hard link shares its source's inode and mode).
+        self.mode: int | None = ENTRY_MODE
 
     def commit(self, layer: LayerSpec, tar: Verified, origin: Origin) -> Path:
         """Make the temp file the entry for `layer`, if the proofs hold; else raise.
@@ -156,13 +213,13 @@ class Ingest:
         this digest's own blob. Then fsync, rename, fsync the directory, record the row.
         """
         self._check(layer, tar, origin)
-        if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        else:
-            with open(self.path, "rb") as f:
-                os.fsync(f.fileno())
+        if self.file.closed:  # replaced by a hard link (pipeline/sharing.py): open it
+            self.file = open(open_file(self.path, what="temp file"), "rb")
+        self.file.flush()
+        if self.mode is not None:
+            os.fchmod(self.file.fileno(), self.mode)
+        os.fsync(self.file.fileno())
+        self.file.close()
         target = self.tier.path(self.digest)
         os.replace(self.path, target)
         self.committed = True
@@ -205,7 +262,7 @@ class DigestLock:
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError as e:
@@ -215,6 +272,17 @@ class DigestLock:
             raise
         self._fd = fd
         return True
+
+    def _open(self) -> int:
+        try:
+            # A lock taken through a link would lock (or create) a file elsewhere, and no
+            # layerwarm process locks through one: a link here is nobody's lock.
+            drop_stray(self.path, "lock file")
+            return open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
+        except OSError as e:
+            raise PermanentError(
+                f"cannot open lock file {self.path}: {e.strerror}; make {self.path.parent} "
+                "writable (layerwarm locks a layer to read or change it)") from None
 
     def release(self) -> None:
         if self._fd is not None:

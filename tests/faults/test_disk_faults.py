@@ -7,7 +7,6 @@ holds nothing wrong (no entry, no temp or staging file left behind).
 from __future__ import annotations
 
 import gzip
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from tests.support.cli import entries, leftovers, run_layerwarm
 from tests.support.images import File, Image, Layer, make_tar, random_tar
+from tests.support.mounts import tmpfs
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 
@@ -111,16 +111,8 @@ def test_staged_blob_is_hashed_before_it_is_reused(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a real ENOSPC, not a simulated one."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the ENOSPC test: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=4m", "the ENOSPC test") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_fails_that_layer_cleanly(registry: RegistryServer, small_fs: Path) -> None:
