@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from pipeline.digest import Digest
-from pipeline.errors import InvalidManifest, LayerwarmError
+from pipeline.errors import InvalidManifest, LayerwarmError, describe_error
 from pipeline.layer import LayerSpec
 from pipeline.manifest import (
     IMAGE_TYPES,
@@ -190,6 +190,9 @@ def resolve_all(
             return resolver.resolve(ref, platform)
         except LayerwarmError as e:
             return ImageFailure(str(ref), str(e))
+        except Exception as e:  # a bug met on one reference must not end the others ...
+            log.debug("resolving %s failed unexpectedly", ref, exc_info=True)
+            return ImageFailure(str(ref), describe_error(e))  # ... and still says what it is
 
     plan = Plan()
     for outcome in executor.map(one, list(dict.fromkeys(refs))):

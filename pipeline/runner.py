@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pipeline import stats
 from pipeline.chain import Chain, RegistryStep, quick_hit
 from pipeline.config import Settings
-from pipeline.errors import LayerwarmError
+from pipeline.errors import LayerwarmError, describe_error
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
@@ -84,16 +84,6 @@ class Environment:
             def registry(layer: LayerSpec, progress: Progress) -> int:
                 return fetch_and_decompress(self.client, layer, self.disk, progress)
         return Chain(self.disk, self.remote, registry)
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for a user: our errors speak for themselves; OS errors name the file."""
-    if isinstance(e, LayerwarmError):
-        return str(e)
-    if isinstance(e, OSError) and e.strerror:
-        where = f" on {e.filename}" if e.filename else ""
-        return f"{e.strerror.lower()}{where}"
-    return f"unexpected {type(e).__name__}: {e}"
 
 
 def warm(
