@@ -13,6 +13,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from pipeline.config import MAX_INDEX_CHILDREN
 from pipeline.digest import Digest
 from pipeline.errors import InvalidManifest, LayerwarmError, describe_error
 from pipeline.layer import LayerSpec
@@ -108,9 +109,13 @@ class Resolver:
     their digest like a download), and downloaded ones are kept there.
     """
 
-    def __init__(self, client: RegistryClient, configs: ConfigStore | None = None) -> None:
+    def __init__(
+        self, client: RegistryClient, configs: ConfigStore | None = None, *,
+        max_children: int = MAX_INDEX_CHILDREN,
+    ) -> None:
         self.client = client
         self._stored = configs
+        self._max_children = max_children
         self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
             _Memo()
         )
@@ -122,6 +127,10 @@ class Resolver:
         if isinstance(doc, ImageManifest):
             return [self._image(ref, doc, digest)]
         chosen = doc.images() if platform is None else (doc.select(platform),)
+        if len(chosen) > self._max_children:  # before any child: each costs two requests
+            raise InvalidManifest(
+                f"index lists {len(chosen)} image manifests; the limit is "
+                f"{self._max_children} (LAYERWARM_MAX_INDEX_CHILDREN)")
         out = []
         for desc in chosen:
             child, child_digest = self._manifest(ref.with_digest(desc.digest))

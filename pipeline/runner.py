@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import stats
 from pipeline.chain import Chain, RegistryStep, quick_hit
-from pipeline.config import Settings
+from pipeline.config import MAX_INDEX_CHILDREN, Settings
 from pipeline.errors import LayerwarmError, describe_error
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
@@ -56,6 +56,7 @@ class Environment:
     client: RegistryClient
     disk: DiskTier
     remote: RemoteTier | None
+    max_index_children: int = MAX_INDEX_CHILDREN
 
     @classmethod
     def from_settings(
@@ -75,7 +76,13 @@ class Environment:
             from pipeline.tiers.remote import open_remote
 
             remote = open_remote(settings.remote_url)
-        return cls(client, DiskTier(settings.cache_dir), remote)
+        return cls(client, DiskTier(settings.cache_dir), remote, settings.max_index_children)
+
+    def resolver(self, *, keep_configs: bool = False) -> Resolver:
+        """Resolves refs with this client; `keep_configs`: image configs are read from and
+        kept in the disk tier's metadata."""
+        return Resolver(self.client, self.disk.meta if keep_configs else None,
+                        max_children=self.max_index_children)
 
     def chain(self, registry: RegistryStep | None = None) -> Chain:
         """The lookup chain over this environment's tiers; `registry` ends it (default: fetch
@@ -100,7 +107,7 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        plan = resolve_all(Resolver(env.client, env.disk.meta), list(refs), platform, io)
+        plan = resolve_all(env.resolver(keep_configs=True), list(refs), platform, io)
         progress.planned(plan.layers)
         counted: list[dict[str, float]] = []
 
@@ -172,5 +179,5 @@ def plan_only(
     """Resolve refs and report what each tier holds; makes no changes."""
     env = env or Environment.from_settings(settings)
     with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
-        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+        plan = resolve_all(env.resolver(), list(refs), platform, io)
     return plan, env.chain().locate(plan.layers)
