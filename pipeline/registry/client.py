@@ -2,8 +2,9 @@
 
 One `requests.Session` per client, shared by many threads. Every request goes through
 `_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
-5 hops, http/https only, Authorization only where `may_send_credentials` allows), and
-status mapping to the `pipeline.errors` tree. Manifests and configs are retried here by
+5 hops, http/https only, each under the plain-HTTP rule of the first request,
+Authorization only where `may_send_credentials` allows), and status mapping to the
+`pipeline.errors` tree. Manifests and configs are retried here by
 the one retry policy (pipeline/retry.py); a blob stream is opened once, since its caller
 (stages.fetch) retries the whole blob, resuming where it stopped.
 """
@@ -28,6 +29,7 @@ from requests.auth import AuthBase
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import (
     DigestMismatch,
+    InsecureRegistry,
     InvalidDigest,
     InvalidManifest,
     NotFound,
@@ -358,5 +360,10 @@ class RegistryClient:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise PermanentError(
                     f"{where}: refusing redirect to a non-HTTP URL ({urlsplit(url).scheme}:)")
+            if not self._url_allowed(url):  # every hop under the first request's rule
+                hostport = _printable(urlsplit(url).netloc.rpartition("@")[2][:200])
+                raise InsecureRegistry(
+                    f"{where}: refusing redirect to plain HTTP at {hostport} (not https, not "
+                    "loopback, not in LAYERWARM_INSECURE_REGISTRIES)")
             log.debug("%s: redirected to %s", where, urlsplit(url).netloc)
         raise PermanentError(f"{where}: more than {MAX_REDIRECTS} redirects")
