@@ -132,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
         head += [f"Content-Length: {len(answer.body)}", "", ""]
         raw_head = "\r\n".join(head).encode("latin-1")
         try:
+            if answer.trickle is None:  # one write: a second small one waits for a delayed ACK
+                self._send(raw_head + answer.body, None, 1, registry)
+                return
             self._send(raw_head, answer.trickle if answer.trickle_head else None, 1, registry)
             self._send(answer.body, answer.trickle, answer.step, registry)
         except OSError:  # the client gave up (as it should, on a trickle)
