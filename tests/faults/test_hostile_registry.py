@@ -246,27 +246,51 @@ FAST_DEADLINES = {"LAYERWARM_REQUEST_DEADLINE": "2", "LAYERWARM_STALL_SECONDS": 
 HANG = 45.0  # a run still going then is a hang (each case ends in about 5 s)
 
 
-def _trickled(what: str, head: bool) -> Any:
-    def setup(hostile: HostileRegistry, repo: str, image: Image) -> tuple[str, str]:
-        where = (_manifest_path if what == "manifest" else _config_path)(repo, image)
-        honest = hostile.served(where)
-        hostile.serve(where, Answer(200, honest.body, honest.headers, trickle=1.0,
-                                    trickle_head=head))
-        name = "manifest 1" if what == "manifest" else f"blob {image.config_digest}"
-        return where, re.escape(name)
-
-    return setup
+def _slow(hostile: HostileRegistry, where: str, *, head: bool = False) -> str:
+    """`where` answers as before, a byte a second (`head`: its headers too); its regex."""
+    was = hostile.served(where)
+    hostile.serve(where, Answer(was.status, was.body, was.headers, trickle=1.0, trickle_head=head))
+    return re.escape(where) + "$"
 
 
-@pytest.mark.parametrize("setup", [_trickled("manifest", False), _trickled("manifest", True),
-                                   _trickled("config", False)],
-                         ids=["manifest-body", "manifest-headers", "config-body"])
+def manifest_body(hostile: HostileRegistry, repo: str, image: Image) -> str:
+    return _slow(hostile, _manifest_path(repo, image))
+
+
+def manifest_headers(hostile: HostileRegistry, repo: str, image: Image) -> str:
+    return _slow(hostile, _manifest_path(repo, image), head=True)
+
+
+def config_body(hostile: HostileRegistry, repo: str, image: Image) -> str:
+    return _slow(hostile, _config_path(repo, image))
+
+
+def error_body(hostile: HostileRegistry, repo: str, image: Image) -> str:
+    """A 404 whose JSON error body (which the client reads for its message) trickles."""
+    body = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}'
+    hostile.serve(_manifest_path(repo, image),
+                  Answer(404, body, {"Content-Type": "application/json"}))
+    return _slow(hostile, _manifest_path(repo, image))
+
+
+def token_body(hostile: HostileRegistry, repo: str, image: Image) -> str:
+    """The registry asks for a bearer token; the token server trickles it."""
+    challenge = f'Bearer realm="http://{hostile.host}/token",service="hostile"'
+    hostile.serve(_manifest_path(repo, image), Answer(401, headers={"WWW-Authenticate": challenge}))
+    hostile.serve("/token", Answer(200, b'{"token": "t0k"}', {"Content-Type": "application/json"}))
+    _slow(hostile, "/token")
+    return r"^/token\?"
+
+
+@pytest.mark.parametrize("setup", [manifest_body, manifest_headers, config_body, error_body,
+                                   token_body])
 def test_a_trickled_document_fails_at_the_request_deadline(
     hostile: HostileRegistry, box: Sandbox, setup: Any,
 ) -> None:
     image, repo = _image(41), _repo("slow")
     hostile.serve_image(repo, "1", image)
-    where, what = setup(hostile, repo, image)
+    trickled = setup(hostile, repo, image)
+    what = f"blob {image.config_digest}" if setup is config_body else "manifest 1"
 
     run, before = box.run("warm", *AMD64, f"{hostile.host}/{repo}:1", env=FAST_DEADLINES,
                           timeout=HANG)
@@ -275,7 +299,7 @@ def test_a_trickled_document_fails_at_the_request_deadline(
                   expect=rf"{what} from 127\.0\.0\.1:\d+/{re.escape(repo)}: no complete "
                          r"answer within the 2 s request deadline "
                          r"\(LAYERWARM_REQUEST_DEADLINE\)$")
-    assert hostile.count(re.escape(where) + "$") == 2, "the deadline is retried like a timeout"
+    assert hostile.count(trickled) == 2, "the deadline is retried like a timeout"
     assert hostile.count(re.escape(_layer_path(repo, image))) == 0
     assert run.seconds < 30, run.show()
 
