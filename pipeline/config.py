@@ -10,6 +10,10 @@ from pathlib import Path
 from pipeline.errors import UsageError
 from pipeline.retry import RetryPolicy
 
+# A real multi-arch index lists a dozen platforms or so (attestations are not fetched);
+# thousands would cost two requests each, and are only ever a hostile registry's.
+MAX_INDEX_CHILDREN = 64
+
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
     # Per user, like other caches: $XDG_CACHE_HOME/layerwarm, else ~/.cache/layerwarm.
@@ -125,6 +129,8 @@ class Settings:
     # needed; gc drops those unused for longer than the TTL (seconds).
     max_stored_config: int = 256 << 10
     stored_config_ttl: float = 7 * 86400.0
+    # Image manifests one index may fan out to with --all-platforms (plan.Resolver).
+    max_index_children: int = MAX_INDEX_CHILDREN
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +149,7 @@ class Settings:
             retry=RetryPolicy.from_env(env),
             **_quota(env),
             **_stored_configs(env),
+            max_index_children=_int(env, "LAYERWARM_MAX_INDEX_CHILDREN", MAX_INDEX_CHILDREN),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

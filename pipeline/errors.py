@@ -107,3 +107,13 @@ class NotAFile(PermanentError):
 
     Never followed, opened or read: see pipeline/nofollow.py.
     """
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a user: our errors speak for themselves; OS errors name the file."""
+    if isinstance(e, LayerwarmError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" on {e.filename}" if e.filename else ""
+        return f"{e.strerror.lower()}{where}"
+    return f"unexpected {type(e).__name__}: {e}"

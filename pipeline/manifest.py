@@ -151,7 +151,9 @@ class ImageConfig:
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError:  # e.g. 200,000 `[`: no real document nests like that
+        raise InvalidManifest(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and UnicodeError on undecodable bytes
         raise InvalidManifest(f"{what} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidManifest(f"{what} is not a JSON object")

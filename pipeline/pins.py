@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pipeline.config import Settings
 from pipeline.digest import Digest
 from pipeline.manifest import Platform
-from pipeline.plan import ImageFailure, Resolver, resolve_all
+from pipeline.plan import ImageFailure, resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import Environment
 
@@ -43,7 +43,7 @@ def pin(
     env = env or Environment.from_settings(settings)
     until = (time.time() if now is None else now) + ttl
     with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
-        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+        plan = resolve_all(env.resolver(), list(refs), platform, io)
     layers: dict[str, list[Digest]] = {}
     for image in plan.images:
         layers.setdefault(str(image.ref), []).extend(x.digest for x in image.layers)

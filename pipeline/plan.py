@@ -13,9 +13,9 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from pipeline.config import Settings
+from pipeline.config import MAX_INDEX_CHILDREN, Settings
 from pipeline.digest import Digest
-from pipeline.errors import InvalidManifest, LayerwarmError
+from pipeline.errors import InvalidManifest, LayerwarmError, describe_error
 from pipeline.layer import LayerSpec
 from pipeline.manifest import (
     IMAGE_TYPES,
@@ -110,11 +110,15 @@ class Resolver:
     kept there (a larger one is fetched again when needed: it would bloat the store).
     """
 
-    def __init__(self, client: RegistryClient, configs: ConfigStore | None = None,
-                 max_stored: int = Settings.max_stored_config) -> None:
+    def __init__(
+        self, client: RegistryClient, configs: ConfigStore | None = None, *,
+        max_stored: int = Settings.max_stored_config,
+        max_children: int = MAX_INDEX_CHILDREN,
+    ) -> None:
         self.client = client
         self._stored = configs
         self._max_stored = max_stored
+        self._max_children = max_children
         self._manifests: _Memo[tuple[str, str], tuple[ImageManifest | ImageIndex, Digest]] = (
             _Memo()
         )
@@ -126,6 +130,10 @@ class Resolver:
         if isinstance(doc, ImageManifest):
             return [self._image(ref, doc, digest)]
         chosen = doc.images() if platform is None else (doc.select(platform),)
+        if len(chosen) > self._max_children:  # before any child: each costs two requests
+            raise InvalidManifest(
+                f"index lists {len(chosen)} image manifests; the limit is "
+                f"{self._max_children} (LAYERWARM_MAX_INDEX_CHILDREN)")
         out = []
         for desc in chosen:
             child, child_digest = self._manifest(ref.with_digest(desc.digest))
@@ -198,6 +206,9 @@ def resolve_all(
             return resolver.resolve(ref, platform)
         except LayerwarmError as e:
             return ImageFailure(str(ref), str(e))
+        except Exception as e:  # a bug met on one reference must not end the others ...
+            log.debug("resolving %s failed unexpectedly", ref, exc_info=True)
+            return ImageFailure(str(ref), describe_error(e))  # ... and still says what it is
 
     plan = Plan()
     for outcome in executor.map(one, list(dict.fromkeys(refs))):

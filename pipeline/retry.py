@@ -20,6 +20,12 @@ is honoured up to `max_retry_after`; one that asks for longer ends the retries a
 with a message saying so (and a 429's pause of the host, shared by a fleet through Redis,
 lasts at most `max_retry_after`). Nothing waits past the layer's `deadline`. A registry
 that answers 500 to everything fails a layer in under 8 seconds of waiting.
+
+How long one attempt may take (pipeline/registry/deadline.py): a document (manifest,
+config, token, error body) has `request_deadline` for all of it, connect to last byte; a
+blob has it until its headers, then must keep moving: a window of `stall` seconds without
+64 KiB cuts it. Either is a TransientError, retried like a timeout, so a server that
+trickles a byte at a time fails a request in `attempts` x `request_deadline` at most.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class RetryPolicy:
     cap: float = 8.0               # ... doubling up to this
     max_retry_after: float = 60.0  # a longer Retry-After is cut to this
     deadline: float = 600.0        # seconds one layer (or document) may spend retrying
+    request_deadline: float = 60.0  # seconds one attempt at a document may take, all in
+    stall: float = 30.0            # seconds a blob body may go without 64 KiB arriving
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RetryPolicy:
@@ -51,6 +59,8 @@ class RetryPolicy:
             attempts=int(_number(env, "LAYERWARM_RETRY_ATTEMPTS", cls.attempts, whole=True)),
             max_retry_after=_number(env, "LAYERWARM_MAX_RETRY_AFTER", cls.max_retry_after),
             deadline=_number(env, "LAYERWARM_LAYER_DEADLINE", cls.deadline),
+            request_deadline=_number(env, "LAYERWARM_REQUEST_DEADLINE", cls.request_deadline),
+            stall=_number(env, "LAYERWARM_STALL_SECONDS", cls.stall),
         )
 
     def retry_after(self, seconds: float | None) -> float | None:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from pipeline import stats
 from pipeline.chain import Chain, RegistryStep, quick_hit
-from pipeline.config import Settings
-from pipeline.errors import LayerwarmError
+from pipeline.config import MAX_INDEX_CHILDREN, Limits, Settings
+from pipeline.errors import LayerwarmError, describe_error
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
@@ -26,6 +26,7 @@ from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
 from pipeline.registry.auth import DockerConfig
 from pipeline.registry.client import RegistryClient
+from pipeline.stages import DEFAULT_LIMITS
 from pipeline.tiers.disk import DiskTier
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
@@ -56,6 +57,9 @@ class Environment:
     client: RegistryClient
     disk: DiskTier
     remote: RemoteTier | None
+    max_index_children: int = MAX_INDEX_CHILDREN
+    max_stored_config: int = Settings.max_stored_config
+    limits: Limits = DEFAULT_LIMITS  # what a layer may expand to, from any source
 
     @classmethod
     def from_settings(
@@ -77,25 +81,23 @@ class Environment:
             from pipeline.tiers.remote import open_remote
 
             remote = open_remote(settings.remote_url)
-        return cls(client, DiskTier(settings.cache_dir, read_only=read_only), remote)
+        return cls(client, DiskTier(settings.cache_dir, read_only=read_only), remote,
+                   settings.max_index_children, settings.max_stored_config, settings.limits)
+
+    def resolver(self, *, keep_configs: bool = False) -> Resolver:
+        """Resolves refs with this client; `keep_configs`: image configs are read from and
+        kept in the disk tier's metadata."""
+        return Resolver(self.client, self.disk.meta if keep_configs else None,
+                        max_stored=self.max_stored_config, max_children=self.max_index_children)
 
     def chain(self, registry: RegistryStep | None = None) -> Chain:
         """The lookup chain over this environment's tiers; `registry` ends it (default: fetch
         and decompress here, on a thread of their own)."""
         if registry is None:
             def registry(layer: LayerSpec, progress: Progress) -> int:
-                return fetch_and_decompress(self.client, layer, self.disk, progress)
-        return Chain(self.disk, self.remote, registry)
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for a user: our errors speak for themselves; OS errors name the file."""
-    if isinstance(e, LayerwarmError):
-        return str(e)
-    if isinstance(e, OSError) and e.strerror:
-        where = f" on {e.filename}" if e.filename else ""
-        return f"{e.strerror.lower()}{where}"
-    return f"unexpected {type(e).__name__}: {e}"
+                return fetch_and_decompress(self.client, layer, self.disk, progress,
+                                            limits=self.limits)
+        return Chain(self.disk, self.remote, registry, self.limits)
 
 
 def warm(
@@ -112,8 +114,7 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        resolver = Resolver(env.client, env.disk.meta, settings.max_stored_config)
-        plan = resolve_all(resolver, list(refs), platform, io)
+        plan = resolve_all(env.resolver(keep_configs=True), list(refs), platform, io)
         progress.planned(plan.layers)
         counted: list[dict[str, float]] = []
 
@@ -185,5 +186,5 @@ def plan_only(
     """Resolve refs and report what each tier holds; makes no changes."""
     env = env or Environment.from_settings(settings, read_only=True)
     with ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io:
-        plan = resolve_all(Resolver(env.client), list(refs), platform, io)
+        plan = resolve_all(env.resolver(), list(refs), platform, io)
     return plan, env.chain().locate(plan.layers)

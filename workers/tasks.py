@@ -44,7 +44,7 @@ from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.following import better_later, decompress_following
 from pipeline.layer import LayerResult, LayerSpec, Progress
 from pipeline.manifest import Platform
-from pipeline.plan import Resolver, resolve_all
+from pipeline.plan import resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import describe_error
 from pipeline.tiers.remote import RemoteTier
@@ -89,7 +89,7 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         wanted = None if platform == "all" else Platform.parse(platform or str(Platform.host()))
         parsed = [Reference.parse(r) for r in refs]
         with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-plan") as p:
-            result = resolve_all(Resolver(c.env.client, c.env.disk.meta), parsed, wanted, p)
+            result = resolve_all(c.env.resolver(keep_configs=True), parsed, wanted, p)
     except Exception as e:  # a job must never stay "planning" forever
         if not isinstance(e, LayerwarmError | OSError):
             log.exception("job %s: unexpected error in plan", job_id)

@@ -2,10 +2,12 @@
 
 One `requests.Session` per client, shared by many threads. Every request goes through
 `_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
-5 hops, http/https only, Authorization only where `may_send_credentials` allows), and
-status mapping to the `pipeline.errors` tree. Manifests and configs are retried here by
-the one retry policy (pipeline/retry.py); a blob stream is opened once, since its caller
-(stages.fetch) retries the whole blob, resuming where it stopped.
+5 hops, http/https only, each under the plain-HTTP rule of the first request,
+Authorization only where `may_send_credentials` allows), and status mapping to the
+`pipeline.errors` tree. Every request has a deadline (pipeline/registry/deadline.py): a
+document all of it, a blob its headers and then a rule of progress. Manifests and configs
+are retried here by the one retry policy (pipeline/retry.py); a blob stream is opened
+once, since its caller (stages.fetch) retries the whole blob, resuming where it stopped.
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import (
     DigestMismatch,
+    InsecureRegistry,
     InvalidDigest,
     InvalidManifest,
+    LayerwarmError,
     NotFound,
     PermanentError,
     TransientError,
@@ -39,12 +43,14 @@ from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
 from pipeline.registry.auth import Authenticator, DockerConfig
+from pipeline.registry.deadline import Deadline, WatchedAdapter, current
 from pipeline.retry import DEFAULT_POLICY, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_REDIRECTS = 5
+STALL_BYTES = 64 << 10  # a blob body must bring this much per LAYERWARM_STALL_SECONDS
 PENALTY_WITHOUT_RETRY_AFTER = 1.0  # seconds every worker pauses a host after a bare 429
 _REDIRECTS = (301, 302, 303, 307, 308)
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -126,33 +132,84 @@ class FetchedManifest:
 
 
 class BlobStream:
-    """One streaming blob response. `offset` is where the body starts in the blob."""
+    """One streaming blob response. `offset` is where the body starts in the blob.
 
-    def __init__(self, resp: requests.Response, offset: int, length: int | None, what: str):
+    From its headers on, the body must keep moving: a window of `stall` seconds without
+    STALL_BYTES cuts it (its request's `Deadline`, restarted by progress).
+    """
+
+    def __init__(self, resp: requests.Response, offset: int, length: int | None, what: str,
+                 deadline: Deadline, stall: float) -> None:
         self._resp = resp
         self.offset = offset
         self.length = length  # total blob size, when the server said
         self._what = what
+        self._deadline, self._stall = deadline, stall
+        deadline.restart(stall, f"stalled: less than {STALL_BYTES >> 10} KiB in {stall:g} s "
+                                "(LAYERWARM_STALL_SECONDS)")
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """Raw body bytes (never content-decoded: the digest is over the bytes as stored).
+        """Raw body bytes (never content-decoded: the digest is over the bytes as stored),
+        as they arrive, up to `chunk_size` a read, in pieces of STALL_BYTES or more (but the
+        last).
 
-        A cut connection raises TransientError; resume with `open_blob(offset=...)`.
+        A cut connection or a stall raises TransientError; resume with `open_blob(offset=...)`.
+        What arrived before a cut is yielded first; after a stall it is dropped, so a trickle
+        never counts as progress (stages.fetch would resume it for ever).
         """
+        buf, moved, error = bytearray(), 0, None
         try:
-            yield from self._resp.raw.stream(chunk_size, decode_content=False)
+            # read1, not read: a read of chunk_size would wait for all of it, and hide
+            # whether bytes are moving at all.
+            while piece := self._resp.raw.read1(chunk_size, decode_content=False):
+                moved += len(piece)
+                if moved >= STALL_BYTES:  # this window brought enough: the next one starts
+                    self._deadline.restart(self._stall)
+                    moved = 0
+                if not buf and len(piece) >= STALL_BYTES:
+                    yield piece
+                    continue
+                buf += piece
+                if len(buf) >= STALL_BYTES:
+                    yield bytes(buf)
+                    buf.clear()
         except _STREAM_ERRORS as e:
-            raise TransientError(
-                f"{self._what}: connection lost mid-body ({type(e).__name__})") from e
+            error = e
+        stalled = self._deadline.expired  # also ends a body without length, early
+        if buf and not stalled:
+            yield bytes(buf)
+        if error is not None or stalled:
+            raise _cut(self._deadline, self._what, error) from error
 
     def close(self) -> None:
         self._resp.close()
+        self._deadline.close()
 
     def __enter__(self) -> BlobStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def _under(deadline: Deadline, where: str) -> Iterator[None]:
+    """Requests sent in the block are bound by `deadline`; an error its cut caused says so
+    (a TransientError: retried like a timeout)."""
+    try:
+        with deadline.current():
+            yield
+    except (LayerwarmError, *_STREAM_ERRORS):
+        if deadline.expired:
+            raise _cut(deadline, where, None) from None
+        raise
+
+
+def _cut(deadline: Deadline, where: str, error: BaseException | None) -> TransientError:
+    """The error for a body that ended early: the deadline's, if that is what cut it."""
+    if deadline.expired or error is None:
+        return TransientError(f"{where}: {deadline.why}")
+    return TransientError(f"{where}: connection lost mid-body ({type(error).__name__})")
 
 
 class RegistryClient:
@@ -167,7 +224,7 @@ class RegistryClient:
         self.retry = retry
         self._sleep = sleep
         self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
+        adapter = WatchedAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         # Blobs must arrive byte-exact; compressed transfer would only cost CPU here.
@@ -196,7 +253,8 @@ class RegistryClient:
         headers = {"Accept": ", ".join(accept)}
 
         def attempt() -> FetchedManifest:
-            with self._send(ref, f"manifests/{ref.manifest_id}", what, headers) as resp:
+            with (self._document(f"{what} from {ref.name}"),
+                  self._send(ref, f"manifests/{ref.manifest_id}", what, headers) as resp):
                 data = self._read_capped(resp, max_bytes, what, ref, decode=True)
                 media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
                 claimed = resp.headers.get("Docker-Content-Digest")
@@ -224,7 +282,8 @@ class RegistryClient:
         what = f"blob {digest}"
 
         def attempt() -> bytes:
-            with self._send(ref, f"blobs/{digest}", what, {}) as resp:
+            with (self._document(f"{what} from {ref.name}"),
+                  self._send(ref, f"blobs/{digest}", what, {}) as resp):
                 data = self._read_capped(resp, max_bytes, what, ref, decode=False)
             verifier = Verifier(digest, what=f"{what} from {ref.name}")
             verifier.update(data)
@@ -236,18 +295,45 @@ class RegistryClient:
     def open_blob(self, ref: Reference, digest: Digest, *, offset: int = 0) -> BlobStream:
         """Open a streaming GET of a blob, from `offset` if the server honours Range.
 
-        One attempt: the caller retries (stages.fetch resumes from the bytes it has).
+        One attempt: the caller retries (stages.fetch resumes from the bytes it has). The
+        headers must come within the request deadline; the stream keeps that deadline and
+        turns it into its stall rule (BlobStream).
         """
         what = f"blob {digest}"
+        where = f"{what} from {ref.name}"
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-        resp = self._send(ref, f"blobs/{digest}", what, headers)
+        deadline = self._request_deadline()
         try:
-            return self._blob_stream(resp, offset, f"{what} from {ref.name}")
+            with _under(deadline, where):
+                resp = self._send(ref, f"blobs/{digest}", what, headers)
+                try:
+                    return self._blob_stream(resp, offset, where, deadline)
+                except BaseException:
+                    resp.close()
+                    raise
         except BaseException:
-            resp.close()
+            deadline.close()
             raise
 
     # -------------------------------------------------------------- internals
+
+    def _request_deadline(self) -> Deadline:
+        seconds = self.retry.request_deadline
+        return Deadline(seconds, f"no complete answer within the {seconds:g} s request "
+                                 "deadline (LAYERWARM_REQUEST_DEADLINE)")
+
+    @contextmanager
+    def _document(self, where: str) -> Iterator[None]:
+        """One attempt at a whole document (its redirects, token and body included) under
+        its own request deadline."""
+        deadline = self._request_deadline()
+        try:
+            with _under(deadline, where):
+                yield
+            if deadline.expired:  # a body without length, ended by the cut
+                raise _cut(deadline, where, None)
+        finally:
+            deadline.close()
 
     def _url_allowed(self, url: str) -> bool:
         parts = urlsplit(url)
@@ -259,11 +345,14 @@ class RegistryClient:
         scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
         return f"{scheme}://{host}"
 
-    @staticmethod
-    def _blob_stream(resp: requests.Response, offset: int, what: str) -> BlobStream:
+    def _blob_stream(
+        self, resp: requests.Response, offset: int, what: str, deadline: Deadline,
+    ) -> BlobStream:
         size = resp.headers.get("Content-Length")
+        stall = self.retry.stall
         if resp.status_code != 206:  # Range ignored (or not asked): the body is the whole blob
-            return BlobStream(resp, 0, int(size) if size and size.isdigit() else None, what)
+            return BlobStream(resp, 0, int(size) if size and size.isdigit() else None, what,
+                              deadline, stall)
         # Content-Range: bytes <start>-<end>/<total or *>
         unit, _, spec = resp.headers.get("Content-Range", "").partition(" ")
         span, _, total = spec.partition("/")
@@ -271,7 +360,8 @@ class RegistryClient:
         if unit != "bytes" or not start.isdigit() or int(start) != offset:
             raise PermanentError(f"{what}: asked for bytes from {offset}, server sent "
                                  f"Content-Range {resp.headers.get('Content-Range')!r}")
-        return BlobStream(resp, offset, int(total) if total.isdigit() else None, what)
+        return BlobStream(resp, offset, int(total) if total.isdigit() else None, what,
+                          deadline, stall)
 
     def _read_capped(
         self, resp: requests.Response, max_bytes: int, what: str, ref: Reference, *, decode: bool,
@@ -340,9 +430,13 @@ class RegistryClient:
             if authorization and self._auth.may_send_credentials(url, home):
                 sent["Authorization"] = authorization
             self._limiter.acquire(urlsplit(url).netloc.lower())
+            connect = self._timeout
+            if (clock := current()) is not None:
+                clock.start()  # now, after the wait for the rate budget
+                connect = min(connect, clock.seconds)  # a connect cannot be cut: cap it
             try:
-                resp = self._session.get(url, headers=sent, stream=True, timeout=self._timeout,
-                                         allow_redirects=False, auth=_NoNetrc())
+                resp = self._session.get(url, headers=sent, stream=True, allow_redirects=False,
+                                         timeout=(connect, self._timeout), auth=_NoNetrc())
             except requests.RequestException as e:
                 netloc = urlsplit(url).netloc
                 if "certificate verify failed" in str(e).lower():
@@ -358,5 +452,10 @@ class RegistryClient:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise PermanentError(
                     f"{where}: refusing redirect to a non-HTTP URL ({urlsplit(url).scheme}:)")
+            if not self._url_allowed(url):  # every hop under the first request's rule
+                hostport = _printable(urlsplit(url).netloc.rpartition("@")[2][:200])
+                raise InsecureRegistry(
+                    f"{where}: refusing redirect to plain HTTP at {hostport} (not https, not "
+                    "loopback, not in LAYERWARM_INSECURE_REGISTRIES)")
             log.debug("%s: redirected to %s", where, urlsplit(url).netloc)
         raise PermanentError(f"{where}: more than {MAX_REDIRECTS} redirects")
