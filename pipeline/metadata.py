@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.digest import Digest
-from pipeline.errors import PermanentError
+from pipeline.errors import NotAFile, PermanentError
+from pipeline.nofollow import open_file, regular
 
 log = logging.getLogger("layerwarm")
 _INIT = threading.Lock()  # one thread of a process sets a database up at a time
@@ -538,14 +539,10 @@ def _check_files(path: Path) -> None:
     """Unusable unless the database and its -wal and -shm are regular files or absent:
     SQLite follows a symlink, and would write its rows or WAL frames through it."""
     for suffix in _SIDE_FILES:
-        name = f"{path}{suffix}"
         try:
-            mode = os.lstat(name).st_mode
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(mode):
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-            raise Unusable(f"{os.path.basename(name)} is {kind}")
+            regular(Path(f"{path}{suffix}"), "database file")
+        except NotAFile as e:
+            raise Unusable(str(e)) from None
 
 
 def _usable(path: Path) -> bool:
@@ -585,7 +582,7 @@ def _exclusive(lock: Path, what: Path) -> Iterator[None]:
     that finds it held says so and waits for the repair to end."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = open_file(lock, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
     except OSError as e:
         raise PermanentError(f"cannot open the lock {lock}: {e.strerror}") from None
     try:

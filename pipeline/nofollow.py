@@ -8,7 +8,9 @@ So every file the cache opens under its own directory is opened by `open_file`, 
 look at one is an lstat (`regular`). A name that is not a regular file is not the cache's:
 `drop_stray` removes the name (never what a link points to) with one warning, and the
 caller goes on as if nothing was there. The cache's own subdirectories are checked by
-`real_dir`: a link in place of one is refused, never written through.
+`real_dir`: a link in place of one is refused, never written through. The same helpers
+guard `.meta.db` and its side files (SQLite would follow a link) and the `file://` remote
+tier's objects and sidecars.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ _KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
           (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
     return next((name for test, name in _KINDS if test(mode)), "not a file")
 
 
 def _not_a_file(path: Path, what: str, mode: int) -> NotAFile:
-    return NotAFile(f"{what} {path} is not a regular file but {_kind(mode)}")
+    return NotAFile(f"{what} {path} is not a regular file but {file_kind(mode)}")
 
 
 def open_file(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600, *,
@@ -100,5 +103,5 @@ def real_dir(path: Path) -> None:
     """
     mode = os.lstat(path).st_mode
     if not stat.S_ISDIR(mode):
-        raise PermanentError(f"cache directory {path} is {_kind(mode)}, not a directory: "
+        raise PermanentError(f"cache directory {path} is {file_kind(mode)}, not a directory: "
                              "remove it (layerwarm writes nothing through links)")

@@ -20,7 +20,6 @@ A rename replaces a planted link itself, never its target.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -35,12 +34,14 @@ from typing import TypeVar
 from pipeline.digest import Digest
 from pipeline.errors import (
     LayerwarmError,
+    NotAFile,
     NotFound,
     RemoteTierUnavailable,
     Unauthorized,
     UsageError,
     VerificationError,
 )
+from pipeline.nofollow import file_kind, open_file, regular
 from pipeline.tiers.base import Progress, RemoteEntry, checked_metadata, entry_name
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _kind(mode: int) -> str:
-    """What a file that is not a regular file is, for a message."""
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file" if not stat.S_ISREG(mode) else "a regular file"
 
 
 class DirectoryTier:
@@ -274,42 +262,31 @@ class DirectoryTier:
 
     def _regular(self, path: Path, what: str) -> os.stat_result | None:
         """lstat of `path` if it is a regular file; None if absent; else refused."""
-        with self._errors(what):
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return None
-        if not stat.S_ISREG(st.st_mode):
-            raise self._refused(path, _kind(st.st_mode), "a regular file")
-        return st
+        with self._errors(what), self._refusing():
+            return regular(path, "object")
 
     def _open_regular(self, path: Path, what: str) -> int | None:
         """A read-only descriptor of `path` if it is a regular file; None if absent.
 
         Anything else is refused (VerificationError naming it): a link is never followed
         (to a private file, to /dev/zero) and a FIFO never waited on. The lstat keeps us
-        from opening a device at all; O_NOFOLLOW and the fstat catch a swap in between.
+        from opening a device at all; `open_file` catches a swap in between.
         """
         if self._regular(path, what) is None:
             return None
-        with self._errors(what):
+        with self._errors(what), self._refusing():
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                return open_file(path, what="object")
             except FileNotFoundError:
                 return None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise self._refused(path, "a symbolic link", "a regular file") from None
-                raise
-            try:
-                mode = os.fstat(fd).st_mode
-                if not stat.S_ISREG(mode):
-                    raise self._refused(path, _kind(mode), "a regular file")
-                os.set_blocking(fd, True)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd
+
+    @contextmanager
+    def _refusing(self) -> Iterator[None]:
+        """NotAFile from the share as the tier's refusal: a corrupt object, not a failure."""
+        try:
+            yield
+        except NotAFile as e:
+            raise VerificationError(f"remote tier {self.url}: {e}: refused") from None
 
     def _subdir(self, path: Path, *, create: bool = False) -> bool:
         """Whether `path` (.tmp or .meta) is a real directory, made first if `create`;
@@ -323,7 +300,7 @@ class DirectoryTier:
             except FileNotFoundError:
                 return False
         if not stat.S_ISDIR(mode):
-            raise self._refused(path, _kind(mode), "a directory")
+            raise self._refused(path, file_kind(mode), "a directory")
         return True
 
     def _refused(self, path: Path, kind: str, wanted: str) -> VerificationError:
