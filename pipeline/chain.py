@@ -38,7 +38,13 @@ from pipeline import sharing
 from pipeline.codecs import compression_for
 from pipeline.config import Limits
 from pipeline.digest import Digest
-from pipeline.errors import NoSpace, NotFound, RemoteTierUnavailable, VerificationError
+from pipeline.errors import (
+    NoSpace,
+    NotFound,
+    RemoteTierUnavailable,
+    Unauthorized,
+    VerificationError,
+)
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source, paired
 from pipeline.nofollow import open_file
 from pipeline.stages import (
@@ -152,7 +158,9 @@ class RemoteSource:
     def provide(self, layer: LayerSpec, progress: Progress) -> int | None:
         try:
             return restore(layer, self.disk, self.remote, progress, self.limits)
-        except RemoteTierUnavailable as e:
+        except (RemoteTierUnavailable, Unauthorized) as e:
+            # Refused (a 403 on the read, a share we may not open) is as good as down
+            # for this layer: not published over either, since we could not read it.
             log.warning("remote tier unavailable, using the registry: %s", e)
             self.unavailable = True
         except VerificationError as e:

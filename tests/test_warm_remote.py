@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import entries, run_layerwarm
+from tests.support.faults import S3Proxy
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
@@ -154,3 +155,34 @@ def test_unreachable_remote_still_warms_and_publishes_later(
     p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir, env=down)
     assert p.returncode == 0, p.stderr
     assert "remote tier unavailable" not in p.stderr and "publish" not in p.stderr
+
+
+def test_a_remote_tier_refusing_the_read_falls_back_to_the_registry(
+    registry: RegistryServer, registry_proxy: Proxy, s3: S3Server, tmp_path: Path
+) -> None:
+    """A restore the store refuses (403 on the GET, the HEAD allowed) is a failed restore:
+    the layer comes from the registry, with one warning, and nothing is published over the
+    object the store would not let us read."""
+    lay = Layer(random_tar(76, 120_000), "gzip")
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image([lay]))
+    ref = f"{registry_proxy.host}/{r}:1"
+    cache_dir = tmp_path / "cache"
+    bucket = s3.create_bucket(f"refuse-{uuid.uuid4().hex[:8]}")
+    name = "sha256_" + lay.digest.removeprefix("sha256:")
+    with S3Proxy(s3.url) as store:
+        env = store.env(s3.env())
+        p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir, env=env)
+        assert p.returncode == 0, p.stderr
+        shutil.rmtree(cache_dir)
+        registry_proxy.reset()
+        store.fail(f"/{name}", 403, times=None, method="GET")
+        puts = store.count("PUT", f"/{name}")
+        p = run_layerwarm("warm", "--remote", f"s3://{bucket}/x", ref, cache_dir=cache_dir, env=env)
+        assert p.returncode == 0, p.stderr
+        warnings = [x for x in p.stderr.splitlines() if "WARNING" in x and "registry" in x]
+        assert len(warnings) == 1 and "access denied" in warnings[0], p.stderr
+        assert "Traceback" not in p.stderr
+        assert store.count("PUT", f"/{name}") == puts, "nothing published over it"
+    assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1
+    assert (cache_dir / name).read_bytes() == lay.tar
