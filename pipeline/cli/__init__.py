@@ -39,11 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prewarm container image layers as decompressed tars on local disk "
         "and a shared blob store.",
     )
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="print layerwarm's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     warm.register(sub)  # warm, plan, verify
     cache.register(sub)  # ls, inspect, usage, rm, df, metrics
     gc.register(sub)  # gc, pin, unpin
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: `layerwarm <version>` from the installed package's metadata.
+
+    Read only when asked (not with action="version"): importlib.metadata is not free, and
+    `warm` is a short process whose start-up is part of its run time.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kw: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("layerwarm")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            text = "unknown (not installed; pip install .)"
+        print(f"layerwarm {text}")
+        parser.exit(EXIT_OK)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
