@@ -95,6 +95,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
+    _claim_node(node)
     env = dict(os.environ, LAYERWARM_NODE=node)
     for name, value in (("LAYERWARM_CACHE_DIR", args.cache_dir),
                         ("LAYERWARM_REMOTE", args.remote)):
@@ -150,6 +151,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 break
     codes = [p.wait() for p in procs.values()]
     return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+
+
+def _claim_node(node: str) -> None:
+    """Refuse to run a second host under a live node's name (workers/nodeclaim.py); the
+    claim is renewed while this process runs and dropped when it exits."""
+    import atexit
+
+    from workers.app import NODE_TTL, broker_url
+    from workers.nodeclaim import NodeClaim
+    from workers.redisconn import connect
+
+    claim = NodeClaim(connect(broker_url()), node, NODE_TTL)
+    claim.claim()
+    atexit.register(claim.drop)
+    claim.keep()
 
 
 def serve_metrics(env: dict[str, str], address: str, port: int) -> None:

@@ -1,0 +1,62 @@
+"""No silent hangs in distributed mode, through the real CLI against real workers.
+
+A second worker under a live node's name is refused (and a dead one's name is free
+again); a job no live worker can take is said so at submit; `--wait` and `--watch` stop
+after `--timeout` with the job id and how to look at it later.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import layerwarm_env
+from tests.support.fleet import Fleet, S3Tier, broker_url_for, run_cli, running_fleet
+from tests.support.s3 import S3Server
+
+FLEET_DB = 11  # the module fleet's Redis database (flushed at start)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, s3: S3Server, redis_url: str
+          ) -> Iterator[Fleet]:
+    tier = S3Tier.new(s3, "hangs")
+    with running_fleet(tmp_path_factory.mktemp("hangs"), ("a",),
+                       broker_url_for(redis_url, FLEET_DB), tier, s3.env()) as f:
+        yield f
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_a_second_worker_under_a_live_nodes_name_is_refused(fleet: Fleet, tmp_path: Path
+                                                            ) -> None:
+    cache = tmp_path / "other-cache"
+    p = run_cli("worker", "--node", "a", "--cache-dir", str(cache),
+                env=layerwarm_env(cache, fleet.shared_env), timeout=60)
+    line = one_line(p.stderr)
+    assert p.returncode == 2, p.stderr
+    pid = fleet.nodes["a"].proc.pid  # type: ignore[union-attr]
+    assert line.startswith("layerwarm: node a is already live on "), line
+    assert f"{socket.gethostname()} (pid {pid})" in line, line
+    assert fleet.alive("a")
+    assert not cache.exists() or not any(cache.iterdir())  # it did nothing
+    fleet.wait_for_nodes(["a"])  # the first one still serves
+
+
+def test_a_dead_workers_name_can_be_taken_again_at_once(fleet: Fleet) -> None:
+    """SIGKILL leaves its registration behind (no clean stop); its pid is gone, so a
+    restart on the same host does not wait for the registration to expire."""
+    node = fleet.nodes["a"]
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait()
+    fleet.restart("a", timeout=60)  # kills the orphaned Celery workers, starts it again
+    assert fleet.alive("a")
+    assert "already live" not in node.log_tail()
