@@ -7,17 +7,22 @@ after `--timeout` with the job id and how to look at it later.
 
 from __future__ import annotations
 
+import re
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.cli import layerwarm_env
-from tests.support.fleet import Fleet, S3Tier, broker_url_for, run_cli, running_fleet
+from tests.support.fleet import Fleet, S3Tier, broker_url_for, flush_db, run_cli, running_fleet
 from tests.support.s3 import S3Server
 
 FLEET_DB = 11  # the module fleet's Redis database (flushed at start)
+EMPTY_DB = 12  # a broker no worker listens on
+EXIT_TIMEOUT = 124  # like timeout(1): stopped waiting, the job goes on
+NO_REGISTRY_REF = "127.0.0.1:9/t/none:1"  # never planned: no worker takes the job
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +65,43 @@ def test_a_dead_workers_name_can_be_taken_again_at_once(fleet: Fleet) -> None:
     fleet.restart("a", timeout=60)  # kills the orphaned Celery workers, starts it again
     assert fleet.alive("a")
     assert "already live" not in node.log_tail()
+
+
+@pytest.fixture
+def empty_broker(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    url = broker_url_for(redis_url, EMPTY_DB)
+    flush_db(url)
+    return layerwarm_env(tmp_path / "cache", {"LAYERWARM_BROKER_URL": url})
+
+
+def test_submit_to_remote_with_no_live_worker_warns(empty_broker: dict[str, str]) -> None:
+    p = run_cli("submit", NO_REGISTRY_REF, "--to", "remote", env=empty_broker, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert re.fullmatch(r"[0-9a-f]{32}\n", p.stdout), p.stdout
+    assert one_line(p.stderr) == ("layerwarm: warning: no worker host is live now; the job "
+                                  "waits in the fleet queue (layerwarm nodes)")
+
+
+def test_wait_and_watch_stop_after_timeout_naming_the_job(empty_broker: dict[str, str]
+                                                          ) -> None:
+    p = run_cli("submit", NO_REGISTRY_REF, "--wait", "--timeout", "1", env=empty_broker,
+                timeout=60)
+    assert p.returncode == EXIT_TIMEOUT, p.stderr
+    m = re.search(r"^layerwarm: job ([0-9a-f]{32}) is still running after 1s; "
+                  r"see it later with `layerwarm status \1`$", p.stderr, re.M)
+    assert m, p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    job = m.group(1)
+    w = run_cli("status", job, "--watch", "--timeout", "0.5", env=empty_broker, timeout=60)
+    assert w.returncode == EXIT_TIMEOUT, w.stderr
+    assert one_line(w.stderr) == (f"layerwarm: job {job} is still running after 0.5s; "
+                                  f"see it later with `layerwarm status {job}`")
+    s = run_cli("status", job, env=empty_broker, timeout=60)
+    assert s.returncode == 0 and f"job {job}  planning" in s.stdout, s.stdout + s.stderr
+
+
+def test_timeout_must_be_positive(empty_broker: dict[str, str]) -> None:
+    p = run_cli("status", uuid.uuid4().hex, "--watch", "--timeout", "0", env=empty_broker)
+    assert p.returncode == 2, p.stderr
+    assert one_line(p.stderr) == "layerwarm: --timeout must be more than 0, not '0'"
+

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
-from pipeline.errors import LayerwarmError
+from pipeline.errors import LayerwarmError, UsageError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
 from pipeline.table import table
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from workers.jobs import JobStore
 
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
+# `--wait`/`--watch` stopped at `--timeout`; the job goes on. 124 as timeout(1) exits, so
+# a script tells "still running" from "failed" (1) and from a usage error (2).
+EXIT_TIMEOUT = 124
 
 
 def _broker_env(args: argparse.Namespace) -> None:
@@ -225,7 +228,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if target.node is not None and target.node not in live_nodes():
             print(f"layerwarm: warning: node {target.node} is not live now; its layers wait "
                   "in its queue", file=sys.stderr)
+        elif target.node is None and not live_nodes():
+            print("layerwarm: warning: no worker host is live now; the job waits in the fleet "
+                  "queue (layerwarm nodes)", file=sys.stderr)
     base.platform_arg(args)  # a bad --platform is a usage error here, not on a worker
+    limit = wait_limit(args.timeout, args.wait, "--wait")  # checked before the job exists
     platform = "all" if args.all_platforms else (args.platform or None)
     job_id = uuid.uuid4().hex
     _store().create(job_id, refs, args.to, platform)
@@ -234,13 +241,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(job_id)
         return EXIT_OK
     print(f"job {job_id} submitted", file=sys.stderr)
-    return follow(job_id, args.json)
+    return follow(job_id, args.json, limit)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     _broker_env(args)
+    limit = wait_limit(args.timeout, args.watch, "--watch")
     if args.watch:
-        return follow(args.job_id, args.json)
+        return follow(args.job_id, args.json, limit)
     status = _store().status(args.job_id)
     if status is None:
         raise LayerwarmError(f"no job {args.job_id} (unknown, or expired)")
@@ -251,8 +259,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 FOLLOW_REDRAW = 0.5  # seconds between reads of a job when no layer finishes meanwhile
 
 
-def follow(job_id: str, as_json: bool) -> int:
+def wait_limit(text: str | None, following: bool, flag: str) -> tuple[float, str] | None:
+    """`--timeout`'s seconds and how the user wrote them, or None: wait for the end."""
+    from pipeline.units import parse_duration
+
+    if text is None:
+        return None
+    if not following:
+        raise UsageError(f"--timeout needs {flag}")
+    seconds = parse_duration(text, "--timeout")
+    if seconds <= 0:
+        raise UsageError(f"--timeout must be more than 0, not {text!r}")
+    return seconds, text + "s" if text.replace(".", "", 1).isdigit() else text
+
+
+def follow(job_id: str, as_json: bool, limit: tuple[float, str] | None = None) -> int:
     """Follow a job until it ends, drawing progress; exit like `warm`.
+
+    With a `limit` (--timeout), stop following when it passes: one line names the job
+    and how to look at it later, and the exit code is EXIT_TIMEOUT.
 
     The job is read again every half second, and as soon as a layer finishes (the job
     store publishes that), so the command ends when the job does, not up to a poll later.
@@ -263,14 +288,16 @@ def follow(job_id: str, as_json: bool) -> int:
     events = store.client.pubsub(ignore_subscribe_messages=True)
     events.subscribe(store.events_channel(job_id))  # before the first read: nothing missed
     try:
-        return _follow(store, events, job_id, as_json)
+        return _follow(store, events, job_id, as_json, limit)
     finally:
         events.close()
 
 
-def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
+def _follow(store: JobStore, events: Any, job_id: str, as_json: bool,
+            limit: tuple[float, str] | None) -> int:
     area = LiveArea(sys.stderr) if sys.stderr.isatty() else None
     seen: dict[str, str] = {}
+    deadline = None if limit is None else time.monotonic() + limit[0]
     while True:
         started = time.monotonic()
         status = store.status(job_id)
@@ -288,8 +315,13 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
                           file=sys.stderr, flush=True)
         if status["state"] in ("done", "failed"):
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            return _stopped_waiting(area, job_id, limit[1] if limit else "")
         took = time.monotonic() - started
-        events.get_message(timeout=FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0)
+        pause = FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        events.get_message(timeout=pause)
         while events.get_message(timeout=0) is not None:
             pass  # one read covers every layer that finished meanwhile
         time.sleep(max(0.0, 10 * took - (time.monotonic() - started)))
@@ -297,6 +329,14 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
         area.clear()
     print(json.dumps(status, indent=2) if as_json else status_text(status))
     return EXIT_OK if status["state"] == "done" else EXIT_FAILED
+
+
+def _stopped_waiting(area: LiveArea | None, job_id: str, after: str) -> int:
+    if area is not None:
+        area.clear()
+    print(f"layerwarm: job {job_id} is still running after {after}; see it later with "
+          f"`layerwarm status {job_id}`", file=sys.stderr)
+    return EXIT_TIMEOUT
 
 
 def _live_lines(status: dict[str, Any]) -> list[str]:
@@ -404,12 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="remote", metavar="TARGET",
                    help="remote (any worker, shared tier), node:NAME, or all-nodes")
     s.add_argument("--wait", action="store_true", help="follow the job to its end")
+    s.add_argument("--timeout", metavar="SECONDS",
+                   help="with --wait: stop waiting after this long (30, 5m), exit 124")
     broker(s)
     s.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="show a job's layers and progress")
     st.add_argument("job_id", metavar="JOB_ID")
     st.add_argument("--watch", action="store_true", help="follow the job to its end")
+    st.add_argument("--timeout", metavar="SECONDS",
+                    help="with --watch: stop watching after this long (30, 5m), exit 124")
     st.add_argument("--json", action="store_true")
     broker(st)
     st.set_defaults(func=cmd_status)
