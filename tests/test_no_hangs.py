@@ -7,7 +7,9 @@ after `--timeout` with the job id and how to look at it later.
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -16,7 +18,20 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import layerwarm_env
-from tests.support.fleet import Fleet, S3Tier, broker_url_for, flush_db, run_cli, running_fleet
+from tests.support.fleet import (
+    Fleet,
+    S3Tier,
+    _Pid,
+    broker_url_for,
+    descendants,
+    flush_db,
+    push,
+    run_cli,
+    running_fleet,
+)
+from tests.support.images import Image, Layer, random_tar
+from tests.support.proxy import Proxy
+from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 
 FLEET_DB = 11  # the module fleet's Redis database (flushed at start)
@@ -60,9 +75,11 @@ def test_a_dead_workers_name_can_be_taken_again_at_once(fleet: Fleet) -> None:
     restart on the same host does not wait for the registration to expire."""
     node = fleet.nodes["a"]
     assert node.proc is not None
-    node.proc.kill()
+    tree = [_Pid(pid) for pid in [node.proc.pid, *descendants(node.proc.pid)]]
+    for p in tree:  # the whole host at once, as a crashed machine
+        p.signal(signal.SIGKILL)
     node.proc.wait()
-    fleet.restart("a", timeout=60)  # kills the orphaned Celery workers, starts it again
+    fleet.restart("a", timeout=60)
     assert fleet.alive("a")
     assert "already live" not in node.log_tail()
 
@@ -105,3 +122,27 @@ def test_timeout_must_be_positive(empty_broker: dict[str, str]) -> None:
     assert p.returncode == 2, p.stderr
     assert one_line(p.stderr) == "layerwarm: --timeout must be more than 0, not '0'"
 
+
+def test_jobs_lists_recent_jobs_newest_first_with_their_state(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy
+) -> None:
+    ref = push(registry, registry_proxy, [Image([Layer(random_tar(1300, 20_000), "gzip")])])[0]
+    done = fleet.submit(ref, "--wait", "--timeout", "2m")
+    assert done.returncode == 0, done.stdout + done.stderr
+    m = re.search(r"^job ([0-9a-f]{32}) submitted$", done.stderr, re.M)
+    assert m, done.stderr
+    waiting = fleet.submit_id(ref, "--to", "node:elsewhere")  # no such host: it waits
+
+    p = fleet.run("jobs", "--json")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    listed = json.loads(p.stdout)
+    assert [j["id"] for j in listed[:2]] == [waiting, m.group(1)]
+    assert listed[1]["state"] == "done" and listed[1]["refs"] == [ref]
+    assert listed[0]["state"] in ("planning", "running") and listed[0]["target"] == "node:elsewhere"
+
+    t = fleet.run("jobs")
+    assert t.returncode == 0 and t.stderr == "", t.stderr
+    lines = t.stdout.splitlines()
+    assert lines[0].split() == ["JOB", "STATE", "TARGET", "LAYERS", "AGE", "IMAGES"]
+    row = next(line for line in lines if line.startswith(m.group(1)))
+    assert row.split()[1:4] == ["done", "remote", "1/1"], row

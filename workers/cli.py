@@ -5,6 +5,7 @@
     layerwarm nodes                live worker hosts
     layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
     layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
+    layerwarm jobs                 recent jobs and their states
     layerwarm flower               Celery's web monitor for this app
     layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
 
@@ -256,6 +257,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """Recent jobs, newest first: a table, or with --json the `status` of each."""
+    _broker_env(args)
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    jobs = _store().recent(args.limit)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    elif jobs:
+        print("\n".join(table(("JOB", "STATE", "TARGET", "LAYERS", "AGE", "IMAGES"),
+                              [_job_row(j) for j in jobs])))
+    else:
+        print("layerwarm: no jobs on record", file=sys.stderr)
+    return EXIT_OK
+
+
+def _job_row(status: dict[str, Any]) -> tuple[str, ...]:
+    t = status["totals"]
+    refs = status["refs"]
+    images = refs[0] + (f" (+{len(refs) - 1})" if len(refs) > 1 else "") if refs else "-"
+    return (status["id"], status["state"], status["target"], f"{t['done']}/{t['layers']}",
+            human_seconds(time.time() - status["created"]), images)
+
+
 FOLLOW_REDRAW = 0.5  # seconds between reads of a job when no layer finishes meanwhile
 
 
@@ -457,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     broker(st)
     st.set_defaults(func=cmd_status)
+
+    jb = sub.add_parser("jobs", help="list recent jobs and their states")
+    jb.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (20)")
+    jb.add_argument("--json", action="store_true")
+    broker(jb)
+    jb.set_defaults(func=cmd_jobs)
 
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
     f.add_argument("--address", default="127.0.0.1")

@@ -3,6 +3,7 @@
     layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
     layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
     layerwarm:jobs:active       sorted set of jobs not known to be finished (for the sweeper)
+    layerwarm:jobs:recent       sorted set of every job by creation time (for `layerwarm jobs`)
     layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
                                 when the plan is recorded), so `--wait` ends at once
 
@@ -24,6 +25,7 @@ from pipeline.errors import UsageError
 FINISHED = ("done", "failed")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 ACTIVE = "layerwarm:jobs:active"
+RECENT = "layerwarm:jobs:recent"
 
 
 def check_job_id(job_id: str) -> str:
@@ -55,6 +57,7 @@ class JobStore:
             })
             p.expire(key, self.ttl)
             p.zadd(ACTIVE, {job_id: time.time()})
+            p.zadd(RECENT, {job_id: time.time()})
             p.execute()
 
     def planned(
@@ -129,6 +132,23 @@ class JobStore:
                 continue
             out += [(job_id, x) for x in layers if x.get("state") not in FINISHED
                     and now - float(x.get("updated", 0)) > older_than]
+        return out
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` jobs still on record, newest first, each as `status` reads it.
+
+        Ids of expired jobs leave the index here, so it grows no longer than the TTL allows.
+        """
+        self.client.zremrangebyscore(RECENT, "-inf", time.time() - self.ttl)
+        out: list[dict[str, Any]] = []
+        for raw in self.client.zrevrange(RECENT, 0, -1):
+            if len(out) == limit:
+                break
+            status = self.status(raw.decode())
+            if status is None:
+                self.client.zrem(RECENT, raw)
+            else:
+                out.append(status)
         return out
 
     def status(self, job_id: str) -> dict[str, Any] | None:
