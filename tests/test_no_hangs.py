@@ -20,14 +20,17 @@ import pytest
 from tests.support.cli import layerwarm_env
 from tests.support.fleet import (
     Fleet,
+    Node,
     S3Tier,
     _Pid,
     broker_url_for,
+    cache_name,
     descendants,
     flush_db,
     push,
     run_cli,
     running_fleet,
+    wait_layer,
 )
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
@@ -146,3 +149,36 @@ def test_jobs_lists_recent_jobs_newest_first_with_their_state(
     assert lines[0].split() == ["JOB", "STATE", "TARGET", "LAYERS", "AGE", "IMAGES"]
     row = next(line for line in lines if line.startswith(m.group(1)))
     assert row.split()[1:4] == ["done", "remote", "1/1"], row
+
+
+def test_cancel_stops_the_layers_that_have_not_started(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy
+) -> None:
+    """A job for a host that is not up yet: cancelled, its queued fetch does nothing when
+    the host comes up and takes it, while a later job for that host runs."""
+    lay, other = (Layer(random_tar(seed, 300_000), "gzip") for seed in (1400, 1401))
+    ref, other_ref = push(registry, registry_proxy, [Image([lay]), Image([other])])
+    job = fleet.submit_id(ref, "--to", "node:late")
+    wait_layer(fleet, job, lay.digest, ["pending"], allowed=[])  # planned, waiting for late
+
+    p = fleet.run("cancel", job)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"job {job} cancelled: 1 layer not "
+                                                     "started\n", "")
+    again = fleet.run("cancel", job)
+    assert again.stdout == f"job {job} already cancelled: nothing to cancel\n", again.stderr
+
+    late = Node("late", fleet.root / "nodes" / "late")
+    late.cache_dir.mkdir(parents=True)
+    fleet.nodes["late"] = late
+    fleet.restart("late")  # starts it: it takes the cancelled job's fetch from its queue
+    later = fleet.submit(other_ref, "--to", "node:late", "--wait", "--timeout", "2m")
+    assert later.returncode == 0, later.stdout + later.stderr
+
+    status = fleet.status(job)
+    assert status["state"] == "cancelled"
+    assert [x["state"] for x in status["layers"]] == ["cancelled"]
+    assert registry_proxy.count(path_regex=lay.digest) == 0  # never fetched
+    names = {x.name for x in late.cache_dir.iterdir()}
+    assert cache_name(other) in names and cache_name(lay) not in names
+    w = fleet.run("status", job, "--watch")  # a cancelled job is over: --watch ends
+    assert w.returncode == 1 and f"job {job}  cancelled" in w.stdout, w.stdout + w.stderr

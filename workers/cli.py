@@ -6,6 +6,7 @@
     layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
     layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
     layerwarm jobs                 recent jobs and their states
+    layerwarm cancel JOB_ID        stop a job's layers that have not started
     layerwarm flower               Celery's web monitor for this app
     layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
 
@@ -273,6 +274,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Stop a job's layers that have not started (workers.jobs.JobStore.cancel)."""
+    _broker_env(args)
+    from workers.jobs import FINISHED
+
+    store = _store()
+    status = store.status(args.job_id)
+    if status is None:
+        raise LayerwarmError(f"no job {args.job_id} (unknown, or expired)")
+    if status["state"] in FINISHED:
+        print(f"job {args.job_id} already {status['state']}: nothing to cancel")
+        return EXIT_OK
+    stopped = store.cancel(args.job_id) or 0
+    print(f"job {args.job_id} cancelled: {stopped} layer{'' if stopped == 1 else 's'} "
+          "not started")
+    return EXIT_OK
+
+
 def _job_row(status: dict[str, Any]) -> tuple[str, ...]:
     t = status["totals"]
     refs = status["refs"]
@@ -320,6 +339,8 @@ def follow(job_id: str, as_json: bool, limit: tuple[float, str] | None = None) -
 
 def _follow(store: JobStore, events: Any, job_id: str, as_json: bool,
             limit: tuple[float, str] | None) -> int:
+    from workers.jobs import FINISHED
+
     area = LiveArea(sys.stderr) if sys.stderr.isatty() else None
     seen: dict[str, str] = {}
     deadline = None if limit is None else time.monotonic() + limit[0]
@@ -338,7 +359,7 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool,
                     where = f" on {x['host']}" if x["host"] else ""
                     print(f"layer {x['digest']} {x['target']}: {x['state']}{where}",
                           file=sys.stderr, flush=True)
-        if status["state"] in ("done", "failed"):
+        if status["state"] in FINISHED:
             break
         if deadline is not None and time.monotonic() >= deadline:
             return _stopped_waiting(area, job_id, limit[1] if limit else "")
@@ -365,7 +386,9 @@ def _stopped_waiting(area: LiveArea | None, job_id: str, after: str) -> int:
 
 
 def _live_lines(status: dict[str, Any]) -> list[str]:
-    active = [x for x in status["layers"] if x["state"] not in ("pending", "done", "failed")]
+    from workers.jobs import FINISHED
+
+    active = [x for x in status["layers"] if x["state"] not in ("pending", *FINISHED)]
     rows = [
         bar_line(f"{x['digest'][:19]} {x['target']}", x["state"], x["bytes_done"], x["bytes_total"])
         for x in active[:MAX_ROWS]
@@ -488,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--json", action="store_true")
     broker(jb)
     jb.set_defaults(func=cmd_jobs)
+
+    ca = sub.add_parser("cancel", help="stop a job's layers that have not started")
+    ca.add_argument("job_id", metavar="JOB_ID")
+    broker(ca)
+    ca.set_defaults(func=cmd_cancel)
 
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
     f.add_argument("--address", default="127.0.0.1")

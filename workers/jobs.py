@@ -22,7 +22,8 @@ import redis
 
 from pipeline.errors import UsageError
 
-FINISHED = ("done", "failed")
+# "cancelled": `layerwarm cancel` stopped the layer before its chain started.
+FINISHED = ("done", "failed", "cancelled")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 ACTIVE = "layerwarm:jobs:active"
 RECENT = "layerwarm:jobs:recent"
@@ -134,6 +135,28 @@ class JobStore:
                     and now - float(x.get("updated", 0)) > older_than]
         return out
 
+    def cancel(self, job_id: str) -> int | None:
+        """Mark the job cancelled and its layers not yet started cancelled; None if unknown.
+
+        Returns how many layers it stopped. The flag also stops the job's plan and layer
+        tasks still in the queues when a worker takes them (`cancelled`); a layer whose
+        chain has begun finishes: stopping it mid-way would leave its staging file behind.
+        """
+        key = self._key(job_id)
+        if not self.client.exists(key):
+            return None
+        self.client.hset(key, "cancelled", "1")
+        stopped = 0
+        for raw in self.client.hgetall(key + ":layers").values():
+            x = json.loads(raw)
+            if x.get("state", "pending") == "pending":
+                self.update_layer(job_id, x["digest"], x["target"], state="cancelled")
+                stopped += 1
+        return stopped
+
+    def cancelled(self, job_id: str) -> bool:
+        return self.client.hget(self._key(job_id), "cancelled") == b"1"
+
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` jobs still on record, newest first, each as `status` reads it.
 
@@ -161,7 +184,8 @@ class JobStore:
         failures = json.loads(meta.get("image_failures", "[]"))
         return {
             "id": job_id,
-            "state": _job_state(meta.get("planned") == "1", layers, failures),
+            "state": "cancelled" if meta.get("cancelled") == "1"
+                     else _job_state(meta.get("planned") == "1", layers, failures),
             "target": meta["target"],
             "refs": json.loads(meta["refs"]),
             "platform": meta.get("platform") or None,
