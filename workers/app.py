@@ -32,6 +32,8 @@ def broker_url() -> str:
 
 VISIBILITY_TIMEOUT = _seconds("LAYERWARM_VISIBILITY_TIMEOUT", 3 * 3600)
 JOB_TTL = _seconds("LAYERWARM_JOB_TTL", 7 * 86400)
+# How long a worker host's claim on its node name outlives the host (workers/nodeclaim.py).
+NODE_TTL = _seconds("LAYERWARM_NODE_TTL", 15)
 # How often `layerwarm beat` has every node run gc (a node without a quota does nothing).
 GC_INTERVAL = parse_duration(os.environ.get("LAYERWARM_GC_INTERVAL") or "1h",
                              "LAYERWARM_GC_INTERVAL")

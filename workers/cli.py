@@ -5,6 +5,8 @@
     layerwarm nodes                live worker hosts
     layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
     layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
+    layerwarm jobs                 recent jobs and their states
+    layerwarm cancel JOB_ID        stop a job's layers that have not started
     layerwarm flower               Celery's web monitor for this app
     layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
-from pipeline.errors import LayerwarmError
+from pipeline.errors import LayerwarmError, UsageError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
 from pipeline.table import table
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
     from workers.jobs import JobStore
 
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
+# `--wait`/`--watch` stopped at `--timeout`; the job goes on. 124 as timeout(1) exits, so
+# a script tells "still running" from "failed" (1) and from a usage error (2).
+EXIT_TIMEOUT = 124
 
 
 def _broker_env(args: argparse.Namespace) -> None:
@@ -95,6 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
+    _claim_node(node)
     env = dict(os.environ, LAYERWARM_NODE=node)
     for name, value in (("LAYERWARM_CACHE_DIR", args.cache_dir),
                         ("LAYERWARM_REMOTE", args.remote)):
@@ -150,6 +156,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 break
     codes = [p.wait() for p in procs.values()]
     return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+
+
+def _claim_node(node: str) -> None:
+    """Refuse to run a second host under a live node's name (workers/nodeclaim.py); the
+    claim is renewed while this process runs and dropped when it exits."""
+    import atexit
+
+    from workers.app import NODE_TTL, broker_url
+    from workers.nodeclaim import NodeClaim
+    from workers.redisconn import connect
+
+    claim = NodeClaim(connect(broker_url()), node, NODE_TTL)
+    claim.claim()
+    atexit.register(claim.drop)
+    claim.keep()
 
 
 def serve_metrics(env: dict[str, str], address: str, port: int) -> None:
@@ -209,7 +230,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if target.node is not None and target.node not in live_nodes():
             print(f"layerwarm: warning: node {target.node} is not live now; its layers wait "
                   "in its queue", file=sys.stderr)
+        elif target.node is None and not live_nodes():
+            print("layerwarm: warning: no worker host is live now; the job waits in the fleet "
+                  "queue (layerwarm nodes)", file=sys.stderr)
     base.platform_arg(args)  # a bad --platform is a usage error here, not on a worker
+    limit = wait_limit(args.timeout, args.wait, "--wait")  # checked before the job exists
     platform = "all" if args.all_platforms else (args.platform or None)
     job_id = uuid.uuid4().hex
     _store().create(job_id, refs, args.to, platform)
@@ -218,13 +243,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(job_id)
         return EXIT_OK
     print(f"job {job_id} submitted", file=sys.stderr)
-    return follow(job_id, args.json)
+    return follow(job_id, args.json, limit)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     _broker_env(args)
+    limit = wait_limit(args.timeout, args.watch, "--watch")
     if args.watch:
-        return follow(args.job_id, args.json)
+        return follow(args.job_id, args.json, limit)
     status = _store().status(args.job_id)
     if status is None:
         raise LayerwarmError(f"no job {args.job_id} (unknown, or expired)")
@@ -232,11 +258,70 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """Recent jobs, newest first: a table, or with --json the `status` of each."""
+    _broker_env(args)
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    jobs = _store().recent(args.limit)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    elif jobs:
+        print("\n".join(table(("JOB", "STATE", "TARGET", "LAYERS", "AGE", "IMAGES"),
+                              [_job_row(j) for j in jobs])))
+    else:
+        print("layerwarm: no jobs on record", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Stop a job's layers that have not started (workers.jobs.JobStore.cancel)."""
+    _broker_env(args)
+    from workers.jobs import FINISHED
+
+    store = _store()
+    status = store.status(args.job_id)
+    if status is None:
+        raise LayerwarmError(f"no job {args.job_id} (unknown, or expired)")
+    if status["state"] in FINISHED:
+        print(f"job {args.job_id} already {status['state']}: nothing to cancel")
+        return EXIT_OK
+    stopped = store.cancel(args.job_id) or 0
+    print(f"job {args.job_id} cancelled: {stopped} layer{'' if stopped == 1 else 's'} "
+          "not started")
+    return EXIT_OK
+
+
+def _job_row(status: dict[str, Any]) -> tuple[str, ...]:
+    t = status["totals"]
+    refs = status["refs"]
+    images = refs[0] + (f" (+{len(refs) - 1})" if len(refs) > 1 else "") if refs else "-"
+    return (status["id"], status["state"], status["target"], f"{t['done']}/{t['layers']}",
+            human_seconds(time.time() - status["created"]), images)
+
+
 FOLLOW_REDRAW = 0.5  # seconds between reads of a job when no layer finishes meanwhile
 
 
-def follow(job_id: str, as_json: bool) -> int:
+def wait_limit(text: str | None, following: bool, flag: str) -> tuple[float, str] | None:
+    """`--timeout`'s seconds and how the user wrote them, or None: wait for the end."""
+    from pipeline.units import parse_duration
+
+    if text is None:
+        return None
+    if not following:
+        raise UsageError(f"--timeout needs {flag}")
+    seconds = parse_duration(text, "--timeout")
+    if seconds <= 0:
+        raise UsageError(f"--timeout must be more than 0, not {text!r}")
+    return seconds, text + "s" if text.replace(".", "", 1).isdigit() else text
+
+
+def follow(job_id: str, as_json: bool, limit: tuple[float, str] | None = None) -> int:
     """Follow a job until it ends, drawing progress; exit like `warm`.
+
+    With a `limit` (--timeout), stop following when it passes: one line names the job
+    and how to look at it later, and the exit code is EXIT_TIMEOUT.
 
     The job is read again every half second, and as soon as a layer finishes (the job
     store publishes that), so the command ends when the job does, not up to a poll later.
@@ -247,14 +332,18 @@ def follow(job_id: str, as_json: bool) -> int:
     events = store.client.pubsub(ignore_subscribe_messages=True)
     events.subscribe(store.events_channel(job_id))  # before the first read: nothing missed
     try:
-        return _follow(store, events, job_id, as_json)
+        return _follow(store, events, job_id, as_json, limit)
     finally:
         events.close()
 
 
-def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
+def _follow(store: JobStore, events: Any, job_id: str, as_json: bool,
+            limit: tuple[float, str] | None) -> int:
+    from workers.jobs import FINISHED
+
     area = LiveArea(sys.stderr) if sys.stderr.isatty() else None
     seen: dict[str, str] = {}
+    deadline = None if limit is None else time.monotonic() + limit[0]
     while True:
         started = time.monotonic()
         status = store.status(job_id)
@@ -270,10 +359,15 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
                     where = f" on {x['host']}" if x["host"] else ""
                     print(f"layer {x['digest']} {x['target']}: {x['state']}{where}",
                           file=sys.stderr, flush=True)
-        if status["state"] in ("done", "failed"):
+        if status["state"] in FINISHED:
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            return _stopped_waiting(area, job_id, limit[1] if limit else "")
         took = time.monotonic() - started
-        events.get_message(timeout=FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0)
+        pause = FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        events.get_message(timeout=pause)
         while events.get_message(timeout=0) is not None:
             pass  # one read covers every layer that finished meanwhile
         time.sleep(max(0.0, 10 * took - (time.monotonic() - started)))
@@ -283,8 +377,18 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool) -> int:
     return EXIT_OK if status["state"] == "done" else EXIT_FAILED
 
 
+def _stopped_waiting(area: LiveArea | None, job_id: str, after: str) -> int:
+    if area is not None:
+        area.clear()
+    print(f"layerwarm: job {job_id} is still running after {after}; see it later with "
+          f"`layerwarm status {job_id}`", file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
 def _live_lines(status: dict[str, Any]) -> list[str]:
-    active = [x for x in status["layers"] if x["state"] not in ("pending", "done", "failed")]
+    from workers.jobs import FINISHED
+
+    active = [x for x in status["layers"] if x["state"] not in ("pending", *FINISHED)]
     rows = [
         bar_line(f"{x['digest'][:19]} {x['target']}", x["state"], x["bytes_done"], x["bytes_total"])
         for x in active[:MAX_ROWS]
@@ -388,15 +492,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="remote", metavar="TARGET",
                    help="remote (any worker, shared tier), node:NAME, or all-nodes")
     s.add_argument("--wait", action="store_true", help="follow the job to its end")
+    s.add_argument("--timeout", metavar="SECONDS",
+                   help="with --wait: stop waiting after this long (30, 5m), exit 124")
     broker(s)
     s.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="show a job's layers and progress")
     st.add_argument("job_id", metavar="JOB_ID")
     st.add_argument("--watch", action="store_true", help="follow the job to its end")
+    st.add_argument("--timeout", metavar="SECONDS",
+                    help="with --watch: stop watching after this long (30, 5m), exit 124")
     st.add_argument("--json", action="store_true")
     broker(st)
     st.set_defaults(func=cmd_status)
+
+    jb = sub.add_parser("jobs", help="list recent jobs and their states")
+    jb.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (20)")
+    jb.add_argument("--json", action="store_true")
+    broker(jb)
+    jb.set_defaults(func=cmd_jobs)
+
+    ca = sub.add_parser("cancel", help="stop a job's layers that have not started")
+    ca.add_argument("job_id", metavar="JOB_ID")
+    broker(ca)
+    ca.set_defaults(func=cmd_cancel)
 
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
     f.add_argument("--address", default="127.0.0.1")

@@ -3,6 +3,7 @@
     layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
     layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
     layerwarm:jobs:active       sorted set of jobs not known to be finished (for the sweeper)
+    layerwarm:jobs:recent       sorted set of every job by creation time (for `layerwarm jobs`)
     layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
                                 when the plan is recorded), so `--wait` ends at once
 
@@ -21,9 +22,11 @@ import redis
 
 from pipeline.errors import UsageError
 
-FINISHED = ("done", "failed")
+# "cancelled": `layerwarm cancel` stopped the layer before its chain started.
+FINISHED = ("done", "failed", "cancelled")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 ACTIVE = "layerwarm:jobs:active"
+RECENT = "layerwarm:jobs:recent"
 
 
 def check_job_id(job_id: str) -> str:
@@ -55,6 +58,7 @@ class JobStore:
             })
             p.expire(key, self.ttl)
             p.zadd(ACTIVE, {job_id: time.time()})
+            p.zadd(RECENT, {job_id: time.time()})
             p.execute()
 
     def planned(
@@ -131,6 +135,45 @@ class JobStore:
                     and now - float(x.get("updated", 0)) > older_than]
         return out
 
+    def cancel(self, job_id: str) -> int | None:
+        """Mark the job cancelled and its layers not yet started cancelled; None if unknown.
+
+        Returns how many layers it stopped. The flag also stops the job's plan and layer
+        tasks still in the queues when a worker takes them (`cancelled`); a layer whose
+        chain has begun finishes: stopping it mid-way would leave its staging file behind.
+        """
+        key = self._key(job_id)
+        if not self.client.exists(key):
+            return None
+        self.client.hset(key, "cancelled", "1")
+        stopped = 0
+        for raw in self.client.hgetall(key + ":layers").values():
+            x = json.loads(raw)
+            if x.get("state", "pending") == "pending":
+                self.update_layer(job_id, x["digest"], x["target"], state="cancelled")
+                stopped += 1
+        return stopped
+
+    def cancelled(self, job_id: str) -> bool:
+        return self.client.hget(self._key(job_id), "cancelled") == b"1"
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` jobs still on record, newest first, each as `status` reads it.
+
+        Ids of expired jobs leave the index here, so it grows no longer than the TTL allows.
+        """
+        self.client.zremrangebyscore(RECENT, "-inf", time.time() - self.ttl)
+        out: list[dict[str, Any]] = []
+        for raw in self.client.zrevrange(RECENT, 0, -1):
+            if len(out) == limit:
+                break
+            status = self.status(raw.decode())
+            if status is None:
+                self.client.zrem(RECENT, raw)
+            else:
+                out.append(status)
+        return out
+
     def status(self, job_id: str) -> dict[str, Any] | None:
         key = self._key(job_id)
         meta = {k.decode(): v.decode() for k, v in self.client.hgetall(key).items()}
@@ -141,7 +184,8 @@ class JobStore:
         failures = json.loads(meta.get("image_failures", "[]"))
         return {
             "id": job_id,
-            "state": _job_state(meta.get("planned") == "1", layers, failures),
+            "state": "cancelled" if meta.get("cancelled") == "1"
+                     else _job_state(meta.get("planned") == "1", layers, failures),
             "target": meta["target"],
             "refs": json.loads(meta["refs"]),
             "platform": meta.get("platform") or None,

@@ -40,6 +40,7 @@ from celery.exceptions import Retry
 from celery.signals import worker_ready
 
 from pipeline import codecs, gc, sinks, stages, stats
+from pipeline.digest import Digest
 from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.following import better_later, decompress_following
 from pipeline.layer import LayerResult, LayerSpec, Progress
@@ -84,6 +85,8 @@ def _no_registry(layer: LayerSpec, progress: Progress) -> None:
 @app.task(name="layerwarm.plan", bind=True)
 def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
          platform: str | None) -> dict[str, Any]:
+    if bookkeeping().jobs.cancelled(job_id):
+        return {"cancelled": True}
     try:
         c = context()
         wanted = None if platform == "all" else Platform.parse(platform or str(Platform.host()))
@@ -137,6 +140,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     """The chain for this target's goal; on a miss the registry step starts here."""
     started = time.time()
     try:
+        if _skip_cancelled(job_id, layer, target, token):
+            return {"digest": layer["digest"], "cancelled": True}
         c = context()
         spec, goal = layer_from_json(layer), goal_of(target)
         if goal == "remote" and c.env.remote is None:
@@ -189,6 +194,19 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     except Exception as e:
         self.fail(job_id, layer, target, e, token)
         raise
+
+
+def _skip_cancelled(job_id: str, layer: dict[str, Any], target: str,
+                    token: str | None) -> bool:
+    """A fetch of a cancelled job does not start: the layer is recorded cancelled and the
+    lease a resent fetch carries is given back."""
+    books = bookkeeping()
+    if not books.jobs.cancelled(job_id):
+        return False
+    if token:
+        books.leases.release(Digest.parse(layer["digest"]), token)
+    books.jobs.update_layer(job_id, layer["digest"], target, state="cancelled")
+    return True
 
 
 @app.task(name="layerwarm.fetch_batch", bind=True, ignore_result=True)
