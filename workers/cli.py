@@ -27,7 +27,7 @@ from pipeline import cli as base
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
-from pipeline.table import table
+from pipeline.table import counted, table
 from workers.credentials import (
     BROKER_ENV,
     FLOWER_AUTH_ENV,
@@ -301,7 +301,8 @@ def status_text(status: dict[str, Any]) -> str:
     eta = human_seconds(t["eta_seconds"]) if t["eta_seconds"] else "-"
     lines = [
         f"job {status['id']}  {status['state']}  to {status['target']}  "
-        f"{t['layers']} layers: {t['done']} done, {t['failed']} failed, {t['pending']} pending  "
+        f"{counted(t['layers'], 'layer')}: {t['done']} done, {t['failed']} failed, "
+        f"{t['pending']} pending  "
         f"{human_bytes(t['bytes_done'])} / {human_bytes(t['bytes_total'])}  ETA {eta}"
     ]
     rows = [

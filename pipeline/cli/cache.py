@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.cli.common import EXIT_FAILED, EXIT_OK, settings_of, when
-from pipeline.table import table
+from pipeline.table import counted, table
 
 if TYPE_CHECKING:
     from pipeline.cacheops import ImageUse
@@ -66,7 +66,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [(*r, when(e.pinned_until)) for r, e in zip(rows, found, strict=True)]
     print("\n".join(table(header, rows, right={1, 4})))
     total = sum(e.size for e in found)
-    print(f"{len(found)} entries, {human_bytes(total)}")
+    print(f"{counted(len(found), 'entry')}, {human_bytes(total)}")
     return EXIT_OK
 
 
@@ -125,7 +125,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if images:
         print(_images_table(images))
     state = "on disk" if cached else "not on disk"
-    print(f"{len({i.manifest_digest for i in images})} images use {digest} ({state})")
+    n = len({i.manifest_digest for i in images})
+    print(f"{counted(n, 'image')} {'uses' if n == 1 else 'use'} {digest} ({state})")
     return EXIT_OK
 
 
@@ -177,7 +178,7 @@ def cmd_df(args: argparse.Namespace) -> int:
     print(_hit_ratio_text(hits))
     _print_sharing(sharing)
     print(f"metadata       {human_bytes(meta.bytes)} ({meta.bytes} bytes) in .meta.db: "
-          f"{meta.configs} image configs, {human_bytes(meta.config_bytes)}")
+          f"{counted(meta.configs, 'image config')}, {human_bytes(meta.config_bytes)}")
     return EXIT_OK
 
 

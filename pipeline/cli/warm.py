@@ -62,6 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.digest import Digest
+    from pipeline.table import counted
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
     from pipeline.verify import verify_disk, verify_remote
@@ -86,7 +87,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{c.state:<12} {c.tier:<6} {c.digest}{note}")
         counts = {k: sum(1 for c in checked if c.state == k)
                   for k in ("ok", "bad", "unverifiable", "missing")}
-        print(f"{len(checked)} entries: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        tally = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"{counted(len(checked), 'entry')}: {tally}")
     return EXIT_FAILED if any(c.state in ("bad", "missing") for c in checked) else EXIT_OK
 
 
