@@ -76,3 +76,77 @@ def test_a_failed_image_is_named_in_the_stdout_summary(
     assert entries(cache_dir) == set()
     p = run_layerwarm("verify", cache_dir=cache_dir)
     assert p.returncode == 0, p.stdout
+
+
+# ------------------------------------------------------------------ digest prefixes
+
+
+def _warm_two(registry: RegistryServer, cache_dir: Path) -> tuple[Layer, Layer]:
+    a = Layer(tar=random_tar(1311, 40_000), compression="gzip")
+    b = Layer(tar=random_tar(1312, 40_000), compression="zstd")
+    repo = _repo()
+    registry.push_image(repo, "1.0", Image([a, b], format="oci"))
+    p = run_layerwarm("warm", f"{registry.host}/{repo}:1.0", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    return a, b
+
+
+def _hex(lay: Layer) -> str:
+    return lay.digest.removeprefix("sha256:")
+
+
+def test_commands_take_the_short_digest_warm_prints(
+    registry: RegistryServer, cache_dir: Path
+) -> None:
+    a, b = _warm_two(registry, cache_dir)
+    short = "sha256:" + _hex(a)[:12]  # what `warm` prints in its LAYER column
+
+    p = run_layerwarm("inspect", short, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert f"digest        {a.digest}" in p.stdout, p.stdout
+    p = run_layerwarm("usage", _hex(a)[:16], cache_dir=cache_dir)  # the bare hex, longer
+    assert p.returncode == 0 and f"1 image uses {a.digest} (on disk)" in p.stdout, p.stdout
+    p = run_layerwarm("verify", "sha256_" + _hex(b)[:12], cache_dir=cache_dir)
+    assert p.returncode == 0 and f"ok           disk   {b.digest}" in p.stdout, p.stdout
+
+    p = run_layerwarm("rm", short, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"removed {a.digest} from disk", p.stdout
+    assert entries(cache_dir) == {"sha256_" + _hex(b)}
+    assert (cache_dir / ("sha256_" + _hex(b))).read_bytes() == b.tar
+    assert run_layerwarm("verify", cache_dir=cache_dir).returncode == 0
+
+
+def test_an_ambiguous_or_unknown_prefix_is_refused_in_one_line(
+    registry: RegistryServer, cache_dir: Path
+) -> None:
+    a, _ = _warm_two(registry, cache_dir)
+    # A second entry name sharing a's first 12 hex (a real collision cannot be made).
+    twin_hex = _hex(a)[:12] + "0" * 52 if _hex(a)[12:] != "0" * 52 else _hex(a)[:12] + "1" * 52
+    twin = cache_dir / f"sha256_{twin_hex}"
+    twin.write_bytes(b"not a layer")
+    twin.chmod(0o600)
+    real = cache_dir / ("sha256_" + _hex(a))
+    before = {p: (p.read_bytes(), p.stat().st_mode) for p in (twin, real)}
+
+    prefix = "sha256:" + _hex(a)[:12]
+    for command in ("inspect", "usage", "rm", "verify"):
+        p = run_layerwarm(command, prefix, cache_dir=cache_dir)
+        assert p.returncode == 2, (command, p.stdout, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "ambiguous" in lines[0], (command, p.stderr)
+        assert a.digest in lines[0] and f"sha256:{twin_hex}" in lines[0], lines
+        assert p.stdout == "", (command, p.stdout)
+    assert {p: (p.read_bytes(), p.stat().st_mode) for p in (twin, real)} == before
+
+    for command in ("inspect", "rm"):
+        p = run_layerwarm(command, "sha256:" + "f" * 12 if not _hex(a).startswith("f" * 12)
+                          else "sha256:" + "e" * 12, cache_dir=cache_dir)
+        assert p.returncode == 1, (command, p.stderr)
+        assert p.stderr.strip().endswith("not in the cache"), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for bad in ("sha256:" + _hex(a)[:11], "sha256:../../etc/passwd"):
+        p = run_layerwarm("inspect", bad, cache_dir=cache_dir)
+        assert p.returncode == 2 and "invalid digest" in p.stderr, (bad, p.stderr)
+        assert "Traceback" not in p.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mode) for p in (twin, real)} == before

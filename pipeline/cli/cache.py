@@ -74,8 +74,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline import cacheops
     from pipeline.progress import human_bytes
 
-    [digest] = cacheops.parse_digests([args.digest])
     disk, remote = _cache(args)
+    [digest] = cacheops.resolve_digests(disk, [args.digest])
     entry = cacheops.inspect(disk, digest, remote)
     if entry is None:
         print(f"layerwarm: {digest}: not in the cache", file=sys.stderr)
@@ -114,8 +114,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
-    [digest] = cacheops.parse_digests([args.digest])
     disk, _ = _cache(args, remote_from_env=False)
+    [digest] = cacheops.resolve_digests(disk, [args.digest])
     images = cacheops.usage(disk, digest)
     cached = disk.has(digest)
     if args.json:
@@ -133,9 +133,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
-    digests = cacheops.parse_digests(args.digests)
     # The remote only when asked for; rm writes, so an unusable .meta.db is repaired.
     disk, remote = _cache(args, remote_from_env=False, read_only=False)
+    digests = cacheops.resolve_digests(disk, args.digests)
 
     def waiting(d: object) -> None:
         print(f"layerwarm: {d}: in use, waiting for its lock", file=sys.stderr, flush=True)
@@ -239,7 +239,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        cpu_threads=None)
         return p
 
-    digest_help = "sha256:<hex> or sha256_<hex>"
+    digest_help = "sha256:<hex>, sha256_<hex> or a unique prefix of 12+ hex"
     add("ls", cmd_ls, "list cached layers: size, last use, tiers, images using each",
         remote="list the remote tier too (env LAYERWARM_REMOTE)")
     p = add("inspect", cmd_inspect, "one layer: diff_id, media type, sizes, tiers, images",
