@@ -10,8 +10,10 @@ import uuid
 from pathlib import Path
 
 from tests.support.cli import entries, run_layerwarm
+from tests.support.fleet import S3Tier, broker_url_for, running_fleet
 from tests.support.images import Image, Layer, random_tar
 from tests.support.registry import RegistryServer
+from tests.support.s3 import S3Server
 
 
 def _repo() -> str:
@@ -150,3 +152,81 @@ def test_an_ambiguous_or_unknown_prefix_is_refused_in_one_line(
         assert p.returncode == 2 and "invalid digest" in p.stderr, (bad, p.stderr)
         assert "Traceback" not in p.stderr
     assert {p: (p.read_bytes(), p.stat().st_mode) for p in (twin, real)} == before
+
+
+# ------------------------------------------------------------------ containers auth.json
+
+
+def _auth_json(docker_config: Path, where: Path) -> Path:
+    """podman/skopeo's auth.json: the same `auths` format as Docker's config.json."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text((docker_config / "config.json").read_text())
+    where.chmod(0o600)
+    return where
+
+
+def test_credentials_from_the_containers_auth_json(
+    auth_registry: RegistryServer, docker_config: Path, tmp_path: Path
+) -> None:
+    lay = Layer(tar=random_tar(1321, 40_000), compression="gzip")
+    repo = _repo()
+    auth_registry.push_image(repo, "1", Image([lay]))
+    ref = f"{auth_registry.host}/{repo}:1"
+    authfile = _auth_json(docker_config, tmp_path / "mine" / "auth.json")
+    runtime = tmp_path / "run-user"
+    _auth_json(docker_config, runtime / "containers" / "auth.json")
+
+    ways = {
+        "flag": (("--authfile", str(authfile)), {}),
+        "env": ((), {"REGISTRY_AUTH_FILE": str(authfile)}),
+        "xdg": ((), {"XDG_RUNTIME_DIR": str(runtime)}),
+    }
+    for how, (flags, env) in ways.items():
+        cache = tmp_path / f"cache-{how}"
+        p = run_layerwarm("warm", *flags, ref, cache_dir=cache, env=env)
+        assert p.returncode == 0, (how, p.stderr)
+        assert (cache / ("sha256_" + _hex(lay))).read_bytes() == lay.tar, how
+        assert "s3cret-pw" not in p.stdout + p.stderr
+    p = run_layerwarm("plan", "--authfile", str(authfile), ref, cache_dir=tmp_path / "c-plan")
+    assert p.returncode == 0 and p.stdout.startswith("1 image, 1 unique layer"), p.stderr
+    p = run_layerwarm("pin", "--authfile", str(authfile), "--ttl", "1h", ref,
+                      cache_dir=tmp_path / "cache-flag")
+    assert p.returncode == 0 and p.stdout.startswith(f"pinned {ref}: 1 layer"), p.stderr
+
+    # --authfile wins over REGISTRY_AUTH_FILE; a file that is not there is said in one line.
+    missing = tmp_path / "nowhere" / "auth.json"
+    p = run_layerwarm("warm", "--authfile", str(missing), ref, cache_dir=tmp_path / "c-missing",
+                      env={"REGISTRY_AUTH_FILE": str(authfile)})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"layerwarm: cannot read auth file {missing}: "\
+        "No such file or directory", p.stderr
+    assert entries(tmp_path / "c-missing") == set()
+
+
+HABITS_DB = 15  # the worker test's fleet (flushed when it starts)
+
+
+def test_a_worker_reads_the_authfile_it_is_given(
+    auth_registry: RegistryServer, docker_config: Path, tmp_path: Path, redis_url: str,
+    s3: S3Server,
+) -> None:
+    lay = Layer(tar=random_tar(1331, 40_000), compression="zstd")
+    repo = _repo()
+    auth_registry.push_image(repo, "1", Image([lay]))
+    ref = f"{auth_registry.host}/{repo}:1"
+    authfile = _auth_json(docker_config, tmp_path / "auth.json")
+    broker = broker_url_for(redis_url, HABITS_DB)
+
+    p = run_layerwarm("worker", "--node", "x", "--authfile", str(tmp_path / "none.json"),
+                      cache_dir=tmp_path / "c-none", env={"LAYERWARM_BROKER_URL": broker})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == (f"layerwarm: cannot read auth file {tmp_path / 'none.json'}: "
+                                "No such file or directory"), p.stderr
+
+    with running_fleet(tmp_path / "fleet", ["a"], broker, S3Tier.new(s3, "habits"), s3.env(),
+                       worker_args={"a": ["--authfile", str(authfile)]}) as fleet:
+        p = fleet.submit(ref, "--to", "node:a", "--wait")
+        assert p.returncode == 0, f"{p.stdout}\n{p.stderr}\n{fleet.logs()}"
+        got = fleet.cache_dir("a") / ("sha256_" + _hex(lay))
+        assert got.read_bytes() == lay.tar
+        assert "s3cret-pw" not in fleet.logs() + p.stdout + p.stderr

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
+from pipeline.cli.common import AUTHFILE_HELP
 from pipeline.errors import LayerwarmError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
@@ -80,6 +81,22 @@ MAX_RESTARTS = 5  # per child within RESTART_WINDOW seconds, then the host gives
 RESTART_WINDOW = 60.0
 
 
+def _registry_env(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """The worker's registry flags, for its Celery workers: they read settings from `env`.
+
+    `--authfile` becomes REGISTRY_AUTH_FILE (where pipeline/registry/auth.py looks next), read
+    once here so a wrong path is said before the host starts, not once per layer.
+    """
+    from pathlib import Path
+
+    from pipeline.registry.auth import DockerConfig
+
+    if args.authfile:
+        path = Path(args.authfile).absolute()
+        DockerConfig.read(path, "auth file", missing_ok=False)
+        env["REGISTRY_AUTH_FILE"] = str(path)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the IO and the CPU worker of one host.
 
@@ -100,6 +117,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         ("LAYERWARM_REMOTE", args.remote)):
         if value:
             env[name] = value
+    _registry_env(args, env)
     io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
     cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
@@ -371,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decompress threads (one per core)")
     w.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     w.add_argument("--remote", metavar="URL", help="shared tier (env LAYERWARM_REMOTE)")
+    w.add_argument("--authfile", metavar="PATH",
+                   help=AUTHFILE_HELP)
     w.add_argument("--loglevel", default="info", help="Celery log level (info)")
     w.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve this host's cache metrics (Prometheus text) on /metrics")
