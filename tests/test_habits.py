@@ -6,12 +6,16 @@ stdout summary, not only on stderr.
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from pathlib import Path
 
-from tests.support.cli import entries, run_layerwarm
+import pytest
+
+from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, run_layerwarm
 from tests.support.fleet import S3Tier, broker_url_for, running_fleet
 from tests.support.images import Image, Layer, random_tar
+from tests.support.procs import free_port
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 
@@ -230,3 +234,56 @@ def test_a_worker_reads_the_authfile_it_is_given(
         got = fleet.cache_dir("a") / ("sha256_" + _hex(lay))
         assert got.read_bytes() == lay.tar
         assert "s3cret-pw" not in fleet.logs() + p.stdout + p.stderr
+
+
+def _lan_name() -> str:
+    """A registry name that is not loopback by its spelling (plain HTTP to it needs
+    --insecure-registry) but reaches the test registry on 127.0.0.1: this host's name."""
+    import socket
+
+    name = socket.gethostname()
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        addresses = set()
+    if not name or name == "localhost" or addresses != {"127.0.0.1"}:
+        pytest.skip(f"this host's name {name!r} does not resolve to 127.0.0.1 only")
+    return name
+
+
+def test_a_worker_talks_plain_http_to_the_insecure_registries_it_is_given(
+    registry: RegistryServer, tmp_path: Path, redis_url: str, s3: S3Server,
+) -> None:
+    lay = Layer(tar=random_tar(1341, 40_000), compression="gzip")
+    repo = _repo()
+    registry.push_image(repo, "1", Image([lay]))
+    hostport = f"{_lan_name()}:{registry.host.rsplit(':', 1)[1]}"
+    ref = f"{hostport}/{repo}:1"
+
+    # Any worker may resolve a job's images, so the flag is given to the whole fleet (here
+    # one host); without it the worker speaks TLS to that name and the job fails.
+    with running_fleet(tmp_path / "fleet", ["a"], broker_url_for(redis_url, HABITS_DB),
+                       S3Tier.new(s3, "habits-insecure"), s3.env(),
+                       worker_args={"a": ["--insecure-registry", hostport]}) as fleet:
+        p = fleet.submit(ref, "--to", "node:a", "--wait")
+        assert p.returncode == 0, f"{p.stdout}\n{p.stderr}\n{fleet.logs()}"
+        assert (fleet.cache_dir("a") / ("sha256_" + _hex(lay))).read_bytes() == lay.tar
+
+
+def test_flower_warns_in_one_line_when_it_serves_without_login(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        layerwarm_cmd("flower", "--port", str(port)),
+        env=layerwarm_env(tmp_path / "cache", {"LAYERWARM_BROKER_URL": "redis://127.0.0.1:1/0"}),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline().strip()  # printed before Flower starts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert first.startswith(f"layerwarm: warning: Flower serves http://127.0.0.1:{port} "
+                            "without login"), first

@@ -85,7 +85,8 @@ def _registry_env(args: argparse.Namespace, env: dict[str, str]) -> None:
     """The worker's registry flags, for its Celery workers: they read settings from `env`.
 
     `--authfile` becomes REGISTRY_AUTH_FILE (where pipeline/registry/auth.py looks next), read
-    once here so a wrong path is said before the host starts, not once per layer.
+    once here so a wrong path is said before the host starts, not once per layer;
+    `--insecure-registry` adds to LAYERWARM_INSECURE_REGISTRIES, as it does for `warm`.
     """
     from pathlib import Path
 
@@ -95,6 +96,10 @@ def _registry_env(args: argparse.Namespace, env: dict[str, str]) -> None:
         path = Path(args.authfile).absolute()
         DockerConfig.read(path, "auth file", missing_ok=False)
         env["REGISTRY_AUTH_FILE"] = str(path)
+    if args.insecure_registry:
+        listed = env.get("LAYERWARM_INSECURE_REGISTRIES", "")
+        env["LAYERWARM_INSECURE_REGISTRIES"] = ",".join(
+            [h for h in listed.split(",") if h.strip()] + args.insecure_registry)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -348,8 +353,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
     env = {k: v for k, v in os.environ.items() if k != FLOWER_AUTH_ENV}
     if logins:
         env[FLOWER_OWN_ENV] = logins
+    else:
+        _warn_open_flower(args.address, args.port)
     os.execve(sys.executable, argv, env)
     return EXIT_FAILED  # not reached
+
+
+def _warn_open_flower(address: str, port: int) -> None:
+    """Flower without a login shows every job's images and lets anyone who reaches it
+    revoke tasks and stop workers: say so once, before it starts."""
+    print(f"layerwarm: warning: Flower serves http://{address}:{port} without login; anyone "
+          "who can reach it can watch and control the workers (set "
+          f"{FLOWER_AUTH_ENV} or --basic-auth-file)", file=sys.stderr, flush=True)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -391,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--remote", metavar="URL", help="shared tier (env LAYERWARM_REMOTE)")
     w.add_argument("--authfile", metavar="PATH",
                    help=AUTHFILE_HELP)
+    w.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP to this registry (env LAYERWARM_INSECURE_REGISTRIES)")
     w.add_argument("--loglevel", default="info", help="Celery log level (info)")
     w.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve this host's cache metrics (Prometheus text) on /metrics")
@@ -420,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
-    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--address", default="127.0.0.1",
+                   help="address to serve on (127.0.0.1: this machine only)")
     f.add_argument("--port", type=int, default=5555)
     fa = f.add_mutually_exclusive_group()
     fa.add_argument("--basic-auth", metavar="USER:PASSWORD",
