@@ -4,8 +4,9 @@ The files stay the source of truth: an entry is listed because `sha256_<hex>` ex
 (or in the remote tier), and `.meta.db` only adds what it knows about it. A row without a
 file is not listed. Reading never creates the cache directory or its database.
 
-Digests from users are parsed strictly (`sha256:<hex>` or `sha256_<hex>`) before anything
-becomes a path, object key or lock name; `rm` holds the digest's lock, so it waits for a
+Digests from users are parsed strictly (`sha256:<hex>`, `sha256_<hex>`, or a unique prefix
+of 12+ hex resolved against the cache's own names) before anything becomes a path, object
+key or lock name; `rm` holds the digest's lock, so it waits for a
 warm that is materializing that layer. This module decides and returns values; the CLI
 prints them.
 """
@@ -13,29 +14,75 @@ prints them.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
 
 from pipeline.digest import Digest
-from pipeline.errors import InvalidDigest, LayerwarmError, UsageError
+from pipeline.errors import InvalidDigest, LayerwarmError, NotFound, UsageError
 from pipeline.metadata import ImageRow
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteTier
 
+MIN_PREFIX = 12  # hex digits a short digest needs, as `warm` prints it (sha256:fc1d8747c59a)
+# A short form: sha256:<hex>, sha256_<hex> or the bare hex, as docker and crane take them.
+_SHORT = re.compile(rf"(?:sha256[:_])?([0-9a-f]{{{MIN_PREFIX},64}})")
+_AMBIGUOUS_SHOWN = 10  # candidates listed in the one line; more are counted
 
-def parse_digests(texts: Sequence[str]) -> list[Digest]:
-    """Every text as a Digest, or UsageError (one line) for the first one that is not."""
+
+def resolve_digests(disk: DiskTier, texts: Sequence[str]) -> list[Digest]:
+    """Every text as the Digest of a layer: in full, or a unique prefix of a cached one.
+
+    A full digest is taken as is (a layer the cache no longer holds still has a name). A
+    prefix is looked up among the entries on disk and the layers `.meta.db` records: one
+    match is that layer, none is NotFound ("not in the cache", exit 1), several a UsageError
+    listing them (exit 2). Anything else is a UsageError: no string becomes a path unparsed.
+    """
+    known: list[Digest] | None = None
     out = []
     for text in texts:
         try:
             out.append(Digest.parse(text, allow_cache_name=True))
+            continue
         except InvalidDigest:
+            pass
+        m = _SHORT.fullmatch(text)
+        if m is None:
             shown = repr(text if len(text) <= 80 else text[:77] + "...")  # repr: one line
-            raise UsageError(
-                f"invalid digest {shown}: want sha256:<64 hex> or sha256_<64 hex>"
-            ) from None
+            raise UsageError(f"invalid digest {shown}: want sha256:<64 hex>, sha256_<64 hex> "
+                             f"or a unique prefix of {MIN_PREFIX}+ hex (sha256:fc1d8747c59a)")
+        if len(m.group(1)) == 64:  # bare hex: a full sha256 without its algorithm
+            out.append(Digest("sha256", m.group(1)))
+            continue
+        known = _known_digests(disk) if known is None else known
+        out.append(_unique(text, [d for d in known if d.hex.startswith(m.group(1))]))
     return out
+
+
+def _known_digests(disk: DiskTier) -> list[Digest]:
+    """Layers a prefix may name: entries on disk, and those .meta.db has rows for."""
+    names = {str(d) for d in disk.entries()}
+    names |= {str(r.digest) for r in disk.meta.layers()}
+    names |= {r.layer_digest for r in disk.meta.image_rows()}
+    out = []
+    for name in sorted(names):
+        try:
+            out.append(Digest.parse(name))
+        except InvalidDigest:
+            continue  # a row we cannot trust names no layer
+    return out
+
+
+def _unique(text: str, matches: list[Digest]) -> Digest:
+    if not matches:
+        raise NotFound(f"{text}: not in the cache")
+    if len(matches) > 1:
+        shown = ", ".join(str(d) for d in matches[:_AMBIGUOUS_SHOWN])
+        more = len(matches) - _AMBIGUOUS_SHOWN
+        raise UsageError(f"{text} is ambiguous: {len(matches)} cached layers start with it: "
+                         f"{shown}" + (f" and {more} more" if more > 0 else ""))
+    return matches[0]
 
 
 @dataclass(frozen=True)

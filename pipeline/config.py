@@ -116,6 +116,7 @@ class Settings:
     cache_dir: Path
     remote_url: str | None = None
     insecure_registries: tuple[str, ...] = ()
+    authfile: Path | None = None  # --authfile; otherwise registry/auth.py's default places
     io_threads: int = 16
     cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     limits: Limits = field(default_factory=Limits)

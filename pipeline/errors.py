@@ -71,7 +71,7 @@ class UnsupportedMediaType(PermanentError):
 
 
 class NotFound(PermanentError):
-    """The registry has no such repository, manifest or blob."""
+    """The registry has no such repository, manifest or blob (or the cache no such layer)."""
 
 
 class Unauthorized(PermanentError):

@@ -28,6 +28,7 @@ from pipeline.manifest import (
 )
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
+from pipeline.table import counted
 
 log = logging.getLogger("layerwarm")
 
@@ -167,8 +168,8 @@ class Resolver:
         )
         if len(config.diff_ids) != len(manifest.layers):
             raise InvalidManifest(
-                f"{ref}: manifest lists {len(manifest.layers)} layers but the image config "
-                f"has {len(config.diff_ids)} diff_ids"
+                f"{ref}: manifest lists {counted(len(manifest.layers), 'layer')} but the image "
+                f"config has {counted(len(config.diff_ids), 'diff_id')}"
             )
         source = Reference(ref.registry, ref.repository)
         layers = tuple(

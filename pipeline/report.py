@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline.progress import human_bytes
-from pipeline.table import table
+from pipeline.table import counted, table
 
 if TYPE_CHECKING:  # annotations only: `status` imports this module for source_label
     from pipeline.layer import LayerResult, LayerSpec, Source
@@ -50,14 +50,26 @@ def warm_text(report: WarmReport) -> str:
     lines = table(header, rows, right={1, 2, 4}) if rows else ["no layers"]
     t = warm_totals(report)
     lines.append(
-        f"{t['layers']} layers: {t['from_registry']} from registry "
+        f"{counted(t['layers'], 'layer')}: {t['from_registry']} from registry "
         f"({human_bytes(t['bytes_from_registry'])}), {t['from_remote']} from remote "
-        f"({human_bytes(t['bytes_from_remote'])}), {t['cache_hits']} cache hits, "
+        f"({human_bytes(t['bytes_from_remote'])}), {counted(t['cache_hits'], 'cache hit')}, "
         f"{t['failed']} failed"
         + (f", {t['shared_by_diff_id']} shared by diff_id (no fetch)"
            if t["shared_by_diff_id"] else "")
     )
+    lines += images_failed_lines(report.plan)
     return "\n".join(lines)
+
+
+def images_failed_lines(plan: Plan) -> list[str]:
+    """The summary's word on images that gave no layers: stderr has why, stdout says which.
+
+    Without it a run whose only image failed reads "no layers ... 0 failed" on stdout.
+    """
+    if not plan.failures:
+        return []
+    refs = ", ".join(str(f.ref) for f in plan.failures)
+    return [f"{counted(len(plan.failures), 'image')} failed: {refs}"]
 
 
 def failure_lines(report: WarmReport) -> list[str]:
@@ -125,10 +137,11 @@ def plan_text(plan: Plan, where: dict[LayerSpec, Source | None]) -> str:
          str(len(x.sources)))
         for x in plan.layers
     ]
-    lines = [f"{len(plan.images)} images, {len(plan.layers)} unique layers"]
+    lines = [f"{counted(len(plan.images), 'image')}, {counted(len(plan.layers), 'unique layer')}"]
     if rows:
         lines += table(("LAYER", "COMPRESSED", "TIER", "REPOS"), rows, right={1})
     to_fetch = [x for x in plan.layers if where[x] is None]
     nbytes = human_bytes(sum(x.size for x in to_fetch))
-    lines.append(f"to fetch from registry: {len(to_fetch)} layers, {nbytes}")
+    lines.append(f"to fetch from registry: {counted(len(to_fetch), 'layer')}, {nbytes}")
+    lines += images_failed_lines(plan)
     return "\n".join(lines)

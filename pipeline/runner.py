@@ -24,7 +24,7 @@ from pipeline.manifest import Platform
 from pipeline.plan import Plan, Resolver, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
-from pipeline.registry.auth import DockerConfig
+from pipeline.registry.auth import CredentialSources
 from pipeline.registry.client import RegistryClient
 from pipeline.stages import DEFAULT_LIMITS
 from pipeline.tiers.disk import DiskTier
@@ -73,7 +73,7 @@ class Environment:
         client = RegistryClient(
             insecure_registries=settings.insecure_registries,
             retry=settings.retry,
-            docker_config=DockerConfig.load(),
+            docker_config=CredentialSources.load(authfile=settings.authfile),
             rate_limiter=rate_limiter,
         )
         remote = None

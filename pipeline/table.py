@@ -33,3 +33,14 @@ def table(
     if rule:
         lines.append(indent + "  ".join("-" * w for w in widths))
     return lines + [fmt(r) for r in rows]
+
+
+# Words whose plural is not the word plus "s"; every other counted noun just takes an "s".
+_IRREGULAR = {"entry": "entries"}
+
+
+def counted(n: int, word: str) -> str:
+    """`1 layer`, `3 layers`, `0 entries`: the one place a printed count meets its noun."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {_IRREGULAR.get(word, word + 's')}"

@@ -238,7 +238,8 @@ def test_df_reports_bytes_saved_by_sharing(registry: RegistryServer, cache_dir: 
 
 
 HOSTILE = (
-    "sha256:../../victim", "../victim", "sha256_" + "A" * 64, "sha256:" + "0" * 63,
+    "sha256:../../victim", "../victim", "sha256_" + "A" * 64,
+    "sha256:" + "0" * 11, "sha256:" + "0" * 65,  # a prefix needs 12 to 63 hex
     "sha256:" + "0" * 64 + "/..", "sha256_" + "0" * 64 + "\n", "sha256_../../.meta.db", "",
     " sha256:" + "0" * 64, "sha512:" + "0" * 64, "md5:" + "0" * 32, "latest", "-",
     "sha256:" + "0" * 64 + "\nsha256:" + "1" * 64, "sha256_" + "0" * 64 + ".lock",

@@ -37,8 +37,8 @@ from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 
-FLEET_DB = 11  # the module fleet's Redis database (flushed at start)
-EMPTY_DB = 12  # a broker no worker listens on
+FLEET_DB = 5  # the module fleet's Redis database (flushed at start)
+EMPTY_DB = 6  # a broker no worker listens on
 EXIT_TIMEOUT = 124  # like timeout(1): stopped waiting, the job goes on
 NO_REGISTRY_REF = "127.0.0.1:9/t/none:1"  # never planned: no worker takes the job
 

@@ -86,7 +86,7 @@ def test_pin_offline_uses_the_layers_a_warm_recorded(
     registry_proxy.fail(r"/v2/", status=404, times=None)  # the registry is "gone"
     p = run_layerwarm("pin", ref, never, "--ttl", "1h", cache_dir=cache_dir)
     assert p.returncode == 1  # one of the two could not be pinned
-    assert f"pinned {ref}: 1 layers until" in p.stdout and "offline" in p.stdout
+    assert f"pinned {ref}: 1 layer until" in p.stdout and "offline" in p.stdout
     assert never in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert Metadata(cache_dir / ".meta.db").pinned_until().keys() == {lay.digest}
 

@@ -284,7 +284,7 @@ def test_plan_reports_tiers_and_changes_nothing(
     p = run_layerwarm("plan", *refs, cache_dir=cache_dir)
     assert p.returncode == 0
     assert "2 images, 3 unique layers" in p.stdout
-    assert "to fetch from registry: 1 layers" in p.stdout
+    assert "to fetch from registry: 1 layer" in p.stdout
 
 
 def test_refs_from_file_with_comments(registry: RegistryServer, tmp_path: Path) -> None:

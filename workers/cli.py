@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
+from pipeline.cli.common import AUTHFILE_HELP
 from pipeline.errors import LayerwarmError, UsageError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
 from pipeline.report import source_label
-from pipeline.table import table
+from pipeline.table import counted, table
 from workers.credentials import (
     BROKER_ENV,
     FLOWER_AUTH_ENV,
@@ -85,6 +86,27 @@ MAX_RESTARTS = 5  # per child within RESTART_WINDOW seconds, then the host gives
 RESTART_WINDOW = 60.0
 
 
+def _registry_env(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """The worker's registry flags, for its Celery workers: they read settings from `env`.
+
+    `--authfile` becomes REGISTRY_AUTH_FILE (where pipeline/registry/auth.py looks next), read
+    once here so a wrong path is said before the host starts, not once per layer;
+    `--insecure-registry` adds to LAYERWARM_INSECURE_REGISTRIES, as it does for `warm`.
+    """
+    from pathlib import Path
+
+    from pipeline.registry.auth import DockerConfig
+
+    if args.authfile:
+        path = Path(args.authfile).absolute()
+        DockerConfig.read(path, "auth file", missing_ok=False)
+        env["REGISTRY_AUTH_FILE"] = str(path)
+    if args.insecure_registry:
+        listed = env.get("LAYERWARM_INSECURE_REGISTRIES", "")
+        env["LAYERWARM_INSECURE_REGISTRIES"] = ",".join(
+            [h for h in listed.split(",") if h.strip()] + args.insecure_registry)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the IO and the CPU worker of one host.
 
@@ -106,6 +128,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         ("LAYERWARM_REMOTE", args.remote)):
         if value:
             env[name] = value
+    _registry_env(args, env)
     io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
     cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
@@ -405,7 +428,8 @@ def status_text(status: dict[str, Any]) -> str:
     eta = human_seconds(t["eta_seconds"]) if t["eta_seconds"] else "-"
     lines = [
         f"job {status['id']}  {status['state']}  to {status['target']}  "
-        f"{t['layers']} layers: {t['done']} done, {t['failed']} failed, {t['pending']} pending  "
+        f"{counted(t['layers'], 'layer')}: {t['done']} done, {t['failed']} failed, "
+        f"{t['pending']} pending  "
         f"{human_bytes(t['bytes_done'])} / {human_bytes(t['bytes_total'])}  ETA {eta}"
     ]
     rows = [
@@ -433,8 +457,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
     env = {k: v for k, v in os.environ.items() if k != FLOWER_AUTH_ENV}
     if logins:
         env[FLOWER_OWN_ENV] = logins
+    else:
+        _warn_open_flower(args.address, args.port)
     os.execve(sys.executable, argv, env)
     return EXIT_FAILED  # not reached
+
+
+def _warn_open_flower(address: str, port: int) -> None:
+    """Flower without a login shows every job's images and lets anyone who reaches it
+    revoke tasks and stop workers: say so once, before it starts."""
+    print(f"layerwarm: warning: Flower serves http://{address}:{port} without login; anyone "
+          "who can reach it can watch and control the workers (set "
+          f"{FLOWER_AUTH_ENV} or --basic-auth-file)", file=sys.stderr, flush=True)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -474,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decompress threads (one per core)")
     w.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     w.add_argument("--remote", metavar="URL", help="shared tier (env LAYERWARM_REMOTE)")
+    w.add_argument("--authfile", metavar="PATH",
+                   help=AUTHFILE_HELP)
+    w.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP to this registry (env LAYERWARM_INSECURE_REGISTRIES)")
     w.add_argument("--loglevel", default="info", help="Celery log level (info)")
     w.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve this host's cache metrics (Prometheus text) on /metrics")
@@ -518,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.set_defaults(func=cmd_cancel)
 
     f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
-    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--address", default="127.0.0.1",
+                   help="address to serve on (127.0.0.1: this machine only)")
     f.add_argument("--port", type=int, default=5555)
     fa = f.add_mutually_exclusive_group()
     fa.add_argument("--basic-auth", metavar="USER:PASSWORD",

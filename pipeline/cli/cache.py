@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.cli.common import EXIT_FAILED, EXIT_OK, settings_of, when
-from pipeline.table import table
+from pipeline.table import counted, table
 
 if TYPE_CHECKING:
     from pipeline.cacheops import ImageUse
@@ -66,7 +66,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [(*r, when(e.pinned_until)) for r, e in zip(rows, found, strict=True)]
     print("\n".join(table(header, rows, right={1, 4})))
     total = sum(e.size for e in found)
-    print(f"{len(found)} entries, {human_bytes(total)}")
+    print(f"{counted(len(found), 'entry')}, {human_bytes(total)}")
     return EXIT_OK
 
 
@@ -74,8 +74,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline import cacheops
     from pipeline.progress import human_bytes
 
-    [digest] = cacheops.parse_digests([args.digest])
     disk, remote = _cache(args)
+    [digest] = cacheops.resolve_digests(disk, [args.digest])
     entry = cacheops.inspect(disk, digest, remote)
     if entry is None:
         print(f"layerwarm: {digest}: not in the cache", file=sys.stderr)
@@ -114,8 +114,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
-    [digest] = cacheops.parse_digests([args.digest])
     disk, _ = _cache(args, remote_from_env=False)
+    [digest] = cacheops.resolve_digests(disk, [args.digest])
     images = cacheops.usage(disk, digest)
     cached = disk.has(digest)
     if args.json:
@@ -125,16 +125,17 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if images:
         print(_images_table(images))
     state = "on disk" if cached else "not on disk"
-    print(f"{len({i.manifest_digest for i in images})} images use {digest} ({state})")
+    n = len({i.manifest_digest for i in images})
+    print(f"{counted(n, 'image')} {'uses' if n == 1 else 'use'} {digest} ({state})")
     return EXIT_OK
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from pipeline import cacheops
 
-    digests = cacheops.parse_digests(args.digests)
     # The remote only when asked for; rm writes, so an unusable .meta.db is repaired.
     disk, remote = _cache(args, remote_from_env=False, read_only=False)
+    digests = cacheops.resolve_digests(disk, args.digests)
 
     def waiting(d: object) -> None:
         print(f"layerwarm: {d}: in use, waiting for its lock", file=sys.stderr, flush=True)
@@ -177,7 +178,7 @@ def cmd_df(args: argparse.Namespace) -> int:
     print(_hit_ratio_text(hits))
     _print_sharing(sharing)
     print(f"metadata       {human_bytes(meta.bytes)} ({meta.bytes} bytes) in .meta.db: "
-          f"{meta.configs} image configs, {human_bytes(meta.config_bytes)}")
+          f"{counted(meta.configs, 'image config')}, {human_bytes(meta.config_bytes)}")
     return EXIT_OK
 
 
@@ -238,7 +239,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        cpu_threads=None)
         return p
 
-    digest_help = "sha256:<hex> or sha256_<hex>"
+    digest_help = "sha256:<hex>, sha256_<hex> or a unique prefix of 12+ hex"
     add("ls", cmd_ls, "list cached layers: size, last use, tiers, images using each",
         remote="list the remote tier too (env LAYERWARM_REMOTE)")
     p = add("inspect", cmd_inspect, "one layer: diff_id, media type, sizes, tiers, images",

@@ -59,6 +59,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings.from_env().with_overrides(
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         remote_url=args.remote,
+        authfile=Path(args.authfile) if getattr(args, "authfile", None) else None,
         io_threads=args.io_threads,
         cpu_threads=args.cpu_threads,
         insecure_registries=(
@@ -105,6 +106,11 @@ def when(t: float | None) -> str:
     return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# --authfile of the commands that talk to registries (warm, plan, pin, worker).
+AUTHFILE_HELP = ("registry credentials, containers auth.json format (env REGISTRY_AUTH_FILE; "
+                 "default $XDG_RUNTIME_DIR/containers/auth.json, then Docker's config.json)")
+
+
 def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     """Which images (and, for commands that work here rather than on workers, where)."""
     p.add_argument("refs", nargs="*", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
@@ -123,6 +129,8 @@ def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                    help="allow plain HTTP to this registry (env LAYERWARM_INSECURE_REGISTRIES)")
+    p.add_argument("--authfile", metavar="PATH",
+                   help=AUTHFILE_HELP)
     p.add_argument("--io-threads", type=int, metavar="N", help="fetch/publish threads")
     p.add_argument("--cpu-threads", type=int, metavar="N", help="decompress threads")
     p.add_argument("-v", "--verbose", action="store_true", help="log every event, no bars")

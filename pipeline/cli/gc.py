@@ -18,7 +18,7 @@ from pipeline.cli.common import (
 )
 from pipeline.config import Settings
 from pipeline.errors import UsageError
-from pipeline.table import table
+from pipeline.table import counted, table
 
 
 def _gc_json(disk_root: Path, r) -> dict:
@@ -73,8 +73,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             for d in rr.pinned:
                 print(f"kept {d}  pinned")
             print(f"remote {remote.url}: {human_bytes(rr.size_before)} before, "
-                  f"{human_bytes(rr.size_after)} after; {verb} {len(rr.evicted)} layers, "
-                  f"{human_bytes(rr.freed)}")
+                  f"{human_bytes(rr.size_after)} after; "
+                  f"{verb} {counted(len(rr.evicted), 'layer')}, {human_bytes(rr.freed)}")
         return _gc_exit(rr.under_quota, rr.size_after, max_size)
     if args.older_than:
         raise UsageError("--older-than applies to the remote tier (gc --remote)")
@@ -89,7 +89,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     _print_disk_gc(r, verb, settings.stored_config_ttl)
     quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
     print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
-          f"{human_bytes(r.size_after)} after{quota}; {verb} {len(r.evicted)} layers, "
+          f"{human_bytes(r.size_after)} after{quota}; {verb} {counted(len(r.evicted), 'layer')}, "
           f"{human_bytes(r.freed)} freed")
     return _gc_exit(r.under_quota, r.size_after, max_size)
 
@@ -109,8 +109,9 @@ def _print_disk_gc(r, verb: str, config_ttl: float) -> None:  # r: gc.GcReport
     for d in r.dropped:
         print(f"{'would drop' if r.dry_run else 'dropped'} the record of {d} (its file is gone)")
     if r.configs_dropped:
-        print(f"{'would drop' if r.dry_run else 'dropped'} {r.configs_dropped} stored image "
-              f"configs unused for {human_seconds(config_ttl)} "
+        print(f"{'would drop' if r.dry_run else 'dropped'} "
+              f"{counted(r.configs_dropped, 'stored image config')} "
+              f"unused for {human_seconds(config_ttl)} "
               f"({human_bytes(r.config_bytes_dropped)}; LAYERWARM_STORED_CONFIG_TTL)")
 
 
@@ -154,7 +155,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     else:
         for p in done:
             how = " (offline: the layers a warm recorded)" if p.source == "recorded" else ""
-            print(f"pinned {p.ref}: {len(p.layers)} layers until {when(p.until)}{how}")
+            print(f"pinned {p.ref}: {counted(len(p.layers), 'layer')} until {when(p.until)}{how}")
     for f in failures:
         print(f"error: {f.ref}: {f.error}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
@@ -168,7 +169,7 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     for ref in read_refs(args):
         count = meta.unpin(str(ref))
         if count:
-            print(f"unpinned {ref}: {count} layers")
+            print(f"unpinned {ref}: {counted(count, 'layer')}")
         else:
             failed = True
             print(f"error: {ref}: not pinned", file=sys.stderr)

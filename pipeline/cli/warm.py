@@ -16,7 +16,6 @@ from pipeline.cli.common import (
     read_refs,
     settings_of,
 )
-from pipeline.errors import LayerwarmError, UsageError
 
 if TYPE_CHECKING:
     from pipeline.layer import Progress
@@ -61,17 +60,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.digest import Digest
+    from pipeline.cacheops import resolve_digests
+    from pipeline.table import counted
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
     from pipeline.verify import verify_disk, verify_remote
 
     settings = settings_of(args)
-    try:
-        digests = [Digest.parse(d, allow_cache_name=True) for d in args.digests] or None
-    except LayerwarmError as e:
-        raise UsageError(str(e)) from None
     disk = DiskTier(settings.cache_dir)
+    digests = resolve_digests(disk, args.digests) or None
     checked = verify_disk(disk, digests, report_only=args.report)
     if settings.remote_url:
         remote = open_remote(settings.remote_url)
@@ -86,7 +83,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{c.state:<12} {c.tier:<6} {c.digest}{note}")
         counts = {k: sum(1 for c in checked if c.state == k)
                   for k in ("ok", "bad", "unverifiable", "missing")}
-        print(f"{len(checked)} entries: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        tally = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"{counted(len(checked), 'entry')}: {tally}")
     return EXIT_FAILED if any(c.state in ("bad", "missing") for c in checked) else EXIT_OK
 
 
@@ -99,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.set_defaults(func=cmd_plan)
     verify = sub.add_parser("verify", help="re-hash cache entries; remove (or report) bad ones")
     verify.add_argument("digests", nargs="*", metavar="DIGEST",
-                        help="sha256:<hex> or sha256_<hex> (default: every entry)")
+                        help="sha256:<hex>, sha256_<hex> or a unique 12+ hex prefix "
+                        "(default: every entry)")
     verify.add_argument("--report", action="store_true", help="list bad entries, remove nothing")
     verify.add_argument("--remote", metavar="URL", help="check the remote tier too")
     verify.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")

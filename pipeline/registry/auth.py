@@ -1,7 +1,9 @@
 """Registry credentials and authentication: Docker config, credential helpers, tokens.
 
-Where credentials come from (`DockerConfig.credentials_for`), in Docker's order:
-`credHelpers[registry]`, then `credsStore`, then `auths[registry]` in config.json.
+Where credentials come from (`CredentialSources`), as podman and skopeo look: the containers
+auth file (`--authfile`, else `$REGISTRY_AUTH_FILE`, else `$XDG_RUNTIME_DIR/containers/auth.json`),
+then Docker's config.json. In each file (`DockerConfig.credentials_for`, the same format), in
+Docker's order: `credHelpers[registry]`, then `credsStore`, then `auths[registry]`.
 
 How they are used (`Authenticator`): the registry answers 401 with a `WWW-Authenticate`
 challenge. `Basic` means send the credentials with every request; `Bearer` means ask the
@@ -25,7 +27,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +85,11 @@ def _same_registry(key: str, registry: str) -> bool:
 class DockerConfig:
     """The parts of Docker's config.json that say how to log in to registries."""
 
-    def __init__(self, data: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
+    def __init__(self, data: Mapping[str, Any] | None = None, path: Path | None = None,
+                 what: str = "Docker config") -> None:
         data = data or {}
         self.path = path
+        self.what = what  # how messages name the file: "Docker config" or "auth file"
         auths, helpers = data.get("auths"), data.get("credHelpers")
         self.auths: dict[str, Any] = auths if isinstance(auths, dict) else {}
         self.cred_helpers: dict[str, str] = helpers if isinstance(helpers, dict) else {}
@@ -101,22 +105,29 @@ class DockerConfig:
         else:
             home = env.get("HOME")
             path = (Path(home) if home else Path.home()) / ".docker" / "config.json"
+        return cls.read(path, "Docker config", missing_ok=True)
+
+    @classmethod
+    def read(cls, path: Path, what: str, *, missing_ok: bool) -> DockerConfig:
+        """One credentials file; a missing one is empty when `missing_ok`, else UsageError."""
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return cls(path=path)
+            if missing_ok:
+                return cls(path=path, what=what)
+            raise UsageError(f"cannot read {what} {path}: No such file or directory") from None
         except OSError as e:
-            raise UsageError(f"cannot read Docker config {path}: {e.strerror}") from None
+            raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
         try:
             data = json.loads(text)
         except ValueError as e:
             # The position only, never the text: the file holds secrets.
             raise UsageError(
-                f"Docker config {path} is not valid JSON (line {getattr(e, 'lineno', '?')})"
+                f"{what} {path} is not valid JSON (line {getattr(e, 'lineno', '?')})"
             ) from None
         if not isinstance(data, dict):
-            raise UsageError(f"Docker config {path} is not a JSON object")
-        return cls(data, path)
+            raise UsageError(f"{what} {path} is not a JSON object")
+        return cls(data, path, what)
 
     def credentials_for(self, registry: str) -> Credentials | None:
         """Credentials for `registry` (a host[:port] or docker.io), or None for anonymous."""
@@ -152,12 +163,46 @@ class DockerConfig:
                 sep = ""
             if not sep:
                 raise UsageError(
-                    f"Docker config {self.path}: auths[{key!r}].auth is not base64 'user:password'"
+                    f"{self.what} {self.path}: auths[{key!r}].auth is not base64 'user:password'"
                 )
             return Credentials(user, password)
         user, password = entry.get("username"), entry.get("password")
         if isinstance(user, str) and user and isinstance(password, str):
             return Credentials(user, password)
+        return None
+
+
+class CredentialSources:
+    """The credentials files in the order podman and skopeo read them: the first that has
+    credentials for a registry gives them."""
+
+    def __init__(self, configs: Sequence[DockerConfig]) -> None:
+        self.configs = tuple(configs)
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str] | None = None, authfile: Path | None = None
+    ) -> CredentialSources:
+        """`authfile` (--authfile), else `$REGISTRY_AUTH_FILE`, else
+        `$XDG_RUNTIME_DIR/containers/auth.json`; then Docker's config. A file named by the
+        user must be readable (UsageError); the default locations may be absent."""
+        env = os.environ if env is None else env
+        named = authfile or (Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE")
+                             else None)
+        if named is not None:
+            containers = DockerConfig.read(named, "auth file", missing_ok=False)
+        elif env.get("XDG_RUNTIME_DIR"):
+            path = Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"
+            containers = DockerConfig.read(path, "auth file", missing_ok=True)
+        else:
+            containers = DockerConfig()
+        return cls([containers, DockerConfig.load(env)])
+
+    def credentials_for(self, registry: str) -> Credentials | None:
+        for config in self.configs:
+            creds = config.credentials_for(registry)
+            if creds is not None:
+                return creds
         return None
 
 
@@ -263,7 +308,7 @@ class Authenticator:
     """
 
     def __init__(
-        self, session: requests.Session, docker_config: DockerConfig, *,
+        self, session: requests.Session, docker_config: DockerConfig | CredentialSources, *,
         url_allowed: Callable[[str], bool], timeout: float,
     ) -> None:
         self._session = session

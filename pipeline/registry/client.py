@@ -42,7 +42,7 @@ from pipeline.errors import (
 from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
-from pipeline.registry.auth import Authenticator, DockerConfig
+from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig
 from pipeline.registry.deadline import Deadline, WatchedAdapter, current
 from pipeline.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -214,7 +214,8 @@ def _cut(deadline: Deadline, where: str, error: BaseException | None) -> Transie
 
 class RegistryClient:
     def __init__(
-        self, *, insecure_registries: Iterable[str] = (), docker_config: DockerConfig | None = None,
+        self, *, insecure_registries: Iterable[str] = (),
+        docker_config: DockerConfig | CredentialSources | None = None,
         timeout: float = 60.0, retry: RetryPolicy = DEFAULT_POLICY,
         sleep: Callable[[float], None] = time.sleep, rate_limiter: RateLimiter | None = None,
     ) -> None:
@@ -230,7 +231,8 @@ class RegistryClient:
         # Blobs must arrive byte-exact; compressed transfer would only cost CPU here.
         self._session.headers.update({"User-Agent": "layerwarm", "Accept-Encoding": "identity"})
         self._auth = Authenticator(
-            self._session, docker_config if docker_config is not None else DockerConfig.load(),
+            self._session,
+            docker_config if docker_config is not None else CredentialSources.load(),
             url_allowed=self._url_allowed, timeout=timeout,
         )
 

@@ -483,7 +483,7 @@ CONFIGS = _cases(
         r"image config has no rootfs\.diff_ids list")),
     ("two-diff-ids-one-layer", crafted_config(
         lambda lay: rootfs(lay.diff_id, lay.diff_id)(lay),
-        r"manifest lists 1 layers but the image config has 2 diff_ids")),
+        r"manifest lists 1 layer but the image config has 2 diff_ids")),
     ("no-diff-ids", crafted_config(rootfs(), r"image config has 0 diff_ids")),
     ("diff-id-traversal", crafted_config(rootfs(f"sha256:{ESCAPE}"),
                                          r"image config diff_id: invalid digest")),

@@ -14,6 +14,9 @@ def layerwarm_env(cache_dir: Path, extra: Mapping[str, str] | None = None) -> di
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERWARM_", "AWS_"))}
     env["LAYERWARM_CACHE_DIR"] = str(cache_dir)
     env["DOCKER_CONFIG"] = str(cache_dir.parent / "no-docker-config")
+    # Nor a podman/skopeo login of whoever runs the tests (containers' auth.json).
+    env.pop("REGISTRY_AUTH_FILE", None)
+    env["XDG_RUNTIME_DIR"] = str(cache_dir.parent / "no-xdg-runtime")
     env.update(extra or {})
     return env
 
