@@ -8,7 +8,9 @@ naming the problem and what to do, no `Traceback` anywhere, and an end within a 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import run_layerwarm
+from tests.support.images import Image, Layer, random_tar
+from tests.support.registry import RegistryServer
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 BOUND = 60.0  # seconds: "does not hang"; every case here ends in a few
@@ -120,3 +124,103 @@ def test_broker_mistake_is_one_line(name: str, refused_port: int, silent_port: i
     started = time.monotonic()
     done = run_layerwarm(*case.args, cache_dir=tmp_path / "cache", env=case.env, timeout=BOUND)
     check_one_line(done, case, started)
+
+
+# ---- 2. A cache dir that cannot be one --------------------------------------------------
+
+DIGEST = "sha256:" + "ab" * 32
+EMBEDDED_COMMANDS = {
+    "warm": ("warm", "localhost:1/x:1"),
+    "ls": ("ls",),
+    "df": ("df",),
+    "gc": ("gc",),
+    "metrics": ("metrics",),
+    "verify": ("verify",),
+    "verify --report": ("verify", "--report"),
+    "inspect": ("inspect", DIGEST),
+    "usage": ("usage", DIGEST),
+    "rm": ("rm", DIGEST),
+    "pin --list": ("pin", "--list"),
+}
+# Where the cache dir is, relative to the test's tmp dir ("/" ones are absolute): `file` is
+# a regular file the test makes; /proc and /sys hold no files of ours.
+UNUSABLE_DIRS = {"a regular file": "file", "a dir below a file": "file/cache",
+                 "under /proc": "/proc/layerwarm-cache", "under /sys": "/sys/layerwarm-cache"}
+CACHE_CASE_NAMES = [f"{cmd}, {kind}" for cmd in EMBEDDED_COMMANDS for kind in UNUSABLE_DIRS]
+
+
+@pytest.mark.parametrize("name", CACHE_CASE_NAMES)
+def test_unusable_cache_dir_is_one_line(name: str, tmp_path: Path) -> None:
+    command, kind = name.split(", ", 1)
+    victim = tmp_path / "file"
+    victim.write_bytes(b"not a cache\n")
+    victim.chmod(0o640)
+    cache_dir = tmp_path / UNUSABLE_DIRS[kind]
+    case = Case(name, (*EMBEDDED_COMMANDS[command], "--cache-dir", str(cache_dir)), EXIT_USAGE,
+                (f"cache directory {cache_dir}", "LAYERWARM_CACHE_DIR"))
+    started = time.monotonic()
+    done = run_layerwarm(*case.args, cache_dir=tmp_path / "unused", timeout=BOUND)
+    check_one_line(done, case, started)
+    assert victim.read_bytes() == b"not a cache\n"  # nothing written into it, nor beside it
+    assert victim.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ---- 2b. A read-only cache: the readers work, the writers fail in one line -------------
+
+@pytest.fixture
+def read_only_cache(tmp_path: Path, registry: RegistryServer) -> Iterator[tuple[Path, Path, str]]:
+    """(the cache, mounted read-only at ro/; its writable source; a layer digest in it)."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    layer = Layer(random_tar(1301, 200_000), "gzip")
+    repo = f"errors/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "v1", Image([layer]))
+    done = run_layerwarm("warm", f"{registry.host}/{repo}:v1", cache_dir=src)
+    assert done.returncode == 0, done.stderr
+    ro.mkdir()
+    for argv in (["mount", "--bind", str(src), str(ro)],
+                 ["mount", "-o", "remount,ro,bind", str(ro)]):
+        if subprocess.run(argv, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
+            pytest.fail("cannot bind-mount the cache read-only (needs root)")
+    try:
+        yield ro, src, layer.digest
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def reader_commands(digest: str) -> dict[str, tuple[str, ...]]:
+    return {"ls": ("ls",), "inspect": ("inspect", digest), "usage": ("usage", digest),
+            "df": ("df",), "metrics": ("metrics",), "verify --report": ("verify", "--report"),
+            "pin --list": ("pin", "--list")}
+
+
+def writer_commands(digest: str, image: str) -> dict[str, tuple[str, ...]]:
+    return {"rm": ("rm", digest), "gc --max-size 0": ("gc", "--max-size", "0"),
+            "warm": ("warm", image), "pin": ("pin", "--ttl", "1h", digest)}
+
+
+def test_read_only_cache_is_read_and_not_written(read_only_cache, registry, tmp_path) -> None:
+    ro, src, digest = read_only_cache
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.name.startswith("sha256_")}
+    short = digest.removeprefix("sha256:")[:12]
+    for name, args in reader_commands(digest).items():
+        done = run_layerwarm(*args, "--cache-dir", str(ro), cache_dir=tmp_path / "unused",
+                             timeout=BOUND)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+        assert "Traceback" not in done.stderr and not done.stderr.strip(), f"{name}: {done.stderr}"
+        if name in ("ls", "inspect"):
+            assert short in done.stdout, f"{name}: {done.stdout}"
+    other = Layer(random_tar(1302, 50_000), "gzip")
+    repo = f"errors/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "v2", Image([other]))
+    for name, args in writer_commands(digest, f"{registry.host}/{repo}:v2").items():
+        case = Case(name, (*args, "--cache-dir", str(ro)), EXIT_FAILED,
+                    (str(ro), "read-only"))
+        started = time.monotonic()
+        done = run_layerwarm(*case.args, cache_dir=tmp_path / "unused", timeout=BOUND)
+        check_one_line(done, case, started)
+    assert {p.name: p.read_bytes() for p in src.iterdir()
+            if p.name.startswith("sha256_")} == before
+    done = run_layerwarm("verify", cache_dir=src)
+    assert done.returncode == 0, done.stderr

@@ -71,7 +71,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         digests = [Digest.parse(d, allow_cache_name=True) for d in args.digests] or None
     except LayerwarmError as e:
         raise UsageError(str(e)) from None
-    disk = DiskTier(settings.cache_dir)
+    disk = DiskTier(settings.cache_dir, read_only=args.report)  # --report changes nothing
     checked = verify_disk(disk, digests, report_only=args.report)
     if settings.remote_url:
         remote = open_remote(settings.remote_url)
