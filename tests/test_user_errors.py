@@ -224,3 +224,35 @@ def test_read_only_cache_is_read_and_not_written(read_only_cache, registry, tmp_
             if p.name.startswith("sha256_")} == before
     done = run_layerwarm("verify", cache_dir=src)
     assert done.returncode == 0, done.stderr
+
+
+# ---- 3. A missing S3 bucket: said once, then warm as if S3 were down -------------------
+# (Refused credentials take the same path, Unauthorized from connect, but moto_server
+# accepts any key, so no test here can make it refuse them.)
+
+def test_missing_bucket_is_said_once_and_the_publishes_wait(registry: RegistryServer, s3,
+                                                             tmp_path: Path) -> None:
+    bucket = f"gone-{uuid.uuid4().hex[:8]}"
+    layers = [Layer(random_tar(1400 + i, 60_000), "gzip") for i in range(3)]
+    repo = f"errors/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "1", Image(layers))
+    cache_dir = tmp_path / "cache"
+    warm = ("warm", "--remote", f"s3://{bucket}/x", f"{registry.host}/{repo}:1")
+    done = run_layerwarm(*warm, cache_dir=cache_dir, env=s3.env(), timeout=BOUND)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr  # as for an unreachable S3 (docs/CACHE.md)
+    said = [ln for ln in done.stderr.splitlines() if f"s3://{bucket}/x" in ln]
+    assert len(said) == 1, done.stderr
+    assert "does not exist" in said[0] and "from the registry" in said[0], said[0]
+    assert not [ln for ln in done.stderr.splitlines() if "ERROR" in ln or "error:" in ln]
+    assert len([p for p in cache_dir.iterdir() if p.name.startswith("sha256_")]) == 3
+    assert run_layerwarm("verify", cache_dir=cache_dir).returncode == 0
+
+    # The bucket made: the next warm is three disk hits that publish what they owed.
+    s3.create_bucket(bucket)
+    done = run_layerwarm(*warm, cache_dir=cache_dir, env=s3.env(), timeout=BOUND)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("layer published to remote") == 3, done.stderr
+    for lay in layers:
+        key = "x/sha256_" + lay.digest.removeprefix("sha256:")
+        assert s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == lay.tar
