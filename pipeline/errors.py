@@ -2,7 +2,8 @@
 
     LayerwarmError
     ├── TransientError             worth retrying: timeouts, resets, 429, 5xx
-    │   └── RemoteTierUnavailable  the shared blob store did not answer
+    │   ├── RemoteTierUnavailable  the shared blob store did not answer
+    │   └── BrokerUnavailable      Redis (distributed mode's broker) did not answer
     └── PermanentError             retrying cannot help; fail with the message
         ├── UsageError             bad command line or settings
         ├── InvalidReference       an image reference that does not parse
@@ -40,6 +41,10 @@ class TransientError(LayerwarmError):
 
 class RemoteTierUnavailable(TransientError):
     """The remote blob store could not be reached or answered with a server error."""
+
+
+class BrokerUnavailable(TransientError):
+    """Redis, the broker and job store of distributed mode, refused us or did not answer."""
 
 
 class PermanentError(LayerwarmError):

@@ -124,6 +124,14 @@ class Unusable(sqlite3.DatabaseError):
     """`.meta.db` (or its -wal, -shm) is something SQLite must not open: never followed."""
 
 
+def read_only_medium(path: Path) -> bool:
+    """True when the directory holding `path` is on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class Metadata:
     def __init__(
         self, path: Path, *, read_only: bool = False, lock: Path | None = None,
@@ -193,6 +201,11 @@ class Metadata:
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:  # no WAL switch, no schema: it reads what is there or fails
             uri = Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"  # %-escaped: ? # %
+            if read_only_medium(self.path):
+                # A WAL database needs its -shm file even to be read, and a read-only
+                # mount cannot hold a new one; nothing there can change the file either,
+                # so it is read as immutable (only a crashed writer's -wal goes unread).
+                uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=30000")

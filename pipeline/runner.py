@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 from pipeline import stats
 from pipeline.chain import Chain, RegistryStep, quick_hit
 from pipeline.config import MAX_INDEX_CHILDREN, Limits, Settings
-from pipeline.errors import LayerwarmError, describe_error
+from pipeline.errors import (
+    LayerwarmError,
+    RemoteTierUnavailable,
+    Unauthorized,
+    UsageError,
+    describe_error,
+)
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
@@ -110,6 +116,7 @@ def warm(
 ) -> WarmReport:
     """Resolve `refs` and materialize every unique layer; never raises for a single layer."""
     env = env or Environment.from_settings(settings)
+    refused = _refused_remote(env)  # said once, before any layer work
     with (
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
@@ -147,10 +154,32 @@ def warm(
     # One transaction for the whole warm: a write per layer from many threads at once
     # queued on SQLite's write lock (and its busy-wait sleeps) more than it counted.
     stats.record(env.disk.meta, stats.total(counted))
+    for r in results if refused else ():  # owed to it, as after an unreachable one
+        if r.ok and r.source == "registry":
+            env.disk.meta.set_publish_pending(r.layer.digest, True)
     env.disk.meta.touch(*(r.layer.digest for r in results if r.source == "disk"))
     _record_images(plan, env.disk)
     _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)
+
+
+def _refused_remote(env: Environment) -> bool:
+    """A remote tier that refuses us outright (no such bucket, credentials refused): said
+    once, then treated as down for this run, as an unreachable one is (docs/CACHE.md):
+    layers come from the registry and their publish stays pending. Without this check
+    every layer failed on it, with an ERROR and an `error:` line each."""
+    if env.remote is None:
+        return False
+    try:
+        env.remote.connect()
+    except (UsageError, Unauthorized) as e:
+        log.warning("%s: warming from the registry only; publishes wait until it is fixed",
+                    describe_error(e))
+        env.remote = None
+        return True
+    except RemoteTierUnavailable:
+        pass  # unreachable for now: each layer tries it, and says so (chain.py)
+    return False
 
 
 def _auto_gc(plan: Plan, disk: DiskTier, settings: Settings) -> None:

@@ -256,7 +256,8 @@ def test_wrong_broker_password_is_one_line_with_the_url_masked(
         p = run(args, tmp_path)
         assert p.returncode == 1, p.stderr
         assert p.stderr == (f"layerwarm: broker redis://:**@127.0.0.1:{password_redis.port}/0: "
-                            "invalid username-password pair or user is disabled.\n")
+                            "invalid username-password pair or user is disabled. (set "
+                            "--broker, LAYERWARM_BROKER_URL or LAYERWARM_BROKER_URL_FILE)\n")
 
 
 # ---------------------------------------------------------------- errors (no services)

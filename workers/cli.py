@@ -58,6 +58,10 @@ def _broker_env(args: argparse.Namespace) -> None:
                              getattr(args, "broker_file", None), os.environ)
     if url:
         os.environ[BROKER_ENV] = url
+    from workers.app import broker_url
+    from workers.redisconn import check_broker
+
+    check_broker(broker_url())  # one line now, not a trace (or endless retries) later
 
 
 def live_nodes(timeout: float = 1.5) -> list[str]:

@@ -67,7 +67,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify_disk, verify_remote
 
     settings = settings_of(args)
-    disk = DiskTier(settings.cache_dir)
+    disk = DiskTier(settings.cache_dir, read_only=args.report)  # --report changes nothing
     digests = resolve_digests(disk, args.digests) or None
     checked = verify_disk(disk, digests, report_only=args.report)
     if settings.remote_url:

@@ -34,9 +34,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.digest import Digest, Verified
-from pipeline.errors import InvalidDigest, NoSpace, NotAFile, PermanentError, VerificationError
+from pipeline.errors import (
+    InvalidDigest,
+    NoSpace,
+    NotAFile,
+    PermanentError,
+    UsageError,
+    VerificationError,
+)
 from pipeline.layer import FromBlob, LayerSpec, Origin, Shared, origin_text
-from pipeline.metadata import Metadata
+from pipeline.metadata import Metadata, read_only_medium
 from pipeline.nofollow import drop_stray, open_file, real_dir, regular
 
 log = logging.getLogger("layerwarm")
@@ -44,9 +51,34 @@ log = logging.getLogger("layerwarm")
 ENTRY_MODE = 0o644  # entries are read by other users; temp files are 0600 until commit
 
 
+# Kernel pseudo-filesystems: a directory there may be made, but a file in it never holds
+# our bytes (EACCES, EINVAL or silently nothing), so each command would fail its own way.
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
+
+
+def check_root(root: Path, *, read_only: bool) -> None:
+    """Refuse, in one line and before any command reads or writes, a cache dir that
+    cannot be one: a regular file (or a path below one), a path in /proc or /sys, or
+    (for a command that writes) a read-only mount, which would fail each write its own way."""
+    where = "(set --cache-dir or LAYERWARM_CACHE_DIR)"
+    real = Path(os.path.realpath(root))
+    for pseudo in PSEUDO_FILESYSTEMS:
+        if real == pseudo or pseudo in real.parents:
+            raise UsageError(f"cache directory {root}: {pseudo} is a kernel pseudo-filesystem "
+                             f"that cannot hold the cache {where}")
+    existing = next(p for p in (root, *root.parents) if os.path.exists(p))
+    if not os.path.isdir(existing):
+        raise UsageError(f"cache directory {root}: {existing} is not a directory {where}")
+    if not read_only and read_only_medium(existing / ".meta.db"):
+        raise PermanentError(f"cache directory {root}: on a read-only filesystem; this command "
+                             "writes (ls, inspect, usage, df, metrics and verify --report only "
+                             "read and work there)")
+
+
 class DiskTier:
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
+        check_root(self.root, read_only=read_only)
         self.tmp_dir = self.root / ".tmp"
         self.staging_dir = self.root / ".staging"
         self.locks_dir = self.root / ".locks"
@@ -280,6 +312,13 @@ class DigestLock:
             drop_stray(self.path, "lock file")
             return open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
         except OSError as e:
+            if e.errno == errno.EROFS and os.path.lexists(self.path):
+                # A read-only mount of the cache (readers such as `verify --report`): an
+                # flock needs no write access, and still excludes writers on other mounts.
+                try:
+                    return open_file(self.path, os.O_RDONLY, what="lock file")
+                except OSError:
+                    pass
             raise PermanentError(
                 f"cannot open lock file {self.path}: {e.strerror}; make {self.path.parent} "
                 "writable (layerwarm locks a layer to read or change it)") from None
