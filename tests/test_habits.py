@@ -270,11 +270,14 @@ def test_a_worker_talks_plain_http_to_the_insecure_registries_it_is_given(
         assert (fleet.cache_dir("a") / ("sha256_" + _hex(lay))).read_bytes() == lay.tar
 
 
-def test_flower_warns_in_one_line_when_it_serves_without_login(tmp_path: Path) -> None:
+def test_flower_warns_in_one_line_when_it_serves_without_login(
+    tmp_path: Path, redis_url: str
+) -> None:
     port = free_port()
+    broker = broker_url_for(redis_url, HABITS_DB)  # a live one: a dead broker is refused first
     proc = subprocess.Popen(
         layerwarm_cmd("flower", "--port", str(port)),
-        env=layerwarm_env(tmp_path / "cache", {"LAYERWARM_BROKER_URL": "redis://127.0.0.1:1/0"}),
+        env=layerwarm_env(tmp_path / "cache", {"LAYERWARM_BROKER_URL": broker}),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
