@@ -88,7 +88,7 @@ def _verify_clean(cache_dir: Path, env: dict[str, str] | None = None,
                   *extra: str) -> None:
     p = run_layerwarm("verify", *extra, cache_dir=cache_dir, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "bad" not in p.stdout.split("entries:")[0], p.stdout
+    assert not [x for x in p.stdout.splitlines() if x.startswith("bad")], p.stdout
 
 
 # -- a file:// tier: entries and sidecars that are not regular files ----------------------
