@@ -10,8 +10,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import pytest
-
 from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, run_layerwarm
 from tests.support.fleet import S3Tier, broker_url_for, running_fleet
 from tests.support.images import Image, Layer, random_tar
@@ -246,8 +244,10 @@ def _lan_name() -> str:
         addresses = {a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)}
     except OSError:
         addresses = set()
-    if not name or name == "localhost" or addresses != {"127.0.0.1"}:
-        pytest.skip(f"this host's name {name!r} does not resolve to 127.0.0.1 only")
+    # A machine without such a name cannot run this test: that fails, it is not skipped.
+    assert name and name != "localhost" and addresses == {"127.0.0.1"}, (
+        f"this host's name {name!r} must resolve to 127.0.0.1 only (/etc/hosts) for the "
+        f"--insecure-registry test; it resolves to {sorted(addresses)}")
     return name
 
 
