@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli as base
@@ -119,25 +119,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     operator, the OOM killer) or failing too often stops the whole host: a host with half
     its pools is no host, and the host's own supervisor decides what happens next.
     """
-    import signal
-    import subprocess
-
-    from workers.routing import FLEET_QUEUE, check_node, node_cpu_queue, node_io_queue
+    from workers.routing import check_node
 
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
     _claim_node(node)
+    env = _worker_env(args, node)
+    commands = _celery_commands(args, node, env)
+    if args.metrics_port is not None:
+        serve_metrics(env, args.metrics_address, args.metrics_port)
+    return _supervise(commands, env)
+
+
+def _worker_env(args: argparse.Namespace, node: str) -> dict[str, str]:
+    """The environment of the host's Celery workers: this process's, plus its flags."""
     env = dict(os.environ, LAYERWARM_NODE=node)
     for name, value in (("LAYERWARM_CACHE_DIR", args.cache_dir),
                         ("LAYERWARM_REMOTE", args.remote)):
         if value:
             env[name] = value
     _registry_env(args, env)
+    return env
+
+
+def _celery_commands(args: argparse.Namespace, node: str,
+                     env: dict[str, str]) -> dict[str, list[str]]:
+    """The command lines of the host's IO worker and CPU worker, by Celery node name."""
+    from workers.routing import FLEET_QUEUE, node_cpu_queue, node_io_queue
+
     io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
     cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
     celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
               "--without-mingle", "--without-gossip", "-E", "-l", args.loglevel]
-    commands = {
+    return {
         f"io@{node}": [*celery, "-n", f"io@{node}", "-c", str(io),
                        "-Q", f"{FLEET_QUEUE},{node_io_queue(node)}"],
         # Only this host consumes its CPU queue, so holding a few messages ahead takes
@@ -145,8 +159,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"cpu@{node}": [*celery, "-n", f"cpu@{node}", "-c", str(cpu),
                         "--prefetch-multiplier", str(CPU_PREFETCH), "-Q", node_cpu_queue(node)],
     }
-    if args.metrics_port is not None:
-        serve_metrics(env, args.metrics_address, args.metrics_port)
+
+
+def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
+    """Run `commands`, restart one that fails (within limits), stop all on a signal."""
+    import signal
+    import subprocess
+
     procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
     restarts: dict[str, list[float]] = {name: [] for name in commands}
     stopping = False
@@ -493,19 +512,36 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The embedded commands (pipeline/cli) and the distributed ones, all on one parser."""
     parser = base.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    _add_worker(sub)
+    _add_job_commands(sub)
+    _add_services(sub)
+    return parser
 
-    def broker(p: argparse.ArgumentParser) -> None:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--broker", metavar="URL",
-                       help="Redis URL (env LAYERWARM_BROKER_URL, default "
-                       "redis://127.0.0.1:6379/0). A password in it is visible to every "
-                       "user of this machine (ps); use the env or --broker-file for that")
-        g.add_argument("--broker-file", metavar="PATH",
-                       help="read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
 
-    w = sub.add_parser("worker", help="run one worker host: IO and CPU Celery workers")
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
+
+def _command(sub: Subparsers, name: str, func: Callable[[argparse.Namespace], int],
+             help: str) -> argparse.ArgumentParser:
+    """A distributed command: it runs `func` and takes the broker's URL."""
+    p = sub.add_parser(name, help=help)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--broker", metavar="URL",
+                   help="Redis URL (env LAYERWARM_BROKER_URL, default "
+                   "redis://127.0.0.1:6379/0). A password in it is visible to every "
+                   "user of this machine (ps); use the env or --broker-file for that")
+    g.add_argument("--broker-file", metavar="PATH",
+                   help="read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_worker(sub: Subparsers) -> None:
+    w = _command(sub, "worker", cmd_worker,
+                 "run one worker host: IO and CPU Celery workers")
     w.add_argument("--node", required=True, help="this host's name in the fleet")
     w.add_argument("--io-concurrency", type=int, metavar="N", help="fetch/publish threads (16)")
     w.add_argument("--cpu-concurrency", type=int, metavar="N",
@@ -521,45 +557,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve this host's cache metrics (Prometheus text) on /metrics")
     w.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
                    help="address for --metrics-port (127.0.0.1; 0.0.0.0 for every interface)")
-    broker(w)
-    w.set_defaults(func=cmd_worker)
 
-    n = sub.add_parser("nodes", help="list live worker hosts")
+
+def _add_job_commands(sub: Subparsers) -> None:
+    n = _command(sub, "nodes", cmd_nodes, "list live worker hosts")
     n.add_argument("--json", action="store_true")
-    broker(n)
-    n.set_defaults(func=cmd_nodes)
 
-    s = sub.add_parser("submit", help="enqueue a prewarm job on the fleet")
+    s = _command(sub, "submit", cmd_submit, "enqueue a prewarm job on the fleet")
     base.image_args(s, local=False)
     s.add_argument("--to", default="remote", metavar="TARGET",
                    help="remote (any worker, shared tier), node:NAME, or all-nodes")
     s.add_argument("--wait", action="store_true", help="follow the job to its end")
-    s.add_argument("--timeout", metavar="SECONDS",
-                   help="with --wait: stop waiting after this long (30, 5m), exit 124")
-    broker(s)
-    s.set_defaults(func=cmd_submit)
+    _timeout_arg(s, "--wait", "waiting")
 
-    st = sub.add_parser("status", help="show a job's layers and progress")
+    st = _command(sub, "status", cmd_status, "show a job's layers and progress")
     st.add_argument("job_id", metavar="JOB_ID")
     st.add_argument("--watch", action="store_true", help="follow the job to its end")
-    st.add_argument("--timeout", metavar="SECONDS",
-                    help="with --watch: stop watching after this long (30, 5m), exit 124")
+    _timeout_arg(st, "--watch", "watching")
     st.add_argument("--json", action="store_true")
-    broker(st)
-    st.set_defaults(func=cmd_status)
 
-    jb = sub.add_parser("jobs", help="list recent jobs and their states")
+    jb = _command(sub, "jobs", cmd_jobs, "list recent jobs and their states")
     jb.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (20)")
     jb.add_argument("--json", action="store_true")
-    broker(jb)
-    jb.set_defaults(func=cmd_jobs)
 
-    ca = sub.add_parser("cancel", help="stop a job's layers that have not started")
+    ca = _command(sub, "cancel", cmd_cancel, "stop a job's layers that have not started")
     ca.add_argument("job_id", metavar="JOB_ID")
-    broker(ca)
-    ca.set_defaults(func=cmd_cancel)
 
-    f = sub.add_parser("flower", help="run Flower, Celery's web monitor, for this app")
+
+def _timeout_arg(p: argparse.ArgumentParser, follow: str, doing: str) -> None:
+    p.add_argument("--timeout", metavar="SECONDS",
+                   help=f"with {follow}: stop {doing} after this long (30, 5m), exit 124")
+
+
+def _add_services(sub: Subparsers) -> None:
+    f = _command(sub, "flower", cmd_flower, "run Flower, Celery's web monitor, for this app")
     f.add_argument("--address", default="127.0.0.1",
                    help="address to serve on (127.0.0.1: this machine only)")
     f.add_argument("--port", type=int, default=5555)
@@ -570,17 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "or --basic-auth-file")
     fa.add_argument("--basic-auth-file", metavar="PATH",
                     help="read USER:PASSWORD (one a line) from this file")
-    broker(f)
-    f.set_defaults(func=cmd_flower)
 
-    b = sub.add_parser("beat", help="run the scheduler that has every node run gc "
-                       "(one per fleet)")
+    b = _command(sub, "beat", cmd_beat,
+                 "run the scheduler that has every node run gc (one per fleet)")
     b.add_argument("--schedule", metavar="FILE",
                    help="where beat keeps its last run times (default: in the temp dir)")
     b.add_argument("--loglevel", default="info", help="Celery log level (info)")
-    broker(b)
-    b.set_defaults(func=cmd_beat)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
