@@ -20,7 +20,7 @@ Reading never creates the cache directory or its database: a cache not made yet 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -58,65 +58,11 @@ class CacheCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counters = self.disk.meta.counters()
+        yield from _counter_families(lambda name: counters.get(name, 0.0))
+        yield from self._gauges()
 
-        def value(name: str) -> float:
-            return counters.get(name, 0.0)
-
-        def labelled(
-            name: str, doc: str, label: str, keys: tuple[str, ...], stored: str
-        ) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=[label])
-            for key in keys:
-                family.add_metric([key], value(f"{stored}.{key}"))
-            return family
-
-        yield labelled(
-            "layerwarm_cache_hits",
-            "Layer lookups a cache tier answered.",
-            "tier",
-            stats.TIERS,
-            "cache_hits",
-        )
-        yield labelled(
-            "layerwarm_cache_misses",
-            "Layer lookups a cache tier could not answer.",
-            "tier",
-            stats.TIERS,
-            "cache_misses",
-        )
-        yield labelled(
-            "layerwarm_layers_materialized",
-            "Layers made present, by where they came from.",
-            "source",
-            stats.SOURCES,
-            "materialized",
-        )
-        yield labelled(
-            "layerwarm_bytes_fetched",
-            "Bytes fetched: compressed blobs from the registry, entries from the remote tier.",
-            "source",
-            ("registry", "remote"),
-            "bytes_fetched",
-        )
-        published = CounterMetricFamily(
-            "layerwarm_bytes_published", "Bytes uploaded to the remote tier.", labels=["tier"]
-        )
-        published.add_metric(["remote"], value(stats.PUBLISHED))
-        yield published
-        buckets = [(f"{b:g}", value(stats.bucket_name(b))) for b in stats.BUCKETS]
-        buckets.append(("+Inf", value(f"{stats.SECONDS}.count")))
-        yield HistogramMetricFamily(
-            "layerwarm_layer_materialize_seconds",
-            "Seconds from looking a layer up to having it on disk (and published).",
-            buckets=buckets,
-            sum_value=value(f"{stats.SECONDS}.sum"),
-        )
-        yield CounterMetricFamily(
-            "layerwarm_evictions", "Entries evicted by gc.", value=value("evictions")
-        )
-        yield CounterMetricFamily(
-            "layerwarm_evicted_bytes", "Bytes evicted by gc.", value=value("evicted_bytes")
-        )
+    def _gauges(self) -> Iterator[Metric]:
+        """What the cache holds now, read from the directory and the database's files."""
         entries, size = disk_usage(self.disk)
         yield GaugeMetricFamily("layerwarm_cache_entries", "Entries on disk.", value=entries)
         yield GaugeMetricFamily(
@@ -129,6 +75,48 @@ class CacheCollector(Collector):
             "Bytes .meta.db takes on disk (with its -wal and -shm), stored configs included.",
             value=self.disk.meta.usage().bytes,
         )
+
+
+# Counters kept per tier or source: metric name, help, label, its values, stored name.
+_LABELLED = (
+    ("layerwarm_cache_hits", "Layer lookups a cache tier answered.",
+     "tier", stats.TIERS, "cache_hits"),
+    ("layerwarm_cache_misses", "Layer lookups a cache tier could not answer.",
+     "tier", stats.TIERS, "cache_misses"),
+    ("layerwarm_layers_materialized", "Layers made present, by where they came from.",
+     "source", stats.SOURCES, "materialized"),
+    ("layerwarm_bytes_fetched",
+     "Bytes fetched: compressed blobs from the registry, entries from the remote tier.",
+     "source", ("registry", "remote"), "bytes_fetched"),
+)
+
+
+def _counter_families(value: Callable[[str], float]) -> Iterator[Metric]:
+    """The running totals .meta.db keeps (pipeline/stats.py), as Prometheus families."""
+    for name, doc, label, keys, stored in _LABELLED:
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for key in keys:
+            family.add_metric([key], value(f"{stored}.{key}"))
+        yield family
+    published = CounterMetricFamily(
+        "layerwarm_bytes_published", "Bytes uploaded to the remote tier.", labels=["tier"]
+    )
+    published.add_metric(["remote"], value(stats.PUBLISHED))
+    yield published
+    buckets = [(f"{b:g}", value(stats.bucket_name(b))) for b in stats.BUCKETS]
+    buckets.append(("+Inf", value(f"{stats.SECONDS}.count")))
+    yield HistogramMetricFamily(
+        "layerwarm_layer_materialize_seconds",
+        "Seconds from looking a layer up to having it on disk (and published).",
+        buckets=buckets,
+        sum_value=value(f"{stats.SECONDS}.sum"),
+    )
+    yield CounterMetricFamily(
+        "layerwarm_evictions", "Entries evicted by gc.", value=value("evictions")
+    )
+    yield CounterMetricFamily(
+        "layerwarm_evicted_bytes", "Bytes evicted by gc.", value=value("evicted_bytes")
+    )
 
 
 def registry_for(disk: DiskTier) -> CollectorRegistry:
