@@ -395,6 +395,19 @@ class Authenticator:
         with self._lock:
             self._cache[key] = (header, time.monotonic() + ttl)
 
+    def _ask_token_server(self, realm: str, query: dict[str, str],
+                          creds: Credentials | None) -> requests.Response:
+        """One token request: an identity token is exchanged by POST (OAuth2 refresh),
+        a login or nobody asks by GET with basic auth. Never redirected, never ~/.netrc."""
+        if creds is not None and creds.is_identity_token:
+            form = {**query, "grant_type": "refresh_token", "client_id": "layerwarm",
+                    "refresh_token": creds.password}
+            return self._session.post(realm, data=form, timeout=self._timeout,
+                                      allow_redirects=False, auth=NoNetrc())
+        headers = {"Authorization": creds.basic_header()} if creds else {}
+        return self._session.get(realm, params=query, headers=headers, timeout=self._timeout,
+                                 allow_redirects=False, auth=NoNetrc())
+
     def _fetch_token(
         self, params: Mapping[str, str], scope: str, creds: Credentials | None, host: str,
     ) -> tuple[str, float]:
@@ -412,16 +425,7 @@ class Authenticator:
             query["service"] = params["service"]
         who = creds.describe() if creds else "anonymous"
         try:
-            if creds is not None and creds.is_identity_token:
-                form = {**query, "grant_type": "refresh_token", "client_id": "layerwarm",
-                        "refresh_token": creds.password}
-                resp = self._session.post(realm, data=form, timeout=self._timeout,
-                                          allow_redirects=False, auth=NoNetrc())
-            else:
-                headers = {"Authorization": creds.basic_header()} if creds else {}
-                resp = self._session.get(realm, params=query, headers=headers,
-                                         timeout=self._timeout, allow_redirects=False,
-                                         auth=NoNetrc())
+            resp = self._ask_token_server(realm, query, creds)
         except requests.RequestException as e:
             raise TransientError(
                 f"token server {realm_host} for {host} unreachable: {type(e).__name__}"

@@ -25,7 +25,6 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
-from requests.auth import AuthBase
 
 from pipeline.digest import Digest, Verifier
 from pipeline.errors import (
@@ -42,7 +41,7 @@ from pipeline.errors import (
 from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
-from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig
+from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig, NoNetrc
 from pipeline.registry.deadline import Deadline, WatchedAdapter, current
 from pipeline.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -54,13 +53,6 @@ STALL_BYTES = 64 << 10  # a blob body must bring this much per LAYERWARM_STALL_S
 PENALTY_WITHOUT_RETRY_AFTER = 1.0  # seconds every worker pauses a host after a bare 429
 _REDIRECTS = (301, 302, 303, 307, 308)
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
-
-
-class _NoNetrc(AuthBase):
-    """Passed as `auth` so requests never adds ~/.netrc credentials (to any redirect host)."""
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        return r
 
 
 def plain_http_allowed(hostport: str, insecure: Iterable[str] = ()) -> bool:
@@ -438,7 +430,7 @@ class RegistryClient:
                 connect = min(connect, clock.seconds)  # a connect cannot be cut: cap it
             try:
                 resp = self._session.get(url, headers=sent, stream=True, allow_redirects=False,
-                                         timeout=(connect, self._timeout), auth=_NoNetrc())
+                                         timeout=(connect, self._timeout), auth=NoNetrc())
             except requests.RequestException as e:
                 netloc = urlsplit(url).netloc
                 if "certificate verify failed" in str(e).lower():
