@@ -34,6 +34,11 @@ VISIBILITY_TIMEOUT = _seconds("LAYERWARM_VISIBILITY_TIMEOUT", 3 * 3600)
 JOB_TTL = _seconds("LAYERWARM_JOB_TTL", 7 * 86400)
 # How long a worker host's claim on its node name outlives the host (workers/nodeclaim.py).
 NODE_TTL = _seconds("LAYERWARM_NODE_TTL", 15)
+# A layer whose record is silent this long, and whose worker is gone or whose next message
+# is in no queue, is fetched again (workers/sweeper.py). Far below the visibility timeout:
+# a killed worker's message would otherwise wait that long to come back.
+REQUEUE_AFTER = parse_duration(os.environ.get("LAYERWARM_REQUEUE_AFTER") or "5m",
+                               "LAYERWARM_REQUEUE_AFTER")
 # How often `layerwarm beat` has every node run gc (a node without a quota does nothing).
 GC_INTERVAL = parse_duration(os.environ.get("LAYERWARM_GC_INTERVAL") or "1h",
                              "LAYERWARM_GC_INTERVAL")

@@ -123,8 +123,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
-    _claim_node(node)
+    run = _claim_node(node)
     env = _worker_env(args, node)
+    env["LAYERWARM_NODE_RUN"] = run
+    env["LAYERWARM_SUPERVISOR_PID"] = str(os.getpid())  # its workers stop when it dies
     commands = _celery_commands(args, node, env)
     if args.metrics_port is not None:
         serve_metrics(env, args.metrics_address, args.metrics_port)
@@ -204,9 +206,10 @@ def _supervise(commands: dict[str, list[str]], env: dict[str, str]) -> int:
     return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
 
 
-def _claim_node(node: str) -> None:
+def _claim_node(node: str) -> str:
     """Refuse to run a second host under a live node's name (workers/nodeclaim.py); the
-    claim is renewed while this process runs and dropped when it exits."""
+    claim is renewed while this process runs and dropped when it exits. Returns the
+    claim's run id, which the host's workers write into the layer records they touch."""
     import atexit
 
     from workers.app import NODE_TTL, broker_url
@@ -217,6 +220,7 @@ def _claim_node(node: str) -> None:
     claim.claim()
     atexit.register(claim.drop)
     claim.keep()
+    return claim.run
 
 
 def serve_metrics(env: dict[str, str], address: str, port: int) -> None:

@@ -54,6 +54,7 @@ class Bookkeeping:
     layers with the reason, instead of leaving the job pending)."""
 
     node: str
+    run: str  # this start of the host (workers/nodeclaim.py); "" outside `layerwarm worker`
     jobs: JobStore
     leases: Leases
 
@@ -61,6 +62,7 @@ class Bookkeeping:
 @dataclass
 class WorkerContext:
     node: str
+    run: str
     env: Environment
     settings: Settings
     jobs: JobStore
@@ -75,10 +77,11 @@ def bookkeeping() -> Bookkeeping:
     node = check_node(os.environ.get("LAYERWARM_NODE") or socket.gethostname())
     client = connect(broker_url())
     lease_ttl = float(os.environ.get("LAYERWARM_LEASE_TTL") or 120)
-    # A lease older than this is no longer renewed: its layer's chain was lost (the
-    # sweeper sends its fetch again, under a new token, after the same time).
+    # A lease older than this is no longer renewed: its layer's chain was lost before its
+    # record showed the token (the sweeper's new fetch carries the token it finds there).
     leases = Leases(client, lease_ttl, node, max_hold=2 * VISIBILITY_TIMEOUT)
-    return Bookkeeping(node, JobStore(client, JOB_TTL), leases)
+    run = os.environ.get("LAYERWARM_NODE_RUN", "")
+    return Bookkeeping(node, run, JobStore(client, JOB_TTL), leases)
 
 
 @functools.cache
@@ -90,6 +93,7 @@ def context() -> WorkerContext:
     limiter = RedisRateLimiter(client, settings.registry_rate) if settings.registry_rate else None
     return WorkerContext(
         node=books.node,
+        run=books.run,
         env=Environment.from_settings(settings, limiter),
         settings=settings,
         jobs=books.jobs,

@@ -16,8 +16,9 @@ lost: the renewer drops it from the hash and logs a warning, and `check` raises
 not reach Redis to renew a lease for longer than its ttl treats it as lost too.
 
 A lease is held for at most `max_hold` seconds (when set): a chain whose next message
-was lost would otherwise keep its lease renewed for ever, and the sweeper's new fetch
-of that layer (another token) would wait on it for ever.
+was lost would otherwise keep its lease renewed for ever. The sweeper's new fetch of
+that layer carries the lost chain's token when the layer's record shows it; one sent
+without it would wait on the lease for ever.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One live worker host per node name: a registration in Redis the host keeps alive.
 
-    layerwarm:node:<name>   JSON {"host", "pid", "since"}, set with NX and a ttl
+    layerwarm:node:<name>   JSON {"host", "pid", "since", "run"}, set with NX and a ttl
 
 Two hosts under one name share one set of queues: a layer fetched by one "a" would be
 decompressed on the other, whose disk has no staging file, and the job never ends. So
@@ -9,6 +9,10 @@ when another live host holds it. The supervisor renews the claim every ttl/3 and
 when it stops. A host that died without stopping (SIGKILL, power cut) leaves its claim
 behind: it lapses after the ttl (LAYERWARM_NODE_TTL), and at once when the claim names this
 machine and a pid that no longer runs, so restarting a crashed worker never waits.
+
+`run` names this start of the host. Its workers write it into the layer records they
+touch, so the sweeper can tell a layer whose worker is gone (the node's claim lapsed, or
+names another run: the host was restarted) from one whose worker is merely busy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import redis
 
@@ -71,7 +76,9 @@ class NodeClaim:
         self.ttl_ms = max(1000, int(ttl * 1000))
         self.key = f"layerwarm:node:{node}"
         self.host = socket.gethostname()
-        self.value = json.dumps({"host": self.host, "pid": os.getpid(), "since": time.time()})
+        self.run = uuid.uuid4().hex
+        self.value = json.dumps({"host": self.host, "pid": os.getpid(), "since": time.time(),
+                                 "run": self.run})
         self._renew = client.register_script(_RENEW)
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
@@ -119,6 +126,13 @@ class NodeClaim:
             self._drop(keys=[self.key], args=[self.value])
         except redis.RedisError:
             pass  # it lapses after the ttl
+
+
+def current_run(client: redis.Redis, node: str) -> str | None:
+    """The run of the host that holds `node` now: None when no live host does, "" when
+    its claim names no run."""
+    raw = client.get(f"layerwarm:node:{node}")
+    return None if raw is None else str(_holder(raw).get("run") or "")
 
 
 def _holder(raw: bytes) -> dict:

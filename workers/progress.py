@@ -25,10 +25,16 @@ class JobProgress:
     INTERVAL = 0.5
 
     def __init__(self, task: Task, jobs: JobStore, job_id: str, target: str, node: str,
-                 *, quiet_start: bool = False) -> None:
-        """`quiet_start`: even the first stage waits for the interval (a tiny layer is
-        usually done before then, and its record goes from pending to done)."""
-        self.task, self.jobs, self.job_id, self.target, self.node = task, jobs, job_id, target, node
+                 run: str, *, lease: str | None = None, quiet_start: bool = False) -> None:
+        """`run`: this start of the host, recorded with the node so the sweeper can tell
+        when the worker that carried the layer is gone. `quiet_start`: even the first stage
+        waits for the interval (a tiny layer is usually done before then, and its record
+        goes from pending to done)."""
+        self.task, self.jobs, self.job_id, self.target = task, jobs, job_id, target
+        self.node, self.run = node, run
+        # The layer's lease token, once the fetch holds it: recorded so that a fetch the
+        # sweeper sends again carries it on, instead of waiting for it to lapse.
+        self.lease = lease
         self._lock = threading.Lock()
         self._stage, self._done, self._total = "pending", 0, 0
         self._last = time.monotonic() if quiet_start else 0.0
@@ -62,7 +68,8 @@ class JobProgress:
             stage, done, total = self._stage, self._done, self._total
         self.jobs.update_layer(
             self.job_id, str(layer.digest), self.target,
-            state=stage, bytes_done=done, bytes_total=total, host=self.node,
+            state=stage, bytes_done=done, bytes_total=total, host=self.node, run=self.run,
+            **({"lease": self.lease} if self.lease else {}),
         )
         if celery_state and self.task.request.id:
             self.task.update_state(state="PROGRESS", meta={

@@ -26,9 +26,12 @@ a lease token. Never bytes, never credentials: workers read their own Docker con
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from pipeline import codecs, gc, sinks, stages, stats
 from pipeline.digest import Digest
@@ -49,7 +52,7 @@ from pipeline.plan import resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import describe_error
 from pipeline.tiers.remote import RemoteTier
-from workers.app import GC_INTERVAL, VISIBILITY_TIMEOUT, app
+from workers.app import GC_INTERVAL, REQUEUE_AFTER, app
 from workers.layertask import (
     LayerTask,
     LeaseBusy,
@@ -146,7 +149,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         spec, goal = layer_from_json(layer), goal_of(target)
         if goal == "remote" and c.env.remote is None:
             raise PermanentError(f"node {c.node} has no remote tier (set LAYERWARM_REMOTE)")
-        progress = JobProgress(self, c.jobs, job_id, target, c.node,
+        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run,
                                quiet_start=spec.size <= INLINE_DECOMPRESS_BYTES)
 
         def claim() -> None:  # with a shared tier, one worker of the fleet fetches a layer
@@ -155,6 +158,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 token = token or Leases.new_token(c.node)
                 if not c.leases.acquire(spec.digest, token):
                     raise LeaseBusy(c.leases.holder(spec.digest))
+                progress.lease = token
 
         def registry(layer_: LayerSpec, progress_: Progress) -> int | None:
             if spec.size <= INLINE_DECOMPRESS_BYTES:  # less work than a hop to the CPU queue
@@ -256,7 +260,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 {**(self.request.kwargs or {}), "deferrals": deferrals + 1},
                 queue=node_cpu_queue(c.node), countdown=DEFER_SECONDS)
             return {"digest": str(spec.digest), "deferred": deferrals + 1}
-        progress = JobProgress(self, c.jobs, job_id, target, c.node)
+        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token)
         outcome = decompress_following(spec, disk, progress, c.settings.limits)
         if outcome is None:
             state = c.jobs.layer_state(job_id, str(spec.digest), target)
@@ -296,7 +300,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     try:
         c = context()
         spec, goal = layer_from_json(layer), goal_of(target)
-        progress = JobProgress(self, c.jobs, job_id, target, c.node)
+        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token)
         if token:
             try:
                 c.leases.check(spec.digest, token)
@@ -357,6 +361,23 @@ def gc_all_nodes() -> dict[str, Any]:
     return {"nodes": nodes}
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+@worker_init.connect
+def _stop_with_supervisor(**_: Any) -> None:
+    """A Celery worker of `layerwarm worker` gets SIGTERM (a warm shutdown: it finishes
+    its running tasks) when its supervisor dies, even by SIGKILL. Otherwise it would go on
+    taking the node's messages while the node's claim lapses and another host takes the
+    name, and the layers it then carries would be written under a run nobody owns."""
+    supervisor = os.environ.get("LAYERWARM_SUPERVISOR_PID")
+    if not supervisor or os.uname().sysname != "Linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(supervisor):  # it died before the line above ran
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @worker_ready.connect
 def _ready(sender: Any = None, **_: Any) -> None:
     """Before the first task: build the context and load what the stages load on first
@@ -373,7 +394,7 @@ def _ready(sender: Any = None, **_: Any) -> None:
     codecs.preload()
     sinks.preload()
     if str(getattr(sender, "hostname", "")).startswith("io@"):
-        start_sweeper(c.jobs, stall=2 * VISIBILITY_TIMEOUT)
+        start_sweeper(c.jobs, after=REQUEUE_AFTER)
         if c.env.remote is not None:
             # On a thread: an unreachable endpoint takes its timeouts, and the worker must
             # take tasks meanwhile (a task needing the client waits for it, or makes it).

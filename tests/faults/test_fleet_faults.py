@@ -44,7 +44,7 @@ from tests.support.fleet import (
 )
 from tests.support.images import Image, Layer, random_tar
 from tests.support.procs import ServiceError
-from tests.support.proxy import Proxy
+from tests.support.proxy import Hold, Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 
@@ -95,6 +95,17 @@ def wait_finished(fleet: Fleet, job_id: str, timeout: float) -> tuple[dict[str, 
         if time.monotonic() > deadline:
             return status, f"not finished within {timeout:.0f}s"
         time.sleep(0.5)
+
+
+def submit_mid_download(fleet: Fleet, registry_proxy: Proxy, refs: Sequence[str], lay: Layer,
+                        target: str) -> tuple[str, Hold, dict[str, Any]]:
+    """Submit `refs` to `target` with the blob of `lay` held short of its end; return the job
+    id, the hold (the test releases it) and the layer's status entry once it is fetching."""
+    hold = registry_proxy.hold(f"/blobs/{lay.digest}", HELD)
+    job_id = fleet.submit_id(*refs, "--to", target)
+    hold.wait(timeout=120)
+    entry = wait_layer(fleet, job_id, lay.digest, ["fetching"], allowed=["pending"])
+    return job_id, hold, entry
 
 
 def tmp_files(cache_dir: Path, lay: Layer) -> dict[str, int]:
@@ -280,11 +291,7 @@ def test_kill_9_of_the_cpu_worker_in_decompress_loses_nothing(
     # The decompression follows the download as it arrives and commits only once the fetch
     # has verified the whole blob. Holding the blob's last bytes at the proxy keeps the
     # fetch unverified, so the decompression is stuck mid-way until the test releases them.
-    hold = registry_proxy.hold(f"/blobs/{big.digest}", HELD)
-
-    job_id = fleet.submit_id(*refs, "--to", "remote")
-    hold.wait(timeout=120)
-    entry = wait_layer(fleet, job_id, big.digest, ["fetching"], allowed=["pending"])
+    job_id, hold, entry = submit_mid_download(fleet, registry_proxy, refs, big, "remote")
     victim = node_of(fleet, entry["host"])
     cache = fleet.cache_dir(victim)
     # The decompression has started: its output grows in .tmp (it cannot finish).
