@@ -6,9 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UsageError
 from pipeline.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from pipeline.units import Size
 
 # A real multi-arch index lists a dozen platforms or so (attestations are not fetched);
 # thousands would cost two requests each, and are only ever a hostile registry's.
@@ -105,7 +109,7 @@ def _stored_configs(env: Mapping[str, str]) -> dict[str, object]:
         from pipeline.units import parse_duration, parse_size
 
         if size:
-            out["max_stored_config"] = parse_size(size, "LAYERWARM_MAX_STORED_CONFIG")
+            out["max_stored_config"] = parse_size(size, "LAYERWARM_MAX_STORED_CONFIG").bytes
         if ttl:
             out["stored_config_ttl"] = parse_duration(ttl, "LAYERWARM_STORED_CONFIG_TTL")
     return out
@@ -123,7 +127,7 @@ class Settings:
     registry_rate: float | None = None  # requests/s per registry host; None: no budget
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Automatic quota of the disk tier: after a warm, above high x max, gc to low x max.
-    max_cache_size: int | None = None  # bytes; None: no automatic gc
+    max_cache_size: Size | None = None  # None: no automatic gc
     cache_high_watermark: float = 0.9
     cache_low_watermark: float = 0.8
     # Image configs kept in .meta.db: larger ones are fetched again each time they are

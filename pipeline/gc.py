@@ -38,6 +38,7 @@ from typing import Literal
 from pipeline.config import Settings
 from pipeline.digest import Digest, digest_of_file
 from pipeline.errors import InvalidDigest, NotAFile
+from pipeline.table import counted
 from pipeline.tiers.disk import DiskTier
 from pipeline.tiers.remote import RemoteEntry, RemoteTier
 
@@ -334,27 +335,21 @@ def auto_collect(
 
     None when no quota is set or the cache is below the high watermark (nothing done).
     """
-    quota = settings.max_cache_size
-    if quota is None or not disk.root.is_dir():
+    if settings.max_cache_size is None or not disk.root.is_dir():
         return None
+    quota = settings.max_cache_size.bytes
     if cache_size(disk) <= settings.cache_high_watermark * quota:
         return None
     report = collect(disk, int(settings.cache_low_watermark * quota), protect=protect,
                      config_ttl=settings.stored_config_ttl)
-    log.info(
-        "gc: cache above %.0f%% of %d bytes: evicted %d layers, %d bytes freed",
-        settings.cache_high_watermark * 100,
-        quota,
-        len(report.evicted),
-        report.freed,
-    )
+    show = settings.max_cache_size.show  # in the unit LAYERWARM_MAX_CACHE_SIZE was given in
+    log.info("gc: cache above %.0f%% of %s: evicted %s, %s freed",
+             settings.cache_high_watermark * 100, settings.max_cache_size,
+             counted(len(report.evicted), "layer"), show(report.freed))
     if not report.under_quota:
-        log.warning(
-            "gc: cache still holds %d bytes, above its low watermark of %d: the rest "
-            "is pinned, locked or used by this warm",
-            report.size_after,
-            report.target,
-        )
+        log.warning("gc: cache still holds %s, above its low watermark of %s: the rest "
+                    "is pinned, locked or used by this warm",
+                    show(report.size_after), show(report.target or 0))
     return report
 
 

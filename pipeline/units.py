@@ -9,17 +9,40 @@ UsageError naming what was given, so a typo never becomes a quota of zero.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from pipeline.errors import UsageError
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+_DECIMAL = {"k": "kB", "m": "MB", "g": "GB", "t": "TB", "p": "PB"}  # as docker and df -H
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes in `text` (e.g. `200G`, `512MiB`, `1.5GiB`, `1000`); UsageError otherwise."""
+@dataclass(frozen=True)
+class Size:
+    """A size as a person gave it: its bytes, and the unit they wrote it in, in which the
+    sizes shown beside it are written too (`--max-size 10G`: `9.8 GB before, quota 10 GB`,
+    not `9.1 GiB` against a quota the user never wrote)."""
+
+    bytes: int
+    unit: str  # "B", "kB", "MB", "GB", "TB", "PB" or "KiB", "MiB", "GiB", "TiB", "PiB"
+
+    def show(self, n: float) -> str:
+        if self.unit == "B":
+            return f"{n:.0f} bytes"
+        binary = self.unit.endswith("iB")
+        power = _POWERS[self.unit[0].lower()]
+        value = f"{n / (1024 if binary else 1000) ** power:.1f}".removesuffix(".0")
+        return f"{value} {self.unit}"
+
+    def __str__(self) -> str:
+        return self.show(self.bytes)
+
+
+def parse_size(text: str, what: str = "size") -> Size:
+    """`text` (e.g. `200G`, `512MiB`, `1.5GiB`, `1000`) as a Size; UsageError otherwise."""
     m = _SIZE.fullmatch(text or "")
     # "i" alone after a number ("5i") or a "B"-less binary suffix without a unit is junk.
     if m is None or (m.group(3) and not m.group(2)):
@@ -28,7 +51,8 @@ def parse_size(text: str, what: str = "size") -> int:
             "(K, M, G, T or KiB, MiB, GiB, TiB), e.g. 200G or 1.5GiB"
         )
     number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
-    return int(number * (1024 if binary else 1000) ** _POWERS[unit])
+    shown = "B" if not unit else unit.upper() + "iB" if binary else _DECIMAL[unit]
+    return Size(int(number * (1024 if binary else 1000) ** _POWERS[unit]), shown)
 
 
 def parse_duration(text: str, what: str = "duration") -> float:

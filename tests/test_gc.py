@@ -104,10 +104,36 @@ def test_gc_evicts_in_lru_order_and_spares_pinned_layers(
     assert got["size_after"] == sizes[b.digest] and not got["under_quota"]
     assert entries(cache_dir) == {_name(b)}
     _hashes_ok(cache_dir, [a, b, c])
+    p = run_layerwarm("gc", "--max-size", "1K", cache_dir=cache_dir)
+    assert p.returncode == 1 and p.stderr.strip() == (  # in the unit the quota was given in
+        f"layerwarm: still {sizes[b.digest] / 1000:.1f} kB, above the quota of 1 kB: what is "
+        "left is pinned or in use"), p.stderr
 
     # The evicted layers come back on the next warm, from the registry.
     _warm(refs[2], cache_dir)
     assert _name(c) in entries(cache_dir)
+
+
+def test_gc_shows_sizes_in_the_unit_the_quota_was_given_in(cache_dir: Path) -> None:
+    old = _content_entry(cache_dir, b"o" * 4000, age=300)
+    _content_entry(cache_dir, b"n" * 3000, age=200)
+    p = run_layerwarm("gc", "--max-size", "6.5K", "--dry-run", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == (
+        f"cache {cache_dir}: 7 kB before, 3 kB after (quota 6.5 kB); "
+        "would evict 1 layer, 4 kB freed"), p.stdout
+    digest = old.replace("_", ":", 1)
+    assert f"would evict {digest}  4 kB  last used " in p.stdout, p.stdout
+
+    p = run_layerwarm("gc", "--max-size", "6.5KiB", "--dry-run", cache_dir=cache_dir)
+    assert p.stdout.splitlines()[-1].endswith(
+        ": 6.8 KiB before, 2.9 KiB after (quota 6.5 KiB); would evict 1 layer, 3.9 KiB freed"
+    ), p.stdout
+    p = run_layerwarm("gc", "--dry-run", cache_dir=cache_dir,
+                      env={"LAYERWARM_MAX_CACHE_SIZE": "6000"})
+    assert p.stdout.splitlines()[-1].endswith(
+        ": 7000 bytes before, 3000 bytes after (quota 6000 bytes); would evict 1 layer, "
+        "4000 bytes freed"), p.stdout
 
 
 def test_gc_counts_a_hard_linked_file_once_and_reconciles_rows(cache_dir: Path) -> None:

@@ -15,6 +15,7 @@ from pipeline import gc
 from pipeline.config import Settings
 from pipeline.metadata import Metadata
 from pipeline.tiers.disk import DiskTier
+from pipeline.units import parse_size
 from tests.support.fleet import REPO_ROOT, Fleet, broker_url_for, cli_cmd
 
 GC_DB = 12  # this module's fleet's Redis database (flushed at start)
@@ -87,6 +88,7 @@ def test_scheduled_gc_does_nothing_without_a_quota(tmp_path: Path) -> None:
     assert not (cache_dir / ".meta.db").exists()
 
     # With a quota but below its high watermark: nothing evicted, old temp files swept.
-    report = gc.scheduled_collect(disk, Settings(cache_dir=cache_dir, max_cache_size=10_000))
+    quota = parse_size("10000")
+    report = gc.scheduled_collect(disk, Settings(cache_dir=cache_dir, max_cache_size=quota))
     assert report is not None and report.evicted == [] and not (stale / "old").exists()
     assert _entries(cache_dir) == set(names)

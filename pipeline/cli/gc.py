@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.cli.common import (
     EXIT_FAILED,
@@ -19,6 +21,9 @@ from pipeline.cli.common import (
 from pipeline.config import Settings
 from pipeline.errors import UsageError
 from pipeline.table import counted, table
+
+if TYPE_CHECKING:
+    from pipeline.units import Size
 
 
 def _gc_json(disk_root: Path, r) -> dict:
@@ -51,7 +56,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pipeline.units import parse_duration, parse_size
 
     settings = settings_of(args)
-    max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
+    given = parse_size(args.max_size, "--max-size") if args.max_size else None
     verb = "would evict" if args.dry_run else "evicted"
     # A dry run changes nothing, .meta.db included: an unusable one is read as empty.
     disk = DiskTier(settings.cache_dir, read_only=args.dry_run)
@@ -60,50 +65,53 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if not url:
             raise UsageError("gc --remote: no remote tier (give --remote URL or LAYERWARM_REMOTE)")
         older = parse_duration(args.older_than, "--older-than") if args.older_than else None
-        if max_size is None and older is None:
+        if given is None and older is None:
             raise UsageError("gc --remote needs --max-size and/or --older-than")
         remote = open_remote(url)
-        rr = gc.collect_remote(remote, max_size=max_size, older_than=older,
+        rr = gc.collect_remote(remote, max_size=given and given.bytes, older_than=older,
                                dry_run=args.dry_run, disk=disk)
+        show = given.show if given else human_bytes  # sizes in the unit the user gave
         if args.json:
             print(json.dumps(_remote_gc_json(remote.url, rr), indent=2))
         else:
             for e in rr.evicted:
-                print(f"{verb} {e.digest}  {human_bytes(e.size)}  stored {when(e.modified)}")
+                print(f"{verb} {e.digest}  {show(e.size)}  stored {when(e.modified)}")
             for d in rr.pinned:
                 print(f"kept {d}  pinned")
-            print(f"remote {remote.url}: {human_bytes(rr.size_before)} before, "
-                  f"{human_bytes(rr.size_after)} after; "
-                  f"{verb} {counted(len(rr.evicted), 'layer')}, {human_bytes(rr.freed)}")
-        return _gc_exit(rr.under_quota, rr.size_after, max_size)
+            print(f"remote {remote.url}: {show(rr.size_before)} before, "
+                  f"{show(rr.size_after)} after; "
+                  f"{verb} {counted(len(rr.evicted), 'layer')}, {show(rr.freed)}")
+        return _gc_exit(rr.under_quota, rr.size_after, given)
     if args.older_than:
         raise UsageError("--older-than applies to the remote tier (gc --remote)")
-    if max_size is None:
-        max_size = settings.max_cache_size  # LAYERWARM_MAX_CACHE_SIZE; None: housekeeping only
+    if given is None:
+        given = settings.max_cache_size  # LAYERWARM_MAX_CACHE_SIZE; None: housekeeping only
     grace = parse_duration(args.grace, "--grace") if args.grace else gc.DEFAULT_GRACE
-    r = gc.collect(disk, max_size, dry_run=args.dry_run, grace=grace,
+    r = gc.collect(disk, given and given.bytes, dry_run=args.dry_run, grace=grace,
                    config_ttl=settings.stored_config_ttl)
     if args.json:
         print(json.dumps(_gc_json(disk.root, r), indent=2))
-        return _gc_exit(r.under_quota, r.size_after, max_size)
-    _print_disk_gc(r, verb, settings.stored_config_ttl)
-    quota = f" (quota {human_bytes(max_size)})" if max_size is not None else ""
-    print(f"cache {disk.root}: {human_bytes(r.size_before)} before, "
-          f"{human_bytes(r.size_after)} after{quota}; {verb} {counted(len(r.evicted), 'layer')}, "
-          f"{human_bytes(r.freed)} freed")
-    return _gc_exit(r.under_quota, r.size_after, max_size)
+        return _gc_exit(r.under_quota, r.size_after, given)
+    show = given.show if given else human_bytes  # sizes in the unit the user gave
+    _print_disk_gc(r, verb, settings.stored_config_ttl, show)
+    quota = f" (quota {given})" if given is not None else ""
+    print(f"cache {disk.root}: {show(r.size_before)} before, "
+          f"{show(r.size_after)} after{quota}; {verb} {counted(len(r.evicted), 'layer')}, "
+          f"{show(r.freed)} freed")
+    return _gc_exit(r.under_quota, r.size_after, given)
 
 
-def _print_disk_gc(r, verb: str, config_ttl: float) -> None:  # r: gc.GcReport
+def _print_disk_gc(r, verb: str, config_ttl: float,  # r: gc.GcReport
+                   show: Callable[[float], str]) -> None:
     from pipeline.progress import human_bytes, human_seconds
 
     for e in r.evicted:
         note = "" if e.freed or not e.size else "  (another name of the same file remains)"
-        print(f"{verb} {e.digest}  {human_bytes(e.size)}  last used {when(e.last_used)}{note}")
+        print(f"{verb} {e.digest}  {show(e.size)}  last used {when(e.last_used)}{note}")
     for x in r.skipped:
-        print(f"kept {x.digest}  {human_bytes(x.size)}  {x.reason}")
+        print(f"kept {x.digest}  {show(x.size)}  {x.reason}")
     for x in r.swept:
-        print(f"{'would sweep' if r.dry_run else 'swept'} {x.path}  {human_bytes(x.size)}")
+        print(f"{'would sweep' if r.dry_run else 'swept'} {x.path}  {show(x.size)}")
     for d in r.adopted:
         print(f"adopted {d} (a file without a record: rehashed and recorded)")
     for d in r.dropped:
@@ -115,10 +123,10 @@ def _print_disk_gc(r, verb: str, config_ttl: float) -> None:  # r: gc.GcReport
               f"({human_bytes(r.config_bytes_dropped)}; LAYERWARM_STORED_CONFIG_TTL)")
 
 
-def _gc_exit(under_quota: bool, size: int, max_size: int | None) -> int:
-    if under_quota:
+def _gc_exit(under_quota: bool, size: int, quota: Size | None) -> int:
+    if under_quota or quota is None:
         return EXIT_OK
-    print(f"layerwarm: still {size} bytes, above the quota of {max_size}: what is left is "
+    print(f"layerwarm: still {quota.show(size)}, above the quota of {quota}: what is left is "
           "pinned or in use", file=sys.stderr)
     return EXIT_FAILED
 
