@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run_layerwarm
+from tests.support.cli import layerwarm_cmd, layerwarm_env, run_layerwarm
 from tests.support.images import Image, Layer, random_tar
 from tests.support.registry import RegistryServer
 
@@ -164,6 +164,50 @@ def test_unusable_cache_dir_is_one_line(name: str, tmp_path: Path) -> None:
     assert victim.read_bytes() == b"not a cache\n"  # nothing written into it, nor beside it
     assert victim.stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ---- 2a. A cache dir this user may not use -----------------------------------------------
+
+READERS = {"ls", "df", "metrics", "verify --report", "inspect", "usage", "pin --list"}
+OTHER_UID = 65534  # nobody
+
+
+def as_another_user(cache_dir: Path, mode: int) -> list[str]:
+    """Give `cache_dir` to another user with `mode`; return the command prefix that runs
+    `layerwarm` without the power to ignore that (as root: without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH, which would let root in anyway)."""
+    import os
+    import shutil
+
+    cache_dir.mkdir()
+    if os.geteuid() != 0:  # not root: the mode alone keeps this user out
+        cache_dir.chmod(mode & 0o7)
+        return []
+    os.chown(cache_dir, OTHER_UID, OTHER_UID)
+    cache_dir.chmod(mode)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to drop root's file-permission override"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("command", EMBEDDED_COMMANDS)
+@pytest.mark.parametrize("mode", [0o700, 0o755], ids=["no access", "read only to this user"])
+def test_a_cache_dir_of_another_user_is_one_line(command: str, mode: int, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "theirs"
+    prefix = as_another_user(cache_dir, mode)
+    args = (*EMBEDDED_COMMANDS[command], "--cache-dir", str(cache_dir))
+    started = time.monotonic()
+    done = subprocess.run([*prefix, *layerwarm_cmd(*args)], capture_output=True, text=True,
+                          timeout=BOUND, stdin=subprocess.DEVNULL,
+                          env=layerwarm_env(tmp_path / "unused"))
+    if mode == 0o755 and command in READERS:  # it can list the directory: that is enough
+        assert "Traceback" not in done.stderr and "permission denied" not in done.stderr, (
+            done.stderr)
+        assert done.returncode in (0, 1), done.stderr  # 1: inspect/usage of an unknown digest
+    else:
+        check_one_line(done, Case(command, args, EXIT_USAGE, (
+            f"cache directory {cache_dir}: permission denied", "LAYERWARM_CACHE_DIR")), started)
+    assert list(cache_dir.iterdir()) == [], "nothing written into it"
 
 
 # ---- 2b. A read-only cache: the readers work, the writers fail in one line -------------

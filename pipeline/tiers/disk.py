@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +60,8 @@ PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
 def check_root(root: Path, *, read_only: bool) -> None:
     """Refuse, in one line and before any command reads or writes, a cache dir that
     cannot be one: a regular file (or a path below one), a path in /proc or /sys, or
-    (for a command that writes) a read-only mount, which would fail each write its own way."""
+    (for a command that writes) a read-only mount, which would fail each write its own way,
+    or a directory this user may not list (or, to write, create in)."""
     where = "(set --cache-dir or LAYERWARM_CACHE_DIR)"
     real = Path(os.path.realpath(root))
     for pseudo in PSEUDO_FILESYSTEMS:
@@ -73,6 +75,15 @@ def check_root(root: Path, *, read_only: bool) -> None:
         raise PermanentError(f"cache directory {root}: on a read-only filesystem; this command "
                              "writes (ls, inspect, usage, df, metrics and verify --report only "
                              "read and work there)")
+    # Readers list the directory; writers also create in it (or create it in `existing`).
+    need = os.R_OK | os.X_OK if existing == root else os.X_OK
+    if not read_only:
+        need |= os.W_OK
+    if not os.access(existing, need, effective_ids=os.access in os.supports_effective_ids):
+        st = os.stat(existing)
+        raise UsageError(
+            f"cache directory {root}: permission denied on {existing} (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}; this is uid {os.geteuid()}) {where}")
 
 
 class DiskTier:
