@@ -20,6 +20,7 @@ import pytest
 from tests.support.cli import layerwarm_cmd, layerwarm_env, run_layerwarm
 from tests.support.images import Image, Layer, random_tar
 from tests.support.registry import RegistryServer
+from tests.support.s3 import S3Server
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 BOUND = 60.0  # seconds: "does not hang"; every case here ends in a few
@@ -273,6 +274,24 @@ def test_read_only_cache_is_read_and_not_written(read_only_cache, registry, tmp_
 # ---- 3. A missing S3 bucket: said once, then warm as if S3 were down -------------------
 # (Refused credentials take the same path, Unauthorized from connect, but moto_server
 # accepts any key, so no test here can make it refuse them.)
+
+def test_refused_s3_credentials_are_said_once_and_warm_goes_on(registry: RegistryServer,
+                                                                tmp_path: Path) -> None:
+    layers = [Layer(random_tar(1450 + i, 60_000), "gzip") for i in range(3)]
+    repo = f"errors/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "1", Image(layers))
+    cache_dir = tmp_path / "cache"
+    with S3Server(check_credentials=True) as strict:  # the dummy keys are unknown to it
+        done = run_layerwarm("warm", "--remote", "s3://layers/x", f"{registry.host}/{repo}:1",
+                             cache_dir=cache_dir, env=strict.env(), timeout=BOUND)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr  # as for a missing bucket or an unreachable S3
+    said = [ln for ln in done.stderr.splitlines() if "s3://layers/x" in ln]
+    assert len(said) == 1, done.stderr
+    assert "InvalidAccessKeyId" in said[0] and "from the registry" in said[0], said[0]
+    assert not [ln for ln in done.stderr.splitlines() if "ERROR" in ln or "error:" in ln]
+    assert len([p for p in cache_dir.iterdir() if p.name.startswith("sha256_")]) == 3
+
 
 def test_missing_bucket_is_said_once_and_the_publishes_wait(registry: RegistryServer, s3,
                                                              tmp_path: Path) -> None:

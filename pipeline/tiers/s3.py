@@ -59,6 +59,9 @@ DEFAULT_TRANSFER = TransferConfig(
 _STREAM_CHUNK = 1 << 20
 _BOTO_ERRORS = (ClientError, BotoCoreError, Boto3Error, TransferRetriesExceeded)
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# Codes that refuse the credentials themselves, not what a policy allows them.
+_REFUSED_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                             "InvalidToken", "TokenRefreshRequired"}
 _AUTH_CODES = {
     "AccessDenied",
     "InvalidAccessKeyId",
@@ -268,12 +271,31 @@ class S3Tier:
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 403:
-                return  # may lack s3:ListBucket yet be allowed objects under the prefix
+                # May lack s3:ListBucket yet be allowed objects under the prefix; a HEAD
+                # carries no error code, so ask with a GET whether the keys themselves
+                # are refused (said once here, not by every layer).
+                self._check_credentials(client, what)
+                return
             if status == 404:
                 raise self._no_bucket() from None
             raise self._translate(exc, what) from exc
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, what) from exc
+
+    def _check_credentials(self, client: Any, what: str) -> None:
+        """Raise Unauthorized when S3 refuses these credentials themselves (unknown key,
+        bad signature, expired token); a policy's AccessDenied or a missing key passes."""
+        try:
+            client.get_object(Bucket=self.bucket, Key=self._probe_key())["Body"].close()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _REFUSED_CREDENTIAL_CODES:
+                raise self._translate(exc, what) from None
+        except _BOTO_ERRORS:
+            pass  # the layers meet it, and say so
+
+    def _probe_key(self) -> str:
+        name = ".layerwarm-credentials-probe"  # never written: its absence is the answer
+        return f"{self.prefix}/{name}" if self.prefix else name
 
     def _no_bucket(self) -> UsageError:
         return UsageError(f"remote tier {self.url}: bucket {self.bucket!r} does not exist")

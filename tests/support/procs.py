@@ -56,6 +56,10 @@ class ServerProcess:
     def command(self, port: int) -> list[str]:
         raise NotImplementedError
 
+    def process_env(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def prepare(self, workdir: Path, port: int) -> None:
         """Write config files into ``workdir`` before the process starts."""
 
@@ -97,6 +101,7 @@ class ServerProcess:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         cwd=self.workdir,
+                        env=self.process_env(),
                     )
                 except OSError as exc:
                     raise ServiceError(f"{self.name} could not be started: {exc}") from exc

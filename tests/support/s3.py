@@ -8,6 +8,7 @@ same endpoint and dummy credentials.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from typing import Any
@@ -29,8 +30,12 @@ class S3Server(ServerProcess):
     name = "moto_server"
     probe_path = "/moto-api/"
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_credentials: bool = False) -> None:
+        """`check_credentials`: refuse every request whose access key moto's IAM does not
+        know (INITIAL_NO_AUTH_ACTION_COUNT=0), as AWS refuses an unknown or revoked key;
+        the dummy keys of `env()` are then refused."""
         super().__init__()
+        self.check_credentials = check_credentials
         binary = shutil.which("moto_server")
         if binary is not None:
             self._argv = [binary]
@@ -41,6 +46,11 @@ class S3Server(ServerProcess):
                 "moto_server not found on PATH and moto.server not importable: "
                 "pip install 'moto[server]' (the project's test extra)"
             )
+
+    def process_env(self) -> dict[str, str] | None:
+        if not self.check_credentials:
+            return None
+        return {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
 
     def command(self, port: int) -> list[str]:
         return [*self._argv, "-H", "127.0.0.1", "-p", str(port)]
