@@ -16,6 +16,12 @@
         ├── InsecureRegistry       plain HTTP to a registry that is not allowed it
         ├── NoSpace                the cache's filesystem is full
         ├── NotAFile               a name in the cache that is a link, FIFO, directory...
+        ├── ImagePathError         a path an image's merged view cannot serve (also OSError)
+        │   ├── NotInImage             no such path (also FileNotFoundError)
+        │   ├── NotADirectoryInImage   listdir of a non-directory (also NotADirectoryError)
+        │   ├── NotASymlinkInImage     readlink of something not a symlink
+        │   ├── NotAFileInImage        open of something not a regular file
+        │   └── SymlinkLoopInImage     more than 40 symlinks while resolving a path
         └── VerificationError      bytes that are not what their digest says
             ├── DigestMismatch
             ├── SizeMismatch
@@ -25,6 +31,8 @@ Messages are one line and name what failed and where: they are shown to users as
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class LayerwarmError(Exception):
@@ -112,6 +120,50 @@ class NotAFile(PermanentError):
 
     Never followed, opened or read: see pipeline/nofollow.py.
     """
+
+
+class ImagePathError(PermanentError, OSError):
+    """A path in an image's merged view (pipeline/imageview.py) that cannot serve the call.
+
+    Also an OSError carrying the errno a filesystem would give, so a FUSE layer can map it;
+    str() is the one-line message, naming the path.
+    """
+
+    errno_code = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = self.errno_code
+
+
+class NotInImage(ImagePathError, FileNotFoundError):
+    """No such path in the image (after whiteouts)."""
+
+    errno_code = errno.ENOENT
+
+
+class NotADirectoryInImage(ImagePathError, NotADirectoryError):
+    """A directory was needed (listdir, or a path going through it) but this is not one."""
+
+    errno_code = errno.ENOTDIR
+
+
+class NotASymlinkInImage(ImagePathError):
+    """readlink of a path that is not a symbolic link."""
+
+    errno_code = errno.EINVAL
+
+
+class NotAFileInImage(ImagePathError):
+    """open of a path that is not a regular file (a directory, a device, a FIFO...)."""
+
+    errno_code = errno.EISDIR
+
+
+class SymlinkLoopInImage(ImagePathError):
+    """More than 40 symbolic links met while resolving one path (a loop, most likely)."""
+
+    errno_code = errno.ELOOP
 
 
 def describe_error(e: BaseException) -> str:
