@@ -390,7 +390,7 @@ class _Merge:
             bad = f"path {e.path!r} is not normalised"
         elif e.kind == "hardlink" and (not _valid(e.link) or e.link == ""):
             bad = f"/{e.path}: hardlink target {e.link!r} is not normalised"
-        elif e.path == "" and e.kind != "dir":
+        elif e.path == "" and e.kind not in ("dir", "opaque"):
             bad = f"a {e.kind} entry for the root directory"
         if bad:
             self._problem(position, f"{bad}; entry ignored")
