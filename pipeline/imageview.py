@@ -16,8 +16,8 @@ Merging one layer, in two steps:
    the data (and inode) of its target as the tree stands when the hardlink is applied; a
    missing target (or a directory) drops it, noted in `problems`. Missing parents are
    implied (0o755, root-owned), as tar extractors do. Symlinks are never followed while
-   merging: an entry below a path that is a symlink (or any non-directory) replaces it
-   with an implied directory, noted in `problems`.
+   merging: an entry below a path that is a symlink (or any non-directory) is dropped
+   and noted in `problems`, and a whiteout through a symlink hides nothing.
 
 Indexes are untrusted: an entry whose path (or hardlink target) is not normalised as
 fileindex documents (absolute, `.`/`..`, empty components) is dropped and noted. Merging is
@@ -345,22 +345,29 @@ class _Merge:
         for name in list(self.kids.get(path, ())):
             self._remove(_join(path, name))
 
-    def _ensure_dir(self, path: str, position: int, why: str) -> None:
-        """Make `path` (and its parents) a directory, implying any that are missing."""
+    def _ensure_parents(self, path: str, position: int) -> bool:
+        """Imply `path`'s missing parent directories; False (noted) if one is not a dir.
+
+        An existing non-directory parent is left alone and the entry dropped: a symlink
+        is never followed while merging (real unpackers follow it within the rootfs), and
+        a file cannot hold children (tar extractors fail there).
+        """
         missing: list[str] = []
-        p = path
+        p = _parent(path)[0]
         while True:
             rec = self.recs.get(p)
-            if rec is not None and rec.entry.kind == "dir":
-                break
             if rec is not None:
-                self._problem(position, f"/{why}: /{p} is a {rec.entry.kind} below a lower "
-                                        f"layer's entry, not followed; replaced by a directory")
-                self._remove(p)
+                break
             missing.append(p)
             p = _parent(p)[0]
+        kind = rec.entry.kind
+        if kind != "dir":
+            how = "not followed" if kind == "symlink" else "it cannot hold entries"
+            self._problem(position, f"/{path}: /{p} is a {kind}, {how}; entry dropped")
+            return False
         for p in reversed(missing):
             self._insert(p, _Rec(Entry(p, "dir", 0o755), position, self._ino()))
+        return True
 
     def _insert(self, path: str, rec: _Rec) -> None:
         parent, name = _parent(path)
@@ -412,10 +419,10 @@ class _Merge:
             rec = target
         else:
             rec = None
-        parent = _parent(path)[0]
-        prec = self.recs.get(parent)
+        prec = self.recs.get(_parent(path)[0])
         if prec is None or prec.entry.kind != "dir":
-            self._ensure_dir(parent, position, path)
+            if not self._ensure_parents(path, position):
+                return
         old = self.recs.get(path)
         if rec is None:
             if old is not None and old.entry.kind == "dir" and e.kind == "dir":
