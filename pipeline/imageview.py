@@ -160,7 +160,7 @@ class ImageView:
         layer = rec.layer
         diff_id = self._diff_ids[layer] if 0 <= layer < len(self._diff_ids) else None
         return Node(path, e.kind, e.mode, e.uid, e.gid, e.mtime, e.size, e.link, e.devmajor,
-                    e.devminor, e.uname, e.gname, e.xattrs, e.digest, e.chunks, layer,
+                    e.devminor, e.uname, e.gname, dict(e.xattrs), e.digest, e.chunks, layer,
                     diff_id, e.offset, self._nlink[rec.ino], rec.ino)
 
     def stat(self, path: str) -> Node:
