@@ -26,9 +26,11 @@ linear in the number of entries; every removal visits each entry at most once.
 
 from __future__ import annotations
 
+import gc
 import io
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from pipeline.digest import Digest
@@ -98,7 +100,9 @@ def _valid(path: str) -> bool:
     """True when `path` is normalised as fileindex documents ("" is the root)."""
     if path == "":
         return True
-    return not any(part in ("", ".", "..") for part in path.split("/")) and "\0" not in path
+    wrapped = f"/{path}/"
+    return ("//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped
+            and "\0" not in path)
 
 
 def normalise(path: str) -> str:
@@ -128,11 +132,14 @@ class ImageView:
     """The merged, immutable file tree of an image. Build with `from_layers`."""
 
     def __init__(self, recs: dict[str, _Rec], kids: dict[str, tuple[str, ...]],
-                 diff_ids: tuple[Digest, ...], problems: list[str]) -> None:
+                 diff_ids: tuple[Digest, ...], problems: list[str],
+                 linked: AbstractSet[int] = frozenset()) -> None:
         self._recs = recs
         self._kids = kids
         self._diff_ids = diff_ids
-        self._nlink = Counter(rec.ino for rec in recs.values())
+        # Link counts of the inodes a hardlink was made to (every other one has 1 path).
+        self._nlink = Counter(rec.ino for rec in recs.values() if rec.ino in linked) \
+            if linked else Counter()
         self.problems: tuple[str, ...] = tuple(problems)
 
     # ------------------------------------------------------------------ building
@@ -140,11 +147,17 @@ class ImageView:
     @classmethod
     def from_layers(cls, indexes: Sequence[LayerIndex]) -> ImageView:
         """Merge `indexes` (bottom layer first) with the OCI layer rules."""
-        merge = _Merge(tuple(ix.diff_id for ix in indexes))
-        for position, index in enumerate(indexes):
-            merge.apply(position, index)
-        kids = {path: tuple(sorted(names)) for path, names in merge.kids.items()}
-        return cls(merge.recs, kids, merge.diff_ids, merge.problems)
+        collecting = gc.isenabled()
+        gc.disable()  # a million new objects, no cycles among them: the cyclic GC only slows
+        try:
+            merge = _Merge(tuple(ix.diff_id for ix in indexes))
+            for position, index in enumerate(indexes):
+                merge.apply(position, index)
+            kids = {path: tuple(sorted(names)) for path, names in merge.kids.items()}
+            return cls(merge.recs, kids, merge.diff_ids, merge.problems, merge.linked)
+        finally:
+            if collecting:
+                gc.enable()
 
     # ------------------------------------------------------------------ queries
 
@@ -161,7 +174,7 @@ class ImageView:
         diff_id = self._diff_ids[layer] if 0 <= layer < len(self._diff_ids) else None
         return Node(path, e.kind, e.mode, e.uid, e.gid, e.mtime, e.size, e.link, e.devmajor,
                     e.devminor, e.uname, e.gname, dict(e.xattrs), e.digest, e.chunks, layer,
-                    diff_id, e.offset, self._nlink[rec.ino], rec.ino)
+                    diff_id, e.offset, self._nlink.get(rec.ino, 1), rec.ino)
 
     def stat(self, path: str) -> Node:
         """The node at `path` itself (a symlink is not followed); NotInImage if none."""
@@ -317,6 +330,7 @@ class _Merge:
         self.recs: dict[str, _Rec] = {"": _Rec(Entry("", "dir", 0o755), 0 if diff_ids else -1,
                                                  ROOT_INO)}
         self.kids: dict[str, set[str]] = {"": set()}
+        self.linked: set[int] = set()  # inodes a hardlink was made to
 
     def _ino(self) -> int:
         ino = self._next_ino
@@ -374,7 +388,7 @@ class _Merge:
         self.recs[path] = rec
         self.kids[parent].add(name)
         if rec.entry.kind == "dir":
-            self.kids.setdefault(path, set())
+            self.kids[path] = set()
 
     def apply(self, position: int, index: LayerIndex) -> None:
         """Apply one layer: its markers against the lower layers, then its entries."""
@@ -417,18 +431,26 @@ class _Merge:
                                         f"dropped")
                 return
             rec = target
+            self.linked.add(target.ino)
         else:
             rec = None
-        prec = self.recs.get(_parent(path)[0])
-        if prec is None or prec.entry.kind != "dir":
+        parent, _, name = path.rpartition("/")
+        siblings = self.kids.get(parent)  # only directories have a set of names
+        if siblings is None:
             if not self._ensure_parents(path, position):
                 return
-        old = self.recs.get(path)
+            siblings = self.kids[parent]
+        recs = self.recs
+        old = recs.get(path)
         if rec is None:
-            if old is not None and old.entry.kind == "dir" and e.kind == "dir":
-                self.recs[path] = _Rec(e, position, old.ino)  # keeps the lower children
+            if old is not None and e.kind == "dir" and old.entry.kind == "dir":
+                recs[path] = _Rec(e, position, old.ino)  # keeps the lower children
                 return
-            rec = _Rec(e, position, self._ino())
+            rec = _Rec(e, position, self._next_ino)
+            self._next_ino += 1
         if old is not None:
             self._remove(path)
-        self._insert(path, rec)
+        recs[path] = rec
+        siblings.add(name)
+        if e.kind == "dir":
+            self.kids[path] = set()
