@@ -229,6 +229,9 @@ class ImageView:
                     raise SymlinkLoopInImage(f"{path!r}: more than {MAX_SYMLINKS} symbolic "
                                              f"links (a loop) in the image")
                 target = rec.entry.link
+                if not target:
+                    raise NotInImage(f"/{candidate}: a symbolic link to nothing in the image"
+                                     f" (resolving {path!r})")
                 if target.startswith("/"):
                     done = []
                 pending.extend(t for t in reversed(target.split("/")) if t not in ("", "."))

@@ -335,6 +335,18 @@ def test_paths_that_are_not_normalised_are_refused() -> None:
     assert v.stat("../../fine").path == "fine"
 
 
+def test_hostile_caller_paths_stay_inside() -> None:
+    v = merge([F("fine", b"x"), S("empty", ""), S("esc", "../../../../fine")])
+    assert v.resolve("../" * 100_000 + "fine").path == "fine"
+    assert v.resolve("esc").path == "fine"
+    with pytest.raises(NotInImage):
+        v.stat("fi\0ne")
+    with pytest.raises(NotInImage, match="/empty"):
+        v.resolve("empty")
+    with pytest.raises(NotInImage):
+        v.resolve("x/" * 100_000)
+
+
 def test_opaque_root_and_whiteout_of_root() -> None:
     v = merge([F("a"), D("b"), F("b/c")], [OPQ(""), F("n")])
     assert paths(v) == ["", "n"]
