@@ -59,8 +59,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import struct
 from dataclasses import replace
 from urllib.parse import unquote_to_bytes
+from zlib import adler32 as _adler32
 
 from pipeline.digest import Digest
 from pipeline.errors import PermanentError
@@ -72,11 +74,15 @@ MAX_PATH = 4096  # bytes; a longer name or link is left out (Linux's PATH_MAX)
 MAX_REFUSED_SHOWN = 100  # hostile names kept for the log line; all are counted
 
 _ZERO_BLOCK = bytes(BLOCK)
+# name mode uid gid size mtime chksum type linkname magic+version uname gname devmajor
+# devminor prefix (ustar; other formats keep other things in the last 167 bytes)
+_HEADER_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+_NS = b"\0 "  # what pads an octal field
 _AUFS = "aufs metadata (.wh..wh.*), not part of the image"
 _POSIX_MAGIC = b"ustar\x0000"  # ustar/POSIX: the only format whose prefix field is a prefix
-_REGULAR = frozenset(b"0\x007")
-_KINDS = {ord("1"): "hardlink", ord("2"): "symlink", ord("3"): "char", ord("4"): "block",
-          ord("5"): "dir", ord("6"): "fifo"}
+_KINDS = {ord("0"): "file", 0: "file", ord("7"): "file", ord("1"): "hardlink",
+          ord("2"): "symlink", ord("3"): "char", ord("4"): "block", ord("5"): "dir",
+          ord("6"): "fifo"}
 
 # Parser states: what the next bytes of the stream are.
 _HEADER, _DATA, _SKIP, _EXT, _END = range(5)
@@ -121,7 +127,9 @@ class TarIndexer:
         self._global: dict[str, bytes] = {}
         self._global_bytes = 0
         # The regular file whose data is streaming by.
-        self._file: _FileState | None = None
+        self._file: tuple | None = None  # the fields of its Entry, while its data streams
+        self._hash = None
+        self._chunker: _Chunker | None = None
         # Regular files under aufs metadata directories, by path: left out of the index,
         # but hardlinks to them are resolved (see _entry).
         self._aufs: dict[str, Entry] = {}
@@ -152,11 +160,10 @@ class TarIndexer:
             state = self._state
             if state == _DATA:  # the hot path: one or two hash updates per chunk
                 take = min(self._left, n - i)
-                f = self._file
                 piece = mv[i:i + take]
-                f.hash.update(piece)
-                if f.chunks is not None:
-                    f.feed_chunks(piece)
+                self._hash.update(piece)
+                if self._chunker is not None:
+                    self._chunker.feed(piece)
                 i += take
                 self._left -= take
                 if not self._left:
@@ -209,7 +216,7 @@ class TarIndexer:
         if self._state == _END:
             return ""
         if self._state == _DATA:
-            return f"inside the data of {self._file.name!r}"
+            return f"inside the data of {_shown(self._file[0].encode())}"
         if self._state == _EXT:
             return f"inside an extension header at offset {self._ext_offset}"
         if self._state == _HEADER and self._hbuf:
@@ -226,22 +233,29 @@ class TarIndexer:
         if block == _ZERO_BLOCK:
             self._state = _END
             return
-        self._check_sum(block, offset)
-        kind = block[156]
-        size = self._number(block, 124, 136, "size", offset)
+        f = _HEADER_FIELDS.unpack(block)
+        try:  # the usual octal fields; anything else is read again, slowly, by _number
+            stored, size = int(f[6].rstrip(_NS) or b"0", 8), int(f[4].rstrip(_NS) or b"0", 8)
+        except ValueError:
+            stored = self._number(block, 148, 156, "checksum", offset)
+            size = self._number(block, 124, 136, "size", offset)
+        # The checksum field counts as eight spaces. Adler-32's low half is 1 + the sum of
+        # its bytes while that stays under 65521, as it does for 256 bytes: the byte sum at
+        # C speed (a Python sum over the block cost more than the rest of the header).
+        unsigned = ((_adler32(block[:256]) & 0xFFFF) + (_adler32(block[256:]) & 0xFFFF) - 2
+                    - sum(f[6]) + 8 * 32)
+        if stored != unsigned:
+            self._check_signed_sum(block, stored, unsigned, offset)
         if size < 0:
             raise self._bad(f"negative size {size}", offset)
+        kind = block[156]
         if kind in b"xgLK":
             self._start_extension(kind, size, offset)
             return
-        self._entry(block, kind, size, offset)
+        self._entry(block, f, kind, size, offset)
 
-    def _check_sum(self, block: bytes, offset: int) -> None:
-        stored = self._number(block, 148, 156, "checksum", offset)
-        # The checksum field counts as eight spaces; some old tars summed signed bytes.
-        unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-        if stored == unsigned:
-            return
+    def _check_signed_sum(self, block: bytes, stored: int, unsigned: int, offset: int) -> None:
+        # Some old tars summed the bytes as signed chars.
         signed = unsigned - 256 * sum(1 for b in block if b >= 128)
         signed += 256 * sum(1 for b in block[148:156] if b >= 128)
         if stored != signed:
@@ -249,23 +263,15 @@ class TarIndexer:
                             f"{unsigned}); not a tar, or corrupt", offset)
 
     def _number(self, block: bytes, start: int, end: int, what: str, offset: int) -> int:
+        """A numeric field as tarfile reads it: octal up to a NUL, or GNU base-256."""
         field = block[start:end]
         if field[0] in (0o200, 0o377):  # GNU base-256: big-endian, 0o377 means negative
             n = int.from_bytes(field[1:], "big")
             return n - (1 << (8 * (end - start - 1))) if field[0] == 0o377 else n
-        nul = field.find(0)
-        if nul >= 0:
-            field = field[:nul]
-        field = field.strip()
-        if not field:
-            return 0
         try:
-            if not field.isdigit() or b"8" in field or b"9" in field:
-                raise ValueError
-            return int(field, 8)
+            return int(_nts(field).strip() or b"0", 8)
         except ValueError:
-            raise self._bad(f"malformed {what} field {bytes(block[start:end])!r}",
-                            offset) from None
+            raise self._bad(f"malformed {what} field {bytes(field)!r}", offset) from None
 
     def _start_extension(self, kind: int, size: int, offset: int) -> None:
         if kind in b"xLK":
@@ -338,76 +344,82 @@ class TarIndexer:
             pos = end
         return records
 
-    def _entry(self, block: bytes, kind: int, size: int, offset: int) -> None:
-        pax = {**self._global, **self._pax} if self._global else self._pax
-        if pax and not all(pax.values()):
-            pax = {k: v for k, v in pax.items() if v}
+    def _entry(self, block: bytes, f: tuple[bytes, ...], kind: int, size: int,
+               offset: int) -> None:
+        # Called once per entry: kept lean (a layer of small files spends most of its
+        # indexing time here, not hashing).
+        pax = self._pax
+        if self._global:
+            pax = {**self._global, **pax}
+        if pax:
+            self._pax = {}
+            if not all(pax.values()):
+                pax = {k: v for k, v in pax.items() if v}
         gnu_name, gnu_link = self._gnu_name, self._gnu_link
-        self._pax, self._gnu_name, self._gnu_link, self._ext_bytes = {}, None, None, 0
+        if gnu_name is not None or gnu_link is not None:
+            self._gnu_name = self._gnu_link = None
+        self._ext_bytes = 0
 
-        raw_name = pax.get("path")
+        raw_name = pax.get("path") if pax else None
         if raw_name is None:
             raw_name = gnu_name
         if raw_name is None:
-            raw_name = _nts(block[0:100])
-            if block[257:265] == _POSIX_MAGIC:
-                prefix = _nts(block[345:500])
-                if prefix:
-                    raw_name = prefix + b"/" + raw_name
-        raw_link = pax.get("linkpath")
-        if raw_link is None:
-            raw_link = gnu_link if gnu_link is not None else _nts(block[157:257])
+            raw_name = f[0].partition(b"\0")[0]
+            if f[9] == _POSIX_MAGIC and f[14][0]:
+                raw_name = f[14].partition(b"\0")[0] + b"/" + raw_name
         if pax:
             size = self._pax_int(pax, "size", size, offset)
-        data_offset = offset + BLOCK
-        shown = raw_name.decode("utf-8", "replace")
-
+            if kind == 83 or any(k.startswith("GNU.sparse.") for k in pax):  # 83: "S"
+                kind = 83
         if kind == 0 and raw_name.endswith(b"/"):
-            kind = ord("5")  # old tars mark a directory by the slash alone
-        if kind in _REGULAR:
-            kind_name = "file"
-        else:
-            kind_name = _KINDS.get(kind)
-        if kind == ord("S") or any(k.startswith("GNU.sparse.") for k in pax):
-            raise UnsupportedEntry(
-                f"layer {self.diff_id.short}: member {shown!r} at offset {offset} is a GNU "
-                f"sparse file, which cannot be indexed (its data is not the file's bytes)")
+            kind = 53  # "5": old tars mark a directory by the slash alone
+        kind_name = _KINDS.get(kind)
         if kind_name is None:
-            raise UnsupportedEntry(
-                f"layer {self.diff_id.short}: member {shown!r} at offset {offset} has tar "
-                f"type {chr(kind)!r}, which is not a file, link, device, fifo or directory")
+            raise self._unsupported(raw_name, kind, offset)
         has_data = kind_name == "file"
+
         # Every path of the entry is checked before anything else is decoded: a hostile
         # entry is left out whole, its data skipped.
         path, why = _normalise(raw_name, kind_name == "dir")
-        kind_out: str = kind_name
-        if why is None:
+        kind_out = kind_name
+        if why is None and ".wh." in path:
             kind_out, path, why = _whiteout(kind_name, path)
         link = ""
-        if why is None and kind_name == "hardlink":
-            link, why = _normalise(raw_link, False)
-            if why is not None:
-                why = f"hardlink target {raw_link.decode('utf-8', 'replace')!r}: {why}"
-        elif why is None and kind_name == "symlink":
-            link, why = _symlink(raw_link)
+        if kind_name == "hardlink" or kind_name == "symlink":
+            raw_link = pax.get("linkpath") if pax else None
+            if raw_link is None:
+                raw_link = gnu_link if gnu_link is not None else f[8].partition(b"\0")[0]
+            if why is None and kind_name == "hardlink":
+                link, why = _normalise(raw_link, False)
+                if why is not None:
+                    why = f"hardlink target {raw_link.decode('utf-8', 'replace')!r}: {why}"
+            elif why is None:
+                link, why = _symlink(raw_link)
         aufs = why is _AUFS and kind_out == "file"
         if why is not None:
-            self._refuse(shown, offset, why)
+            self._refuse(raw_name, offset, why)
             if not aufs:
                 self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
                 return
-        if link in self._aufs:
+        if link and link in self._aufs:
             # A hardlink into aufs's link store (.wh..wh.plnk) is the file kept there,
             # under this name: as docker's unpacker makes it, since the store is left out.
             self._entries.append(replace(self._aufs[link], path=path))
             return
 
-        mode = self._number(block, 100, 108, "mode", offset) & 0o7777
-        uid = self._number(block, 108, 116, "uid", offset)
-        gid = self._number(block, 116, 124, "gid", offset)
-        mtime = float(self._number(block, 136, 148, "mtime", offset))
-        uname = _text(block[265:297])
-        gname = _text(block[297:329])
+        try:  # the usual octal fields; anything else is read again, slowly, by _number
+            mode, uid = int(f[1].rstrip(_NS) or b"0", 8), int(f[2].rstrip(_NS) or b"0", 8)
+            gid, mtime = int(f[3].rstrip(_NS) or b"0", 8), int(f[5].rstrip(_NS) or b"0", 8)
+        except ValueError:
+            mode = self._number(block, 100, 108, "mode", offset)
+            uid = self._number(block, 108, 116, "uid", offset)
+            gid = self._number(block, 116, 124, "gid", offset)
+            mtime = self._number(block, 136, 148, "mtime", offset)
+        mode &= 0o7777
+        mtime = float(mtime)
+        # Owner names only label an entry: an undecodable byte is shown, not refused.
+        uname = f[10].partition(b"\0")[0].decode("utf-8", "replace")
+        gname = f[11].partition(b"\0")[0].decode("utf-8", "replace")
         xattrs: dict[str, bytes] = {}
         if pax:
             uid = self._pax_int(pax, "uid", uid, offset)
@@ -418,21 +430,22 @@ class TarIndexer:
                 uname = pax["uname"].decode("utf-8", "replace")
             if "gname" in pax:
                 gname = pax["gname"].decode("utf-8", "replace")
-            xattrs = self._xattrs(pax, shown, offset)
-        devmajor = devminor = 0
-        if kind_name in ("char", "block"):
-            devmajor = self._number(block, 329, 337, "devmajor", offset)
-            devminor = self._number(block, 337, 345, "devminor", offset)
+            xattrs = self._xattrs(pax, raw_name, offset)
 
         if kind_out != "file":
+            devmajor = devminor = 0
+            if kind_name == "char" or kind_name == "block":
+                devmajor = self._number(block, 329, 337, "devmajor", offset)
+                devminor = self._number(block, 337, 345, "devminor", offset)
             # Only regular files have data in a tar; a whiteout's (usually none) is skipped.
             self._entries.append(Entry(path, kind_out, mode, uid, gid, mtime, 0, 0, link,
                                        devmajor, devminor, uname, gname, xattrs))
             self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
             return
-        self._file = _FileState(path, mode, uid, gid, mtime, size, data_offset, uname,
-                                gname, xattrs, self.chunk_size)
-        self._file.aufs = aufs
+        self._file = (path, mode, uid, gid, mtime, size, offset + BLOCK, uname, gname,
+                      xattrs, aufs)
+        self._hash = hashlib.sha256()
+        self._chunker = _Chunker(self.chunk_size) if size > self.chunk_size else None
         self._pad = -size % BLOCK
         if size:
             self._state, self._left = _DATA, size
@@ -440,13 +453,30 @@ class TarIndexer:
             self._end_file()
 
     def _end_file(self) -> None:
-        f = self._file
-        self._file = None
-        if f.aufs:  # not in the index, but a later hardlink may name it
-            self._aufs[f.name] = f.entry()
+        path, mode, uid, gid, mtime, size, offset, uname, gname, xattrs, aufs = self._file
+        chunks = self._chunker.digests() if self._chunker is not None else ()
+        entry = Entry(path, "file", mode, uid, gid, mtime, size, offset, "", 0, 0, uname,
+                      gname, xattrs, self._hash.hexdigest(), chunks)
+        self._file = self._hash = self._chunker = None
+        if aufs:  # not in the index, but a later hardlink may name it
+            self._aufs[path] = entry
         else:
-            self._entries.append(f.entry())
-        self._skip(0, self._pad)
+            self._entries.append(entry)
+        if self._pad:
+            self._state, self._left = _SKIP, self._pad
+        else:
+            self._state = _HEADER
+
+    def _unsupported(self, raw_name: bytes, kind: int, offset: int) -> UnsupportedEntry:
+        shown = _shown(raw_name)
+        if kind == 83:
+            what = "is a GNU sparse file, which cannot be indexed (its data is not the " \
+                   "file's bytes)"
+        else:
+            what = (f"has tar type {chr(kind)!r}, which is not a file, link, device, fifo "
+                    f"or directory")
+        return UnsupportedEntry(f"layer {self.diff_id.short}: member {shown} at offset "
+                                f"{offset} {what}")
 
     def _skip(self, size: int, pad: int) -> None:
         self._pad = pad
@@ -473,7 +503,8 @@ class TarIndexer:
         except ValueError:
             raise self._bad(f"PAX mtime={value[:40]!r} is not a number", offset) from None
 
-    def _xattrs(self, pax: dict[str, bytes], shown: str, offset: int) -> dict[str, bytes]:
+    def _xattrs(self, pax: dict[str, bytes], raw_name: bytes,
+                offset: int) -> dict[str, bytes]:
         xattrs: dict[str, bytes] = {}
         for key, value in pax.items():
             if key.startswith("SCHILY.xattr."):
@@ -485,64 +516,47 @@ class TarIndexer:
                     xattrs[name] = base64.b64decode(value + b"=" * (-len(value) % 4),
                                                     validate=True)
                 except (binascii.Error, UnicodeDecodeError, ValueError):
-                    self._refuse(shown, offset, f"xattr {key!r} is not valid base64 or "
+                    self._refuse(raw_name, offset, f"xattr {key!r} is not valid base64 or "
                                                 f"UTF-8 (left out, the entry kept)")
         return xattrs
 
     # -- reporting ---------------------------------------------------------------------
 
-    def _refuse(self, shown: str, offset: int, why: str) -> None:
+    def _refuse(self, raw_name: bytes, offset: int, why: str) -> None:
         self.refused_count += 1
         if len(self.refused) < MAX_REFUSED_SHOWN:
-            if len(shown) > 200:
-                shown = shown[:197] + "..."
-            self.refused.append(f"{shown!r} at offset {offset}: {why}")
+            self.refused.append(f"{_shown(raw_name)} at offset {offset}: {why}")
 
     def _bad(self, what: str, offset: int) -> BadTar:
         return BadTar(f"layer {self.diff_id.short}: tar header at offset {offset}: {what}")
 
 
-class _FileState:
-    """The regular file whose data is being hashed, and what its Entry will hold."""
+class _Chunker:
+    """The sha256 of each chunk_size piece of one large file, as its data streams by."""
 
-    __slots__ = ("name", "mode", "uid", "gid", "mtime", "size", "offset", "uname", "gname",
-                 "xattrs", "hash", "chunks", "chunk_hash", "chunk_left", "chunk_size", "aufs")
+    __slots__ = ("size", "left", "hash", "done")
 
-    def __init__(self, name: str, mode: int, uid: int, gid: int, mtime: float, size: int,
-                 offset: int, uname: str, gname: str, xattrs: dict[str, bytes],
-                 chunk_size: int) -> None:
-        self.name, self.mode, self.uid, self.gid, self.mtime = name, mode, uid, gid, mtime
-        self.size, self.offset, self.uname, self.gname = size, offset, uname, gname
-        self.xattrs = xattrs
+    def __init__(self, size: int) -> None:
+        self.size = self.left = size
         self.hash = hashlib.sha256()
-        self.chunk_size = chunk_size
-        # Per-chunk digests only for a file larger than one chunk (as fileindex says).
-        self.chunks: list[str] | None = [] if size > chunk_size else None
-        self.chunk_hash = hashlib.sha256() if self.chunks is not None else None
-        self.chunk_left = chunk_size
-        self.aufs = False
+        self.done: list[str] = []
 
-    def feed_chunks(self, piece: memoryview) -> None:
-        while len(piece) >= self.chunk_left:
-            take = self.chunk_left
-            self.chunk_hash.update(piece[:take])
-            self.chunks.append(self.chunk_hash.hexdigest())
-            self.chunk_hash = hashlib.sha256()
-            self.chunk_left = self.chunk_size
+    def feed(self, piece: memoryview) -> None:
+        while len(piece) >= self.left:
+            take = self.left
+            self.hash.update(piece[:take])
+            self.done.append(self.hash.hexdigest())
+            self.hash = hashlib.sha256()
+            self.left = self.size
             piece = piece[take:]
         if piece:
-            self.chunk_hash.update(piece)
-            self.chunk_left -= len(piece)
+            self.hash.update(piece)
+            self.left -= len(piece)
 
-    def entry(self) -> Entry:
-        chunks: tuple[str, ...] = ()
-        if self.chunks is not None:
-            if self.chunk_left < self.chunk_size:  # the last, partial chunk
-                self.chunks.append(self.chunk_hash.hexdigest())
-            chunks = tuple(self.chunks)
-        return Entry(self.name, "file", self.mode, self.uid, self.gid, self.mtime, self.size,
-                     self.offset, "", 0, 0, self.uname, self.gname, self.xattrs,
-                     self.hash.hexdigest(), chunks)
+    def digests(self) -> tuple[str, ...]:
+        if self.left < self.size:  # the last, partial chunk
+            self.done.append(self.hash.hexdigest())
+        return tuple(self.done)
 
 
 # -- names -------------------------------------------------------------------------------
@@ -553,9 +567,10 @@ def _nts(field: bytes) -> bytes:
     return field if nul < 0 else field[:nul]
 
 
-def _text(field: bytes) -> str:
-    # Owner names only label an entry: an undecodable byte is shown, not refused.
-    return _nts(field).decode("utf-8", "replace")
+def _shown(raw_name: bytes) -> str:
+    """A member name for a message: quoted, undecodable bytes replaced, at most 200 chars."""
+    shown = raw_name.decode("utf-8", "replace")
+    return repr(shown if len(shown) <= 200 else shown[:197] + "...")
 
 
 def _normalise(raw: bytes, root_ok: bool) -> tuple[str, str | None]:
@@ -568,6 +583,11 @@ def _normalise(raw: bytes, root_ok: bool) -> tuple[str, str | None]:
         name = raw.decode()
     except UnicodeDecodeError:
         return "", "name is not UTF-8"
+    # Most names are already normal: nothing to strip, no "." or ".." (nor ".wh."
+    # names, which stay as they are here) can hide where no component starts with ".".
+    if ("/." not in name and "//" not in name and name[0] not in "./" and name[-1] != "/"
+            and len(raw) <= MAX_PATH):
+        return name, None
     parts = [p for p in name.split("/") if p and p != "."]
     if ".." in parts:
         return "", "name has a '..' component"
