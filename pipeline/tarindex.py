@@ -58,8 +58,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from urllib.parse import unquote_to_bytes
 from zlib import adler32 as _adler32
@@ -161,8 +164,17 @@ class TarIndexer:
             if state == _DATA:  # the hot path: one or two hash updates per chunk
                 take = min(self._left, n - i)
                 piece = mv[i:i + take]
-                self._hash.update(piece)
-                if self._chunker is not None:
+                if self._chunker is None:
+                    self._hash.update(piece)
+                elif take >= _PARALLEL_MIN:
+                    # A large file is hashed twice (whole, and per chunk): the two passes
+                    # run on two threads (hashlib lets go of the GIL), done before feed
+                    # returns, so the caller's buffer is never read after.
+                    job = _pool().submit(self._chunker.feed, piece)
+                    self._hash.update(piece)
+                    job.result()
+                else:
+                    self._hash.update(piece)
                     self._chunker.feed(piece)
                 i += take
                 self._left -= take
@@ -529,6 +541,17 @@ class TarIndexer:
 
     def _bad(self, what: str, offset: int) -> BadTar:
         return BadTar(f"layer {self.diff_id.short}: tar header at offset {offset}: {what}")
+
+
+_PARALLEL_MIN = 256 << 10  # below this, handing a piece to a thread costs more than it saves
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    # Shared by every indexer of the process (a worker decompresses a few layers at once);
+    # its idle threads cost nothing, and are started only when a large file comes by.
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                              thread_name_prefix="tarindex-hash")
 
 
 class _Chunker:
