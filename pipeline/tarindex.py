@@ -50,15 +50,18 @@ targets are normalised like paths (a hostile one leaves the entry out).
 
 Speed: file data is hashed with hashlib on memoryview slices of the caller's chunks (no
 copies), a whole run of a file's bytes at a time, never block by block; the per-chunk
-Python work is a few comparisons. Headers cost a few microseconds each, so millions of
-entries take seconds and memory grows by one Entry each.
+Python work is a few comparisons. A file larger than one chunk is hashed twice (whole and
+per chunk): those two passes run on two threads, joined before feed() returns. No
+reference to a fed buffer is kept once feed() returns, so the caller may reuse it. An
+entry costs about 10 µs of Python besides its hashing (a header in one struct unpack,
+the common case of each field first), so millions of entries take seconds, in linear
+time, and memory grows by one Entry each. `python -m bench.tarindex_speed` measures it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import os
 import struct
@@ -199,7 +202,7 @@ class TarIndexer:
                         continue
                     block = bytes(hbuf)
                     hbuf.clear()
-                self._header(block, self._pos + i - BLOCK)
+                i += self._header(block, self._pos + i - BLOCK, mv, i)
             elif state == _EXT:
                 take = min(self._left, n - i)
                 self._hbuf += mv[i:i + take]
@@ -241,10 +244,12 @@ class TarIndexer:
 
     # -- headers -----------------------------------------------------------------------
 
-    def _header(self, block: bytes, offset: int) -> None:
+    def _header(self, block: bytes, offset: int, mv: memoryview, at: int) -> int:
+        """Act on the header `block`; how many bytes of `mv` from `at` it took with it (the
+        data of a small file, when all of it is there)."""
         if block == _ZERO_BLOCK:
             self._state = _END
-            return
+            return 0
         f = _HEADER_FIELDS.unpack(block)
         try:  # the usual octal fields; anything else is read again, slowly, by _number
             stored, size = int(f[6].rstrip(_NS) or b"0", 8), int(f[4].rstrip(_NS) or b"0", 8)
@@ -263,8 +268,8 @@ class TarIndexer:
         kind = block[156]
         if kind in b"xgLK":
             self._start_extension(kind, size, offset)
-            return
-        self._entry(block, f, kind, size, offset)
+            return 0
+        return self._entry(block, f, kind, size, offset, mv, at)
 
     def _check_signed_sum(self, block: bytes, stored: int, unsigned: int, offset: int) -> None:
         # Some old tars summed the bytes as signed chars.
@@ -357,7 +362,7 @@ class TarIndexer:
         return records
 
     def _entry(self, block: bytes, f: tuple[bytes, ...], kind: int, size: int,
-               offset: int) -> None:
+               offset: int, mv: memoryview, at: int) -> int:
         # Called once per entry: kept lean (a layer of small files spends most of its
         # indexing time here, not hashing).
         pax = self._pax
@@ -412,12 +417,12 @@ class TarIndexer:
             self._refuse(raw_name, offset, why)
             if not aufs:
                 self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
-                return
+                return 0
         if link and link in self._aufs:
             # A hardlink into aufs's link store (.wh..wh.plnk) is the file kept there,
             # under this name: as docker's unpacker makes it, since the store is left out.
             self._entries.append(replace(self._aufs[link], path=path))
-            return
+            return 0
 
         try:  # the usual octal fields; anything else is read again, slowly, by _number
             mode, uid = int(f[1].rstrip(_NS) or b"0", 8), int(f[2].rstrip(_NS) or b"0", 8)
@@ -453,16 +458,25 @@ class TarIndexer:
             self._entries.append(Entry(path, kind_out, mode, uid, gid, mtime, 0, 0, link,
                                        devmajor, devminor, uname, gname, xattrs))
             self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
-            return
+            return 0
+        pad = -size % BLOCK
+        if size <= self.chunk_size and size + pad <= len(mv) - at and not aufs:
+            # The whole of a small file is in this chunk (the usual case): its Entry now,
+            # without going through the states, which cost more than hashing 4 KiB.
+            self._entries.append(Entry(
+                path, "file", mode, uid, gid, mtime, size, offset + BLOCK, "", 0, 0, uname,
+                gname, xattrs, hashlib.sha256(mv[at:at + size]).hexdigest()))
+            return size + pad
         self._file = (path, mode, uid, gid, mtime, size, offset + BLOCK, uname, gname,
                       xattrs, aufs)
         self._hash = hashlib.sha256()
         self._chunker = _Chunker(self.chunk_size) if size > self.chunk_size else None
-        self._pad = -size % BLOCK
+        self._pad = pad
         if size:
             self._state, self._left = _DATA, size
         else:
             self._end_file()
+        return 0
 
     def _end_file(self) -> None:
         path, mode, uid, gid, mtime, size, offset, uname, gname, xattrs, aufs = self._file
@@ -546,12 +560,21 @@ class TarIndexer:
 _PARALLEL_MIN = 256 << 10  # below this, handing a piece to a thread costs more than it saves
 
 
-@functools.cache
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
 def _pool() -> ThreadPoolExecutor:
-    # Shared by every indexer of the process (a worker decompresses a few layers at once);
-    # its idle threads cost nothing, and are started only when a large file comes by.
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                              thread_name_prefix="tarindex-hash")
+    """The hashing threads, shared by every indexer of the process (a worker decompresses
+    a few layers at once); started only when a large file comes by. One per process id: a
+    pool inherited through fork (Celery's prefork pool) has no threads, and a job handed
+    to it would wait forever."""
+    pid = os.getpid()
+    pool = _pools.get(pid)
+    if pool is None:
+        _pools.clear()
+        pool = _pools[pid] = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                                thread_name_prefix="tarindex-hash")
+    return pool
 
 
 class _Chunker:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import random
+import signal
 import tarfile
 
 import pytest
@@ -26,7 +28,7 @@ from pipeline.tarindex import (
 )
 
 CHUNK = 4096  # a small chunk_size keeps the per-chunk digests cheap to test
-SPLITS = [1, 7, 513, 1 << 20, None]  # None: the whole tar in one feed
+SPLITS = [1, 7, 513, 1 << 20, None, -1]  # None: the whole tar in one feed; -1: random
 DIFF_ID = Digest.of_bytes(b"a layer")
 FORMATS = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}
 KIND_OF = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
@@ -59,10 +61,12 @@ def build(members: list[tuple], fmt: int = tarfile.PAX_FORMAT, **kwargs) -> byte
 
 def feed(tar: bytes, split: int | None, chunk_size: int = CHUNK) -> tuple[TarIndexer, LayerIndex]:
     indexer = TarIndexer(DIFF_ID, chunk_size=chunk_size)
-    step = split or len(tar) or 1
-    view = memoryview(tar)
-    for i in range(0, len(tar), step):
+    view, rng, i = memoryview(tar), random.Random(len(tar)), 0
+    while i < len(tar):
+        step = (split or len(tar)) if split != -1 else rng.randint(1, 3000)
+        # memoryviews and bytes, as the decompress stage may hand either
         indexer.feed(view[i:i + step] if i % 2 else bytes(view[i:i + step]))
+        i += step
     return indexer, indexer.finish()
 
 
@@ -408,3 +412,32 @@ def test_many_entries_in_linear_time() -> None:
     tar = build([member(f"d/{i}", data=b"") for i in range(20_000)], tarfile.GNU_FORMAT)
     indexer, index = feed(tar, 1 << 20)
     assert len(index.entries) == 20_000
+
+
+@pytest.mark.parametrize("split", [1 << 20, 300_000, None])
+def test_large_files_chunk_digests(split: int | None) -> None:
+    """Files of several chunks, fed in pieces large enough to hash on two threads."""
+    data = RANDOM.randbytes(3 << 20)
+    tar = build([member("three", data=data), member("two-and-a-bit", data=data[:(2 << 20) + 1]),
+                 member("one", data=data[:1 << 20])])
+    index = feed(tar, split, chunk_size=1 << 20)[1]
+    assert [len(e.chunks) for e in index.entries] == [3, 3, 0]
+    assert_content(tar, index)
+
+
+def test_large_file_in_a_forked_child() -> None:
+    """A worker forked after its parent indexed a large file gets hashing threads of its
+    own (an inherited pool has none, and a job handed to it would never run)."""
+    data = RANDOM.randbytes(3 << 20)
+    tar = build([member("three", data=data)])
+    feed(tar, 1 << 20, chunk_size=1 << 20)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports by exit status
+        try:
+            signal.alarm(30)  # a hang ends the child with SIGALRM
+            index = feed(tar, 1 << 20, chunk_size=1 << 20)[1]
+            os._exit(0 if len(index.entries[0].chunks) == 3 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
