@@ -35,10 +35,14 @@ What is refused, and how:
   target) with a `..` component or a NUL, one that is empty after normalising (except a
   directory naming the root, `./`, which is the entry of path "" and kind dir), one
   longer than 4096 bytes, one that is not UTF-8 (the stored index holds UTF-8 text),
-  aufs metadata (`.wh..wh.` + anything but `.opq`, e.g. `.wh..wh.plnk`), and a whiteout
-  that hides nothing (`.wh.` alone). Each is recorded in `indexer.refused` (member name
-  and why, the first 100) and counted in `indexer.refused_count`, so a caller logs one
-  line ("12 entries left out of the index: ...") instead of failing the layer.
+  aufs metadata (a component `.wh..wh.` + anything but a final `.opq`, e.g. the
+  `.wh..wh.plnk` link store and what it holds), and a whiteout that hides nothing (`.wh.`
+  alone). Each is recorded in `indexer.refused` (member name and why, the first 100) and
+  counted in `indexer.refused_count`, so a caller logs one line ("12 entries left out of
+  the index: ...") instead of failing the layer. Also recorded there, with the entry kept:
+  a `LIBARCHIVE.xattr` whose value is not base64 (that xattr is left out). A hardlink to
+  a file of aufs's link store becomes that file under the link's name (its data is in
+  the tar), as docker's unpacker makes it.
 
 Entry types: regular (`0`, NUL, `7` contiguous), hardlink `1`, symlink `2`, char `3`, block
 `4`, dir `5`, fifo `6`. As in tarfile and archive/tar, only regular files have data in the
