@@ -143,6 +143,7 @@ class TarIndexer:
         # Regular files under aufs metadata directories, by path: left out of the index,
         # but hardlinks to them are resolved (see _entry).
         self._aufs: dict[str, Entry] = {}
+        self._owners: dict[bytes, str] = {}  # uname/gname header fields, decoded
 
     # -- the stream --------------------------------------------------------------------
 
@@ -438,9 +439,11 @@ class TarIndexer:
             mtime = self._number(block, 136, 148, "mtime", offset)
         mode &= 0o7777
         mtime = float(mtime)
-        # Owner names only label an entry: an undecodable byte is shown, not refused.
-        uname = f[10].partition(b"\0")[0].decode("utf-8", "replace")
-        gname = f[11].partition(b"\0")[0].decode("utf-8", "replace")
+        # A layer has few owner names: one str each for all its entries (saves memory
+        # and time with millions of entries).
+        owners = self._owners
+        uname = owners.get(f[10]) or self._owner(f[10])
+        gname = owners.get(f[11]) or self._owner(f[11])
         xattrs: dict[str, bytes] = {}
         if pax:
             uid = self._pax_int(pax, "uid", uid, offset)
@@ -496,6 +499,13 @@ class TarIndexer:
             self._state, self._left = _SKIP, self._pad
         else:
             self._state = _HEADER
+
+    def _owner(self, field: bytes) -> str:
+        # Owner names only label an entry: an undecodable byte is shown, not refused.
+        name = field.partition(b"\0")[0].decode("utf-8", "replace")
+        if len(self._owners) < 1000:  # a hostile tar's million names are not all kept
+            self._owners[field] = name
+        return name
 
     def _unsupported(self, raw_name: bytes, kind: int, offset: int) -> UnsupportedEntry:
         shown = _shown(raw_name)
