@@ -441,3 +441,13 @@ def test_large_file_in_a_forked_child() -> None:
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_signed_header_checksum_of_old_tars() -> None:
+    """Some old tars summed header bytes as signed chars: still a valid header."""
+    h = bytearray(raw_header("café".encode(), b"0", size=2))
+    h[148:156] = b" " * 8
+    signed = sum(b - 256 if b >= 128 else b for b in h)
+    h[148:156] = b"%06o\0 " % signed
+    index = feed(bytes(h) + padded(b"hi") + bytes(1024), 7)[1]
+    assert [(e.path, e.size) for e in index.entries] == [("café", 2)]
