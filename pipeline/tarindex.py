@@ -396,8 +396,8 @@ class TarIndexer:
         if kind == 0 and raw_name.endswith(b"/"):
             kind = 53  # "5": old tars mark a directory by the slash alone
         kind_name = _KINDS.get(kind)
-        if kind_name is None:
-            raise self._unsupported(raw_name, kind, offset)
+        if kind_name is None:  # PAX sparse files: the real name, not GNUSparseFile.<pid>/
+            raise self._unsupported(pax.get("GNU.sparse.name", raw_name), kind, offset)
         has_data = kind_name == "file"
 
         # Every path of the entry is checked before anything else is decoded: a hostile

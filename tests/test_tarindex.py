@@ -378,8 +378,9 @@ def test_gnu_sparse_and_unknown_types_are_refused() -> None:
         with pytest.raises(UnsupportedEntry, match=f"'dir/thing'.*{what}"):
             feed(tar, 7)
     tar = build([member("GNUSparseFile.0/f", data=b"map",
-                        pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})])
-    with pytest.raises(UnsupportedEntry, match="sparse"):
+                        pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                     "GNU.sparse.name": "real/f"})])
+    with pytest.raises(UnsupportedEntry, match="'real/f' .*sparse"):
         feed(tar, None)
 
 
