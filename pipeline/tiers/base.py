@@ -101,6 +101,16 @@ class RemoteTier(Protocol):
         caller checks them (the read path, against its index's chunk digests)."""
         ...
 
+    def put_index(self, digest: Digest, data: bytes) -> None:
+        """Store the layer's file index (pipeline/fileindex.py) beside it; a publish puts
+        it before the layer, so a visible layer has its index."""
+        ...
+
+    def get_index(self, digest: Digest, cap: int) -> bytes | None:
+        """The layer's stored file index; None when there is none or it is over `cap`
+        bytes (never read whole). The caller checks it names the diff_id it expects."""
+        ...
+
     def upload(
         self,
         digest: Digest,
@@ -112,7 +122,7 @@ class RemoteTier(Protocol):
         ...
 
     def delete(self, digest: Digest) -> bool:
-        """Remove the layer; True when it was there."""
+        """Remove the layer (and its file index); True when the layer was there."""
         ...
 
     def list(self) -> Iterator[RemoteEntry]:

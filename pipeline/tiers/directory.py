@@ -4,6 +4,7 @@ Layout (entries sit directly under the root so `ls` lists layers by digest):
 
     <root>/sha256_<hex>              the decompressed layer tar
     <root>/.meta/sha256_<hex>.json   its metadata, {"diff-id": ..., ...}
+    <root>/.index/sha256_<hex>       its file index (pipeline/fileindex.py)
     <root>/.tmp/                     files being written; never read; safe to sweep
 
 An upload copies into `.tmp/`, fsyncs, writes the sidecar, then renames the entry into
@@ -96,6 +97,7 @@ class DirectoryTier:
         self.url = root.as_uri()
         self._tmp = root / ".tmp"
         self._meta = root / ".meta"
+        self._index = root / ".index"
         self._ready = False
         self._lock = threading.Lock()
 
@@ -146,6 +148,36 @@ class DirectoryTier:
             raise NotFound(f"remote tier {self.url}: no layer {digest}")
         return fd
 
+    def put_index(self, digest: Digest, data: bytes) -> None:
+        name, what = digest.cache_name, f"upload the file index of {digest}"
+        self._ensure_root()
+        with self._errors(what):
+            self._subdir(self._tmp, create=True)
+            self._subdir(self._index, create=True)
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".index.part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._index / name)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def get_index(self, digest: Digest, cap: int) -> bytes | None:
+        what = f"read the file index of {digest}"
+        self._ensure_root()
+        if not self._subdir(self._index, create=False):
+            return None
+        fd = self._open_regular(self._index / digest.cache_name, what)
+        if fd is None:
+            return None
+        with open(fd, "rb") as f:
+            data = self._call(what, f.read, cap + 1)
+        return None if len(data) > cap else data
+
     def upload(
         self,
         digest: Digest,
@@ -190,6 +222,9 @@ class DirectoryTier:
             if self._subdir(self._meta, create=False):
                 with suppress(FileNotFoundError):
                     os.unlink(self._meta / f"{name}.json")
+            if self._subdir(self._index, create=False):
+                with suppress(FileNotFoundError):
+                    os.unlink(self._index / name)
         return existed
 
     def list(self) -> Iterator[RemoteEntry]:

@@ -6,6 +6,7 @@
     <root>/.locks/        one lock file per digest, locked with flock(2) (and
                           content_sha256_<hex>.lock per diff_id: pipeline/sharing.py)
     <root>/.meta.db       what each entry should be (pipeline/metadata.py)
+    <root>/.index/        each entry's file index (pipeline/fileindex.py), derived from it
 
 An entry's name appears only through `Ingest.commit()`, and commit is the gate: it is
 shown the proof that the tar hashed to the layer's diff_id (a `Verified`) and where the
@@ -30,7 +31,7 @@ import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -93,6 +94,7 @@ class DiskTier:
         self.tmp_dir = self.root / ".tmp"
         self.staging_dir = self.root / ".staging"
         self.locks_dir = self.root / ".locks"
+        self.index_dir = self.root / ".index"
         # read_only: commands that only look (ls, df, ...) never move or write .meta.db.
         self.meta = Metadata(self.root / ".meta.db", read_only=read_only,
                              lock=self.locks_dir / "meta.db.lock", rebuild=self._readopt)
@@ -114,7 +116,8 @@ class DiskTier:
         try:
             if not self._ready:
                 self.root.mkdir(parents=True, exist_ok=True)
-            for d in (sub,) if self._ready else (self.tmp_dir, self.staging_dir, self.locks_dir):
+            made = (self.tmp_dir, self.staging_dir, self.locks_dir)
+            for d in (sub,) if self._ready else (*made, sub):
                 try:
                     os.mkdir(d)
                 except FileExistsError:
@@ -159,17 +162,52 @@ class DiskTier:
         return self.size(digest) is not None
 
     def remove(self, digest: Digest) -> bool:
-        """Drop an entry (the name: a link's target is not touched) and its row.
+        """Drop an entry (the name: a link's target is not touched), its row and its file
+        index.
 
         A directory under an entry's name is left (nothing here removes a tree). The
         caller holds the digest's lock.
         """
         self.meta.forget(digest)
+        with suppress(FileNotFoundError, IsADirectoryError):
+            self.index_path(digest).unlink()
         try:
             self.path(digest).unlink()
         except (FileNotFoundError, IsADirectoryError):
             return False
         return True
+
+    # -- file indexes (pipeline/fileindex.py): derived from a verified entry, beside it --
+
+    def index_path(self, digest: Digest) -> Path:
+        return self.index_dir / digest.cache_name
+
+    def store_index(self, digest: Digest, data: bytes) -> None:
+        """Write the entry's stored file index, whole or not at all (temp file, rename)."""
+        self._ensure_dirs(self.index_dir)
+        self._ensure_dirs(self.tmp_dir)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=digest.cache_name + ".",
+                                   suffix=".index")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                os.fchmod(f.fileno(), 0o644)  # read by whoever may read the entry
+            os.replace(tmp, self.index_path(digest))
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load_index(self, digest: Digest, cap: int) -> bytes | None:
+        """The entry's stored file index, or None when it has none (a link, a FIFO or a
+        file over `cap` bytes is none either: never followed, never read whole)."""
+        try:
+            fd = open_file(self.index_path(digest), what="file index")
+        except (FileNotFoundError, NotADirectoryError, NotAFile):
+            return None
+        with open(fd, "rb") as f:
+            data = f.read(cap + 1)
+        return None if len(data) > cap else data
 
     def entries(self) -> list[Digest]:
         """Every well-formed entry name in the cache directory that is a regular file."""

@@ -5,7 +5,8 @@ the moto server the tests use. Credentials come from the standard AWS chain (env
 profiles, SSO, instance roles); the endpoint from `AWS_ENDPOINT_URL_S3` (read by boto3
 itself) or the `endpoint_url` argument.
 
-Objects are `<prefix>/sha256_<hex>` with the layer metadata as S3 user metadata. A PUT,
+Objects are `<prefix>/sha256_<hex>` with the layer metadata as S3 user metadata, and
+`<prefix>/sha256_<hex>.index` with its file index (pipeline/fileindex.py). A PUT,
 and a multipart upload's completion, is atomic: an object is never visible half-written.
 """
 
@@ -186,6 +187,27 @@ class S3Tier:
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, what) from exc
 
+    def put_index(self, digest: Digest, data: bytes) -> None:
+        what = f"upload the file index of {digest}"
+        try:
+            self._s3(what).put_object(Bucket=self.bucket, Key=self._index_key(digest),
+                                      Body=data, ContentType="application/zstd")
+        except _BOTO_ERRORS as exc:
+            raise self._translate(exc, what) from exc
+
+    def get_index(self, digest: Digest, cap: int) -> bytes | None:
+        what = f"read the file index of {digest}"
+        try:
+            resp = self._s3(what).get_object(Bucket=self.bucket, Key=self._index_key(digest))
+            with closing(resp["Body"]) as body:
+                data = body.read(cap + 1)
+        except _BOTO_ERRORS as exc:
+            error = self._translate(exc, what)
+            if isinstance(error, NotFound):
+                return None
+            raise error from exc
+        return None if len(data) > cap else data
+
     def upload(
         self,
         digest: Digest,
@@ -216,7 +238,9 @@ class S3Tier:
         if self.stat(digest) is None:
             return False
         try:
-            self._s3(f"delete {digest}").delete_object(Bucket=self.bucket, Key=self._key(digest))
+            s3 = self._s3(f"delete {digest}")
+            s3.delete_object(Bucket=self.bucket, Key=self._key(digest))
+            s3.delete_object(Bucket=self.bucket, Key=self._index_key(digest))
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, f"delete {digest}") from exc
         return True
@@ -241,6 +265,9 @@ class S3Tier:
         # Only ever from a Digest's cache name: nothing can reach outside the prefix.
         name = digest.cache_name
         return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _index_key(self, digest: Digest) -> str:
+        return self._key(digest) + ".index"  # not a cache name: `list` never shows it
 
     def _s3(self, what: str) -> Any:
         """The shared client, created once (boto3 sessions are not thread-safe; clients are).
