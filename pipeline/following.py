@@ -22,6 +22,7 @@ from typing import TypeVar
 from pipeline.config import Limits
 from pipeline.errors import VerificationError
 from pipeline.follow import FollowedFetch, GrowingFile, StreamAbandoned, partial_path
+from pipeline.indexing import IndexBuild
 from pipeline.layer import NO_PROGRESS, FromBlob, HeldProgress, LayerSpec, Progress, paired
 from pipeline.registry.client import RegistryClient
 from pipeline.stages import (
@@ -129,13 +130,17 @@ def decompress_following(
                              held.release)
     try:
         try:
+            index = IndexBuild(layer)
             with disk.space_guard(), disk.ingest(layer.digest) as ingest:
                 held.stage(layer, "decompressing", layer.size)
-                tar = inflate_verified(layer, follower, ingest.file, held, limits)
-                if not _verified_entry(layer, disk):  # else another process made it
+                tar = inflate_verified(layer, follower, ingest.file, held, limits, index)
+                made = not _verified_entry(layer, disk)  # else another process made it
+                if made:
                     ingest.commit(layer, tar, FromBlob(follower.verdict()))
                     staging.unlink(missing_ok=True)
-                    return tar.size, True
+            if made:
+                index.store(disk)
+                return tar.size, True
         except (StreamAbandoned, VerificationError) as e:
             # Judged on bytes the fetch may have replaced: only the verified blob counts.
             log.info("layer %s: following the fetch did not work out (%s)", layer.digest, e)

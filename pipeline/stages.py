@@ -33,6 +33,7 @@ from pipeline.errors import (
     VerificationError,
 )
 from pipeline.follow import BlobReader, GrowingFile, VerifyingReader, partial_path
+from pipeline.indexing import IndexBuild, publish_index
 from pipeline.layer import (
     NO_PROGRESS,
     FromBlob,
@@ -250,9 +251,11 @@ def decompress_stream(
     blob, which it gives only once it has read the blob's last byte and checked its digest.
     """
     progress.stage(layer, "decompressing", layer.size)
+    index = IndexBuild(layer)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
-        tar = inflate_verified(layer, src, ingest.file, progress, limits)
+        tar = inflate_verified(layer, src, ingest.file, progress, limits, index)
         ingest.commit(layer, tar, FromBlob(src.verdict()))
+    index.store(disk)
     return tar.size
 
 
@@ -262,8 +265,11 @@ def inflate_verified(
     out: BinaryIO,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
+    index: IndexBuild | None = None,
 ) -> Verified:
     """Decompress `src` into `out` within the limits, verifying the diff_id; the proof.
+    `index`, when given, is fed the tar as it is written (the caller stores it once the
+    entry is committed).
 
     `src` is read to its end, past the end of the compressed stream: whatever follows it
     (zero padding, a skippable frame) is part of the blob, and the blob's verdict covers it.
@@ -274,7 +280,7 @@ def inflate_verified(
     verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
     counting = _Counting(src, layer, progress)
     sink_type = HashingWriter if layer.size > SMALL_BLOB else InlineWriter
-    sink, produced = sink_type(out, verifier), 0
+    sink, produced = sink_type(out, verifier, also=(index.feed,) if index else ()), 0
     try:
         try:
             for chunk in iter_decompressed(counting, compression, f"layer {layer.digest}"):
@@ -414,15 +420,18 @@ def restore(
     disk.ensure_room(size, where)
     progress.stage(layer, "restoring", size)
     verifier = Verifier(layer.diff_id, size=size, what=where)
+    index = IndexBuild(layer)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
 
         def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
             verifier.update(chunk)  # raises past `size`, before the chunk is written
             ingest.file.write(chunk)
+            index.feed(chunk)
 
         remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
         tar = verifier.verify()
         ingest.commit(layer, tar, FromRemote(remote.url))
+    index.store(disk)
     return tar.size
 
 
@@ -466,6 +475,7 @@ def publish(
             return False
     progress.stage(layer, "publishing", size)
     try:
+        publish_index(layer, disk, remote)  # first: a visible layer has its index
         remote.upload(
             layer.digest, path, remote_metadata(layer, size), lambda n: progress.advance(layer, n)
         )

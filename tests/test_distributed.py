@@ -150,6 +150,9 @@ def test_fleet_file_to_remote_fetches_each_layer_once(
     stored = tier.objects()
     for lay in layers:
         assert stored.get(cache_name(lay)) == lay.tar, f"{cache_name(lay)} missing or wrong in S3"
+        # Its file index beside it, for any reader of the shared tier (checked against the
+        # tar by assert_everything_intact).
+        assert cache_name(lay) + ".index" in stored, f"no file index of {lay.digest} in S3"
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
     assert_everything_intact(fleet, tier)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.digest import Digest
+from pipeline.fileindex import LayerIndex
 from tests.support.cli import entries, run_layerwarm
 from tests.support.faults import S3Proxy
 from tests.support.images import Image, Layer, random_tar
@@ -43,6 +45,9 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path):
         for p in sorted(root.glob("sha256_*")):
             meta = json.loads((root / ".meta" / f"{p.name}.json").read_text())
             out[p.name] = {"metadata": meta, "body": p.read_bytes()}
+            index = root / ".index" / p.name  # named as S3 names it: `<name>.index`
+            if index.exists():
+                out[p.name + ".index"] = {"metadata": {}, "body": index.read_bytes()}
         return out
 
     return f"file://{root}", {}, files, ""
@@ -73,7 +78,12 @@ def test_registry_fetch_fills_both_tiers_and_remote_refills_disk(
         assert meta["media-type"] == lay.media_type
         assert meta["compressed-size"] == str(lay.size)
         assert meta["uncompressed-size"] == str(len(lay.tar))
-    assert len(stored) == 3
+    # Each layer, and beside it its file index (pipeline/fileindex.py), for that tar.
+    assert len(stored) == 6, sorted(stored)
+    for lay in layers:
+        key = prefix + "sha256_" + lay.digest.removeprefix("sha256:")
+        index = LayerIndex.loads(stored[key + ".index"]["body"], expect=Digest.parse(lay.diff_id))
+        assert index.tar_size == len(lay.tar)
     assert p.stderr.count("layer published to remote") == 3
 
     shutil.rmtree(cache_dir)

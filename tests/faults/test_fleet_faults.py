@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -344,7 +345,8 @@ def test_kill_9_of_the_io_worker_in_publish_loses_nothing(
     refs = push(registry, registry_proxy, [Image([small, lay])])
     # The S3 proxy reads the layer's upload but its last bytes, and forwards nothing to S3
     # before the test releases them: the publish is under way when its worker is killed.
-    hold = s3proxy.hold_upload(cache_name(lay), HELD)
+    # The layer object itself, not its file index (`<name>.index`, put just before it).
+    hold = s3proxy.hold_upload(re.escape(cache_name(lay)) + r"(\?|$)", HELD)
 
     # To the remote tier: the layer is done only once published, so the job shows it.
     job_id = fleet.submit_id(*refs, "--to", "remote")

@@ -581,7 +581,29 @@ class Known:
 
     def check_objects(self, where: str, objects: Mapping[str, bytes]) -> list[str]:
         return [problem for key, data in sorted(objects.items())
-                for problem in self._check(where, key, data, "object")]
+                for problem in (self._check_index(where, key, data) if key.endswith(".index")
+                                else self._check(where, key, data, "object"))]
+
+    def _check_index(self, where: str, key: str, data: bytes) -> list[str]:
+        """A layer's file index beside it: it must describe that layer's tar, every file's
+        digest matching the bytes at its offset (what a reader of the tier relies on)."""
+        import hashlib
+
+        from pipeline.digest import Digest
+        from pipeline.errors import LayerwarmError
+        from pipeline.fileindex import LayerIndex
+
+        tar = self.tars.get(key.removesuffix(".index"))
+        if tar is None:
+            return [f"{where}: an index of an unknown layer: {key}"]
+        try:
+            index = LayerIndex.loads(data, expect=Digest.parse(
+                "sha256:" + hashlib.sha256(tar).hexdigest()))
+        except LayerwarmError as e:
+            return [f"{where}: {key}: {e}"]
+        bad = [e.path for e in index.entries if e.kind == "file"
+               and hashlib.sha256(tar[e.offset:e.offset + e.size]).hexdigest() != e.digest]
+        return [f"{where}: {key}: wrong digests for {bad[:3]}"] if bad else []
 
     def problems(self, fleet: Fleet, tier: S3Tier) -> list[str]:
         """Every cache entry on every node and every object in ``tier`` that is not a whole,

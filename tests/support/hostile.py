@@ -39,10 +39,11 @@ ERROR_LINE = re.compile(r"(?:error|layerwarm): ")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 CACHE_NAME = r"(?:sha256_[0-9a-f]{64}|sha512_[0-9a-f]{128})"
 _NAMES_IN = {
-    ".": re.compile(rf"{CACHE_NAME}|\.staging|\.tmp|\.locks|"
+    ".": re.compile(rf"{CACHE_NAME}|\.staging|\.tmp|\.locks|\.index|"
                     r"\.meta\.db(?:\.corrupt-\d{8}T\d{6}Z(?:-\d+)?)?(?:-wal|-shm|-journal)?"),
     ".staging": re.compile(rf"{CACHE_NAME}(?:\.partial)?"),
     ".tmp": re.compile(rf"{CACHE_NAME}\..+"),
+    ".index": re.compile(CACHE_NAME),  # each entry's file index (pipeline/fileindex.py)
     # content_: per diff_id; meta.db.lock: held while repairing .meta.db
     ".locks": re.compile(rf"(?:content_)?{CACHE_NAME}\.lock|meta\.db\.lock"),
 }
