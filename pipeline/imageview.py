@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import io
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
@@ -46,6 +47,9 @@ from pipeline.fileindex import Entry, LayerIndex
 
 MAX_SYMLINKS = 40  # as Linux's path walk: more than this many links is ELOOP
 ROOT_INO = 1
+
+_TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK,
+              "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
 
 Reader = Callable[[int, int, int], bytes]  # (layer position, offset in its tar, length)
 
@@ -80,6 +84,11 @@ class Node:
     offset: int
     nlink: int
     ino: int
+
+    @property
+    def st_mode(self) -> int:
+        """Type and permission bits, as stat(2) gives them."""
+        return _TYPE_BITS.get(self.kind, 0) | (self.mode & 0o7777)
 
 
 class _Rec:
