@@ -5,6 +5,7 @@ the pipeline modules they call, imported inside each command so that start-up st
     warm.py     warm, plan, verify
     cache.py    ls, inspect, usage, rm, df, metrics
     gc.py       gc, pin, unpin
+    files.py    files, cat, export, mount
     common.py   exit codes, image arguments, settings, times: what they share
 
 Exit codes follow the usual convention: 0 everything warm, 1 something failed (each
@@ -18,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import cache, gc, warm
+from pipeline.cli import cache, files, gc, warm
 from pipeline.cli.common import (  # re-exported: workers/cli.py builds on them
     EXIT_FAILED,
     EXIT_OK,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.register(sub)  # warm, plan, verify
     cache.register(sub)  # ls, inspect, usage, rm, df, metrics
     gc.register(sub)  # gc, pin, unpin
+    files.register(sub)  # files, cat, export, mount
     return parser
 
 

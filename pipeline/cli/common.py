@@ -122,8 +122,12 @@ def image_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     group.add_argument("--all-platforms", action="store_true",
                        help="every platform of multi-platform images")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    if not local:
-        return
+    if local:
+        where_args(p)
+
+
+def where_args(p: argparse.ArgumentParser) -> None:
+    """Where a command that works on this machine finds layers: the tiers, the registry."""
     p.add_argument("--remote", metavar="URL",
                    help="shared tier: s3://bucket/prefix or file:///path (env LAYERWARM_REMOTE)")
     p.add_argument("--cache-dir", metavar="DIR", help="disk tier (env LAYERWARM_CACHE_DIR)")

@@ -1,0 +1,162 @@
+"""files, cat, export, mount: read an image's files straight from the cache.
+
+The image is opened by pipeline/imageopen.py (its layers' indexes from the first tier that
+has them, merged), its contents read range by range through the tiers
+(pipeline/layerread.py), and written out by pipeline/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import stat
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pipeline.cli.common import EXIT_OK, settings_of, when, where_args
+from pipeline.errors import LayerwarmError, UsageError
+from pipeline.table import counted, table
+
+if TYPE_CHECKING:
+    from pipeline.imageopen import OpenedImage
+
+
+
+def _open(args: argparse.Namespace) -> OpenedImage:
+    from pipeline.imageopen import open_image
+    from pipeline.manifest import Platform
+    from pipeline.reference import Reference
+    from pipeline.runner import Environment
+
+    try:
+        ref = Reference.parse(args.image)
+        platform = Platform.parse(args.platform) if args.platform else Platform.host()
+    except LayerwarmError as e:  # a malformed reference or platform: the user's to fix
+        raise UsageError(str(e)) from None
+    return open_image(ref, platform, Environment.from_settings(settings_of(args)))
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    image = _open(args)
+    try:
+        start = image.view.stat(args.path)
+        if start.kind != "dir":
+            nodes = [(start.path, start)]
+        elif args.recursive:
+            below = f"{start.path}/" if start.path else ""
+            nodes = [x for x in image.view.walk() if x[0].startswith(below) and x[0] != ""]
+        else:
+            nodes = [(p, image.view.stat(p))
+                     for p in (_join(start.path, n) for n in image.view.listdir(start.path))]
+    finally:
+        image.close()
+    if args.json:
+        print(json.dumps([_node_json(path, node) for path, node in nodes], indent=2))
+        return EXIT_OK
+    rows = [(stat.filemode(n.st_mode), str(n.nlink),
+             n.uname or str(n.uid), n.gname or str(n.gid), _size(n), when(n.mtime),
+             ("/" + p) + (f" -> {n.link}" if n.kind == "symlink" else ""))
+            for p, n in nodes]
+    for line in table(("MODE", "LINKS", "OWNER", "GROUP", "SIZE", "MODIFIED", "PATH"), rows,
+                      right={1, 4}):
+        print(line)
+    print(counted(len(rows), "entry"))
+    return EXIT_OK
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    image = _open(args)
+    out = sys.stdout.buffer
+    try:
+        for path in args.paths:
+            with image.open(path) as f:  # links followed inside the image
+                shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
+    finally:
+        image.close()
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_dir, export_tar
+
+    if (args.output is None) == (args.dir is None):
+        raise UsageError("export: give -o FILE (or -o - for stdout) or --dir DIR")
+    image = _open(args)
+    try:
+        nodes = image.view.walk()
+        if args.dir is not None:
+            n = export_dir(nodes, image.open, args.dir)
+            print(f"{args.image}: {counted(n, 'path')} written below {args.dir}",
+                  file=sys.stderr)
+        elif args.output == "-":
+            export_tar(nodes, image.open, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        else:
+            with open(args.output, "wb") as out:
+                n = export_tar(nodes, image.open, out)
+            print(f"{args.image}: {counted(n, 'member')} written to {args.output}",
+                  file=sys.stderr)
+    finally:
+        image.close()
+    return EXIT_OK
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from pipeline.mount import check_fuse, mount
+
+    check_fuse()  # before the image is opened: a machine without FUSE is told at once
+    image = _open(args)
+    try:
+        mount(image, args.mountpoint, foreground=args.foreground)
+    finally:
+        image.close()
+    return EXIT_OK
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _size(node: Any) -> str:
+    if node.kind in ("char", "block"):
+        return f"{node.devmajor},{node.devminor}"
+    return str(node.size)
+
+
+def _node_json(path: str, n: Any) -> dict[str, Any]:
+    return {"path": "/" + path, "type": n.kind, "mode": f"{n.mode & 0o7777:04o}",
+            "uid": n.uid, "gid": n.gid, "user": n.uname, "group": n.gname, "size": n.size,
+            "mtime": when(n.mtime), "link": n.link or None, "nlink": n.nlink,
+            "digest": f"sha256:{n.digest}" if n.digest else None,
+            "xattrs": sorted(n.xattrs), "layer": n.layer}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def image_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("image", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
+        p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                       help="platform to pick from multi-platform images (default: this host's)")
+        where_args(p)
+        return p
+
+    files = image_command("files", "list an image's files (its merged layers) from the cache")
+    files.add_argument("path", nargs="?", default="/", metavar="PATH",
+                       help="a directory or file in the image (default /)")
+    files.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+    files.add_argument("--json", action="store_true", help="print the entries as JSON")
+    files.set_defaults(func=cmd_files)
+    cat = image_command("cat", "write files of an image to stdout, read from the cache")
+    cat.add_argument("paths", nargs="+", metavar="PATH", help="a file in the image")
+    cat.set_defaults(func=cmd_cat)
+    export = image_command("export", "write an image's filesystem as one tar, or as a tree")
+    export.add_argument("-o", "--output", metavar="FILE", help="the tar to write ('-': stdout)")
+    export.add_argument("--dir", metavar="DIR", help="write the tree below DIR instead")
+    export.set_defaults(func=cmd_export)
+    mount = image_command("mount", "serve an image's filesystem read-only at MOUNTPOINT (FUSE)")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    mount.add_argument("--foreground", action="store_true",
+                       help="stay in the foreground (unmount: fusermount3 -u, or SIGTERM)")
+    mount.set_defaults(func=cmd_mount)
