@@ -18,8 +18,8 @@ from typing import BinaryIO
 from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.fileindex import LayerIndex
 from pipeline.imageview import ImageView
-from pipeline.indexing import disk_index, remote_index
-from pipeline.layer import LayerSpec
+from pipeline.indexing import disk_index, publish_index, remote_index
+from pipeline.layer import LayerSpec, Source
 from pipeline.layerread import TierReader
 from pipeline.manifest import Platform
 from pipeline.plan import ResolvedImage
@@ -73,25 +73,35 @@ def _merged(manifest_digest: str, indexes: list[LayerIndex]) -> ImageView:
     return _VIEWS[manifest_digest]
 
 
-def _index(layer: LayerSpec, env: Environment, warm: Callable[[LayerSpec], None]
+def _index(layer: LayerSpec, env: Environment, warm: Callable[[LayerSpec], Source | None]
            ) -> LayerIndex:
     if (index := disk_index(layer, env.disk)) is not None:
         return index
+    remote_lacks_it = False
     if env.remote is not None:
         try:
             if (index := remote_index(layer, env.remote)) is not None:
                 return index
+            remote_lacks_it = True
         except LayerwarmError as e:  # unreachable, refused: the registry still has it
             log.warning("layer %s: no index from %s (%s); fetching the layer", layer.digest,
                         env.remote.url, e)
-    warm(layer)
+    source = warm(layer)
     if (index := disk_index(layer, env.disk)) is None:
         raise NoIndex(f"layer {layer.digest}: its tar could not be indexed (see the warning "
                       "above); its files cannot be read from the cache")
+    if remote_lacks_it and source == "remote" and env.remote is not None:
+        # A layer published before indexes existed: restored whole this once, and its index
+        # put beside it, so the next reader anywhere fetches only what it reads.
+        try:
+            publish_index(layer, env.disk, env.remote)
+        except LayerwarmError as e:
+            log.warning("layer %s: could not put its file index in %s: %s", layer.digest,
+                        env.remote.url, e)
     return index
 
 
-def _warm(env: Environment, layer: LayerSpec) -> None:
+def _warm(env: Environment, layer: LayerSpec) -> Source | None:
     """Materialize one layer on disk the way `warm` does (and publish it, as `warm` does);
-    raises what the chain raises."""
-    env.chain().materialize(layer)
+    where it came from. Raises what the chain raises."""
+    return env.chain().materialize(layer).source

@@ -69,7 +69,7 @@ class TierReader:
     """Reads of the image's layers (by their position in `layers`), through the tiers."""
 
     def __init__(self, layers: Sequence[LayerSpec], indexes: Sequence[LayerIndex],
-                 chain: Chain, warm: Callable[[LayerSpec], None],
+                 chain: Chain, warm: Callable[[LayerSpec], object],
                  cache_bytes: int = CACHE_BYTES) -> None:
         self.layers, self.indexes = list(layers), list(indexes)
         self.chain, self._warm = chain, warm

@@ -221,3 +221,18 @@ def test_hostile_names_stay_out_of_the_view_and_the_exported_tree(
     assert os.readlink(tree / "up") == "../../.."  # a name in the tree, never followed
     done = _cat(ref, "/up/etc/passwd", cache_dir=cache_dir)
     assert done.returncode == 1 and done.stdout == b"", done.stdout[:100]
+
+
+def test_a_layer_published_before_indexes_gets_its_index_from_its_first_reader(
+    image: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    _ok("warm", image, "--remote", shared.as_uri(), cache_dir=tmp_path / "warmer")
+    shutil.rmtree(shared / ".index")  # as a layer published by an older layerwarm
+    first = _cat(image, "/bin/tool", "--remote", shared.as_uri(), cache_dir=tmp_path / "one")
+    assert first.returncode == 0 and first.stdout == TOOL, first.stderr
+    assert (tmp_path / "one" / ("sha256_" + LOWER.digest[7:])).exists(), "restored whole, once"
+    assert (shared / ".index" / ("sha256_" + LOWER.digest[7:])).is_file(), "its index put back"
+    second = _cat(image, "/bin/tool", "--remote", shared.as_uri(), cache_dir=tmp_path / "two")
+    assert second.returncode == 0 and second.stdout == TOOL, second.stderr
+    assert not list((tmp_path / "two").glob("sha256_*")), "the next reader reads ranges only"
