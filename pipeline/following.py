@@ -130,8 +130,8 @@ def decompress_following(
                              held.release)
     try:
         try:
-            index = IndexBuild(layer)
             with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+                index = IndexBuild(layer)
                 held.stage(layer, "decompressing", layer.size)
                 tar = inflate_verified(layer, follower, ingest.file, held, limits, index)
                 made = not _verified_entry(layer, disk)  # else another process made it

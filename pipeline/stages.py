@@ -251,8 +251,8 @@ def decompress_stream(
     blob, which it gives only once it has read the blob's last byte and checked its digest.
     """
     progress.stage(layer, "decompressing", layer.size)
-    index = IndexBuild(layer)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+        index = IndexBuild(layer)
         tar = inflate_verified(layer, src, ingest.file, progress, limits, index)
         ingest.commit(layer, tar, FromBlob(src.verdict()))
     index.store(disk)
@@ -420,8 +420,8 @@ def restore(
     disk.ensure_room(size, where)
     progress.stage(layer, "restoring", size)
     verifier = Verifier(layer.diff_id, size=size, what=where)
-    index = IndexBuild(layer)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+        index = IndexBuild(layer)
 
         def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
             verifier.update(chunk)  # raises past `size`, before the chunk is written

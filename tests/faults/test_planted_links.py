@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -343,10 +344,15 @@ def test_temp_files_are_private_until_the_verified_entry_is_named(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         hold.wait(timeout=60)
-        # The decompression was started before the download's first request: its temp
-        # file exists by the time the proxy holds the blob's tail.
-        files = [cache_dir / ".tmp" / n for n in os.listdir(cache_dir / ".tmp")]
-        files += [cache_dir / ".staging" / n for n in os.listdir(cache_dir / ".staging")]
+        # The blob's tail is held, so both stages stay mid-way: the download's partial file
+        # exists, and the decompression following it makes its temp file and then waits.
+        deadline = time.monotonic() + 60
+        while True:
+            files = [cache_dir / ".tmp" / n for n in os.listdir(cache_dir / ".tmp")]
+            files += [cache_dir / ".staging" / n for n in os.listdir(cache_dir / ".staging")]
+            if len(files) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(files) == 2, files
         modes = {p.name: oct(stat.S_IMODE(os.lstat(p).st_mode)) for p in files}
         hold.release()
