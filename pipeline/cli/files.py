@@ -14,7 +14,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli.common import EXIT_OK, settings_of, when, where_args
+from pipeline.cli.common import EXIT_OK, platform_arg, settings_of, when, where_args
 from pipeline.errors import LayerwarmError, UsageError
 from pipeline.table import counted, table
 
@@ -25,16 +25,14 @@ if TYPE_CHECKING:
 
 def _open(args: argparse.Namespace) -> OpenedImage:
     from pipeline.imageopen import open_image
-    from pipeline.manifest import Platform
     from pipeline.reference import Reference
     from pipeline.runner import Environment
 
     try:
         ref = Reference.parse(args.image)
-        platform = Platform.parse(args.platform) if args.platform else Platform.host()
-    except LayerwarmError as e:  # a malformed reference or platform: the user's to fix
+    except LayerwarmError as e:  # a malformed reference: the user's to fix
         raise UsageError(str(e)) from None
-    return open_image(ref, platform, Environment.from_settings(settings_of(args)))
+    return open_image(ref, platform_arg(args), Environment.from_settings(settings_of(args)))
 
 
 def cmd_files(args: argparse.Namespace) -> int:
@@ -140,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                        help="platform to pick from multi-platform images (default: this host's)")
         where_args(p)
+        p.set_defaults(all_platforms=False)  # one image: platform_arg picks this host's
         return p
 
     files = image_command("files", "list an image's files (its merged layers) from the cache")
