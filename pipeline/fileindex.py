@@ -24,7 +24,7 @@ from pipeline.digest import Digest
 from pipeline.errors import PermanentError
 
 FORMAT = "layerwarm-index/1"
-CHUNK_SIZE = 4 << 20  # a large file's content is also digested per chunk of this size
+CHUNK_SIZE = 4 << 20  # a larger file's content is digested per chunk of this size
 MAX_INDEX_BYTES = 256 << 20  # a stored index larger than this (decompressed) is refused
 
 Kind = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo",
@@ -47,8 +47,10 @@ class Entry:
     the path it hides (`a/b` for the tar member `a/.wh.b`); an `opaque` entry's path is the
     directory whose lower contents it hides (`a` for `a/.wh..wh..opq`). `link` is a
     symlink's target as written, or a hardlink's target path, normalised like `path`.
-    `offset` is where a regular file's data starts in the tar; `digest` the sha256 (hex)
-    of its content; `chunks` the sha256 of each CHUNK_SIZE piece of it when it is larger.
+    `offset` is where a regular file's data starts in the tar. A file of at most
+    CHUNK_SIZE has `digest`, the sha256 (hex) of its content; a larger one has `chunks`,
+    the sha256 of each CHUNK_SIZE piece, instead, and an empty `digest` (an index made
+    before that change may hold both).
     """
 
     path: str

@@ -47,15 +47,16 @@ What is refused, and how:
 Entry types: regular (`0`, NUL, `7` contiguous), hardlink `1`, symlink `2`, char `3`, block
 `4`, dir `5`, fifo `6`. As in tarfile and archive/tar, only regular files have data in the
 tar: the size field of the other types is ignored, and their Entry has size 0. A regular
-file's `offset` is its first data byte in the tar, `digest` the sha256 of its content,
-`chunks` the sha256 of each `chunk_size` piece when it is larger than one chunk. Symlink
+file's `offset` is its first data byte in the tar; a file of at most one chunk has
+`digest`, the sha256 of its content, and a larger one `chunks`, the sha256 of each
+`chunk_size` piece, instead (its `digest` is empty). Symlink
 targets are kept as written (the view never follows them outside the image); hardlink
 targets are normalised like paths (a hostile one leaves the entry out).
 
 Speed: file data is hashed with hashlib on memoryview slices of the caller's chunks (no
 copies), a whole run of a file's bytes at a time, never block by block; the per-chunk
-Python work is a few comparisons. A file larger than one chunk is hashed twice (whole and
-per chunk): those two passes run on two threads, joined before feed() returns. No
+Python work is a few comparisons. Each byte of file content is hashed once (the
+stage that feeds the indexer already hashes the whole tar for its diff_id). No
 reference to a fed buffer is kept once feed() returns, so the caller may reuse it. An
 entry costs about 10 µs of Python besides its hashing (a header in one struct unpack,
 the common case of each field first), so millions of entries take seconds, in linear
@@ -67,9 +68,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from urllib.parse import unquote_to_bytes
 from zlib import adler32 as _adler32
@@ -169,20 +168,12 @@ class TarIndexer:
         i = 0
         while i < n:
             state = self._state
-            if state == _DATA:  # the hot path: one or two hash updates per chunk
+            if state == _DATA:  # the hot path: one hash update per chunk
                 take = min(self._left, n - i)
                 piece = mv[i:i + take]
                 if self._chunker is None:
                     self._hash.update(piece)
-                elif take >= _PARALLEL_MIN:
-                    # A large file is hashed twice (whole, and per chunk): the two passes
-                    # run on two threads (hashlib lets go of the GIL), done before feed
-                    # returns, so the caller's buffer is never read after.
-                    job = _pool().submit(self._chunker.feed, piece)
-                    self._hash.update(piece)
-                    job.result()
                 else:
-                    self._hash.update(piece)
                     self._chunker.feed(piece)
                 i += take
                 self._left -= take
@@ -476,8 +467,11 @@ class TarIndexer:
             return size + pad
         self._file = (path, mode, uid, gid, mtime, size, offset + BLOCK, uname, gname,
                       xattrs, aufs)
-        self._hash = hashlib.sha256()
-        self._chunker = _Chunker(self.chunk_size) if size > self.chunk_size else None
+        # A large file is hashed per chunk only: a whole-file digest too would hash each
+        # of its bytes twice, and reads verify chunk by chunk anyway.
+        large = size > self.chunk_size
+        self._chunker = _Chunker(self.chunk_size) if large else None
+        self._hash = None if large else hashlib.sha256()
         self._pad = pad
         if size:
             self._state, self._left = _DATA, size
@@ -489,7 +483,7 @@ class TarIndexer:
         path, mode, uid, gid, mtime, size, offset, uname, gname, xattrs, aufs = self._file
         chunks = self._chunker.digests() if self._chunker is not None else ()
         entry = Entry(path, "file", mode, uid, gid, mtime, size, offset, "", 0, 0, uname,
-                      gname, xattrs, self._hash.hexdigest(), chunks)
+                      gname, xattrs, self._hash.hexdigest() if self._hash else "", chunks)
         self._file = self._hash = self._chunker = None
         if aufs:  # not in the index, but a later hardlink may name it
             self._aufs[path] = entry
@@ -569,26 +563,6 @@ class TarIndexer:
 
     def _bad(self, what: str, offset: int) -> BadTar:
         return BadTar(f"layer {self.diff_id.short}: tar header at offset {offset}: {what}")
-
-
-_PARALLEL_MIN = 256 << 10  # below this, handing a piece to a thread costs more than it saves
-
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The hashing threads, shared by every indexer of the process (a worker decompresses
-    a few layers at once); started only when a large file comes by. One per process id: a
-    pool inherited through fork (Celery's prefork pool) has no threads, and a job handed
-    to it would wait forever."""
-    pid = os.getpid()
-    pool = _pools.get(pid)
-    if pool is None:
-        _pools.clear()
-        pool = _pools[pid] = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                                                thread_name_prefix="tarindex-hash")
-    return pool
 
 
 class _Chunker:

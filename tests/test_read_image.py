@@ -24,6 +24,7 @@ from tests.support.faults import S3Proxy
 from tests.support.images import Image, Layer
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
+from tests.support.tarindex_ref import assert_content
 from tests.support.tars import Dir, File, Hardlink, Symlink, Whiteout, make_tar
 
 TOOL = random.Random(1).randbytes(300_000)
@@ -69,12 +70,7 @@ def test_a_warm_stores_each_layers_index_beside_it(image: str, cache_dir: Path) 
         name = "sha256_" + lay.digest.removeprefix("sha256:")
         index = LayerIndex.loads((cache_dir / ".index" / name).read_bytes(),
                                  expect=Digest.parse(lay.diff_id))
-        tar = (cache_dir / name).read_bytes()
-        assert index.tar_size == len(tar)
-        files = {e.path: e for e in index.entries if e.kind == "file"}
-        for e in files.values():  # every offset holds the file's bytes, every digest is theirs
-            data = tar[e.offset:e.offset + e.size]
-            assert hashlib.sha256(data).hexdigest() == e.digest, e.path
+        assert_content((cache_dir / name).read_bytes(), index)
     lower = LayerIndex.loads((cache_dir / ".index" / ("sha256_" + LOWER.digest[7:])).read_bytes())
     big = next(e for e in lower.entries if e.path == "data/big.bin")
     assert big.chunks == (hashlib.sha256(BIG[:CHUNK_SIZE]).hexdigest(),

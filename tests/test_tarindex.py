@@ -7,11 +7,8 @@ on where the decompress stage happens to cut its chunks.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import os
 import random
-import signal
 import tarfile
 
 import pytest
@@ -26,6 +23,7 @@ from pipeline.tarindex import (
     TarIndexer,
     UnsupportedEntry,
 )
+from tests.support.tarindex_ref import assert_content
 
 CHUNK = 4096  # a small chunk_size keeps the per-chunk digests cheap to test
 SPLITS = [1, 7, 513, 1 << 20, None, -1]  # None: the whole tar in one feed; -1: random
@@ -103,20 +101,6 @@ def assert_matches_tarfile(tar: bytes, index: LayerIndex) -> None:
                   for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}
         assert e.xattrs == xattrs
     assert_content(tar, index)
-
-
-def assert_content(tar: bytes, index: LayerIndex) -> None:
-    assert index.tar_size == len(tar)
-    for e in index.entries:
-        if e.kind != "file":
-            continue
-        data = tar[e.offset:e.offset + e.size]
-        assert len(data) == e.size
-        assert hashlib.sha256(data).hexdigest() == e.digest
-        size = index.chunk_size
-        want = [hashlib.sha256(data[i:i + size]).hexdigest()
-                for i in range(0, len(data), size)] if e.size > size else []
-        assert list(e.chunks) == want
 
 
 def raw_header(name: bytes, kind: bytes, size: int = 0, magic: bytes = b"ustar\x0000",
@@ -417,31 +401,13 @@ def test_many_entries_in_linear_time() -> None:
 
 @pytest.mark.parametrize("split", [1 << 20, 300_000, None])
 def test_large_files_chunk_digests(split: int | None) -> None:
-    """Files of several chunks, fed in pieces large enough to hash on two threads."""
+    """Files of several chunks, cut anywhere: per-chunk digests, none of the whole."""
     data = RANDOM.randbytes(3 << 20)
     tar = build([member("three", data=data), member("two-and-a-bit", data=data[:(2 << 20) + 1]),
                  member("one", data=data[:1 << 20])])
     index = feed(tar, split, chunk_size=1 << 20)[1]
     assert [len(e.chunks) for e in index.entries] == [3, 3, 0]
     assert_content(tar, index)
-
-
-def test_large_file_in_a_forked_child() -> None:
-    """A worker forked after its parent indexed a large file gets hashing threads of its
-    own (an inherited pool has none, and a job handed to it would never run)."""
-    data = RANDOM.randbytes(3 << 20)
-    tar = build([member("three", data=data)])
-    feed(tar, 1 << 20, chunk_size=1 << 20)  # the parent's pool exists now
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports by exit status
-        try:
-            signal.alarm(30)  # a hang ends the child with SIGALRM
-            index = feed(tar, 1 << 20, chunk_size=1 << 20)[1]
-            os._exit(0 if len(index.entries[0].chunks) == 3 else 1)
-        except BaseException:
-            os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_signed_header_checksum_of_old_tars() -> None:

@@ -72,3 +72,21 @@ def index_of_tar(tar_bytes: bytes, diff_id: Digest | str) -> LayerIndex:
                 m.uname, m.gname, xattrs,
                 hashlib.sha256(data).hexdigest() if kind == "file" else ""))
     return LayerIndex(diff_id, len(tar_bytes), tuple(entries))
+
+
+def assert_content(tar: bytes, index: LayerIndex) -> None:
+    """Every file entry's offset holds its bytes, and its digests are theirs."""
+    assert index.tar_size == len(tar)
+    for e in index.entries:
+        if e.kind != "file":
+            continue
+        data = tar[e.offset:e.offset + e.size]
+        assert len(data) == e.size
+        size = index.chunk_size
+        if e.size > size:  # a large file: per-chunk digests instead of one of the whole
+            assert e.digest == ""
+            assert list(e.chunks) == [hashlib.sha256(data[i:i + size]).hexdigest()
+                                      for i in range(0, len(data), size)]
+        else:
+            assert hashlib.sha256(data).hexdigest() == e.digest
+            assert e.chunks == ()
