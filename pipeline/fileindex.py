@@ -38,7 +38,7 @@ class BadIndex(PermanentError):
     layer's. The layer itself is not in question; its index is made again from the tar."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     """One tar entry, as the layer's tar says it (not yet merged with other layers).
 
@@ -120,34 +120,53 @@ def _to_json(index: LayerIndex) -> bytes:
 
 
 def _from_json(raw: bytes) -> LayerIndex:
-    import base64
-
     try:
         lines = raw.decode().splitlines()
         head = json.loads(lines[0])
         if head.get("format") != FORMAT or head.get("fields") != list(FIELDS):
             raise BadIndex(f"file index: format {head.get('format')!r}, want {FORMAT!r}")
         rows = json.loads("[" + ",".join(lines[1:]) + "]")  # one parse: twice as fast
-        entries = tuple(_entry(row, base64.b64decode) for row in rows)
-        return LayerIndex(Digest.parse(head["diff_id"]), int(head["tar_size"]), entries,
-                          int(head["chunk_size"]))
+        return LayerIndex(Digest.parse(head["diff_id"]), int(head["tar_size"]),
+                          _entries(rows), int(head["chunk_size"]))
     except BadIndex:
         raise
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
         raise BadIndex(f"file index: malformed ({type(e).__name__}: {e})") from None
 
 
-def _entry(row: list, b64decode) -> Entry:  # noqa: ANN001 - base64.b64decode
-    if not isinstance(row, list) or len(row) != len(FIELDS):
-        raise ValueError(f"an entry of {len(row) if isinstance(row, list) else '?'} fields")
-    (path, kind, mode, uid, gid, mtime, size, offset, link, devmajor, devminor, uname,
-     gname, xattrs, digest, chunks) = row
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}")
-    return Entry(str(path), kind, int(mode), int(uid), int(gid), float(mtime), int(size),
-                 int(offset), str(link), int(devmajor), int(devminor), str(uname), str(gname),
-                 {str(k): b64decode(v) for k, v in dict(xattrs).items()} if xattrs else {},
-                 str(digest), tuple(str(c) for c in chunks) if chunks else ())
+# The JSON types each field may have, in FIELDS order (mtime may be written as an integer).
+_TYPES: tuple[frozenset[type], ...] = tuple(frozenset(t) for t in (
+    {str}, {str}, {int}, {int}, {int}, {int, float}, {int}, {int}, {str}, {int}, {int},
+    {str}, {str}, {dict}, {str}, {list}))
+
+
+def _entries(rows: list) -> tuple[Entry, ...]:
+    """Entries of parsed rows, every field of the type the Entry says, or ValueError.
+
+    Checked column by column, then built with no conversion: a base image's ten thousand
+    entries load in a few tens of milliseconds (field-by-field conversion took 150)."""
+    import base64
+
+    n = len(FIELDS)
+    if any(type(r) is not list or len(r) != n for r in rows):
+        raise ValueError(f"an entry that is not a list of {n} fields")
+    for i, allowed in enumerate(_TYPES):
+        if bad := {type(r[i]) for r in rows} - allowed:
+            raise ValueError(f"field {FIELDS[i]!r} of type {sorted(t.__name__ for t in bad)}")
+    if bad := {r[1] for r in rows} - set(KINDS):
+        raise ValueError(f"unknown kind {sorted(bad)[0]!r}")
+    out = []
+    for r in rows:
+        if r[13]:  # xattrs: base64 values
+            r[13] = {str(k): base64.b64decode(v, validate=True) for k, v in r[13].items()}
+        if r[15]:  # chunk digests
+            if any(type(c) is not str for c in r[15]):
+                raise ValueError("a chunk digest that is not a string")
+            r[15] = tuple(r[15])
+        else:
+            r[15] = ()
+        out.append(Entry(*r))
+    return tuple(out)
 
 
 def entries_by_path(entries: Iterable[Entry]) -> dict[str, Entry]:

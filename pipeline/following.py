@@ -17,14 +17,13 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.config import Limits
 from pipeline.errors import VerificationError
 from pipeline.follow import FollowedFetch, GrowingFile, StreamAbandoned, partial_path
 from pipeline.indexing import IndexBuild
 from pipeline.layer import NO_PROGRESS, FromBlob, HeldProgress, LayerSpec, Progress, paired
-from pipeline.registry.client import RegistryClient
 from pipeline.stages import (
     DEFAULT_LIMITS,
     check_disk,
@@ -34,6 +33,9 @@ from pipeline.stages import (
     inflate_verified,
 )
 from pipeline.tiers.disk import DiskTier
+
+if TYPE_CHECKING:
+    from pipeline.registry.client import RegistryClient
 
 log = logging.getLogger("layerwarm")
 T = TypeVar("T")

@@ -22,7 +22,7 @@ from pipeline.indexing import disk_index, publish_index, remote_index
 from pipeline.layer import LayerSpec, Source
 from pipeline.layerread import TierReader
 from pipeline.manifest import Platform
-from pipeline.plan import ResolvedImage
+from pipeline.plan import ResolvedImage, recall, remember
 from pipeline.reference import Reference
 from pipeline.runner import Environment
 
@@ -47,18 +47,44 @@ class OpenedImage:
         self.reader.close()
 
 
-def open_image(ref: Reference, platform: Platform | None, env: Environment) -> OpenedImage:
-    """Resolve `ref` to one image and open it (see the module docstring)."""
-    images = env.resolver(keep_configs=True).resolve(ref, platform)
-    if len(images) != 1:
-        raise PermanentError(f"{ref}: {len(images)} platforms match; pick one with --platform")
-    image = images[0]
+PULL_POLICIES = ("missing", "always", "never")
+
+
+class NotResolvedHere(PermanentError):
+    """`--pull never` for an image this cache has never resolved."""
+
+
+def open_image(ref: Reference, platform: Platform | None, env: Environment,
+               pull: str = "missing") -> OpenedImage:
+    """Resolve `ref` to one image and open it (see the module docstring).
+
+    `pull` is when to ask the registry what `ref` is, as container engines have it:
+    "missing" only when this cache has not resolved it before (a warm, or an earlier
+    read, did), "always" every time, "never" not at all."""
+    image = _resolve(ref, platform, env, pull)
     warm = functools.partial(_warm, env)
     indexes = [_index(layer, env, warm) for layer in image.layers]
     view = _merged(str(image.manifest_digest), indexes)
     for problem in view.problems[:5]:
         log.warning("%s: %s", ref, problem)
     return OpenedImage(image, view, TierReader(image.layers, indexes, env.chain(), warm))
+
+
+def _resolve(ref: Reference, platform: Platform | None, env: Environment,
+             pull: str) -> ResolvedImage:
+    if pull not in PULL_POLICIES:
+        raise ValueError(f"pull policy {pull!r}: want one of {', '.join(PULL_POLICIES)}")
+    if pull != "always" and (known := recall(env.disk.meta, ref, platform)) is not None:
+        return known
+    if pull == "never":
+        raise NotResolvedHere(f"{ref}: not in the cache at {env.disk.root} (warm it first, "
+                              "or let the registry be asked: --pull missing)")
+    images = env.resolver(keep_configs=True).resolve(ref, platform)
+    if len(images) != 1:
+        raise PermanentError(f"{ref}: {len(images)} platforms match; pick one with --platform")
+    if env.disk.root.is_dir():
+        remember(env.disk.meta, [(ref, platform, images[0])])
+    return images[0]
 
 
 _VIEWS: dict[str, ImageView] = {}  # per manifest digest: a mount reopens the same image

@@ -54,7 +54,7 @@ _TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK
 Reader = Callable[[int, int, int], bytes]  # (layer position, offset in its tar, length)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Node:
     """One path of the merged image, as `stat` would describe it.
 

@@ -88,6 +88,14 @@ CREATE TABLE IF NOT EXISTS pins (
     until REAL NOT NULL,
     PRIMARY KEY (layer_digest, ref)
 );
+CREATE TABLE IF NOT EXISTS resolved (
+    ref TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    image TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (ref, platform)
+);
 CREATE INDEX IF NOT EXISTS layers_diff_id ON layers (diff_id);
 """
 
@@ -338,6 +346,32 @@ class Metadata:
                     )
 
         self._query(run, None, create=True)
+
+    def record_resolved(self, rows: Sequence[tuple[str, str, Digest, str]]) -> None:
+        """What (ref, platform) resolved to last: its manifest digest and the image (JSON,
+        pipeline/imageopen.py's), so that it can be read again without a registry."""
+        now = time.time()
+
+        def run(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany("INSERT OR REPLACE INTO resolved VALUES (?, ?, ?, ?, ?)",
+                               [(ref, platform, str(m), image, now)
+                                for ref, platform, m, image in rows])
+
+        try:
+            self._query(run, None, create=True)
+        except sqlite3.Error as e:  # the next reader asks the registry again
+            log.warning("metadata update in %s failed: %s", self.path, e)
+
+    def resolved(self, ref: str, platform: str) -> tuple[Digest, str] | None:
+        """What `record_resolved` kept for (ref, platform), or None."""
+        try:
+            rows = self._rows("SELECT manifest_digest, image FROM resolved "
+                              "WHERE ref=? AND platform=?", (ref, platform))
+        except sqlite3.Error as e:  # a table an older version did not make: not known
+            log.debug("resolved read in %s failed: %s", self.path, e)
+            return None
+        return (Digest.parse(rows[0][0]), rows[0][1]) if rows else None
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Every row of a read; none when there is no database (reads never create it)."""

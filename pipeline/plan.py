@@ -6,12 +6,13 @@ a fleet of many tags over few images costs one request per unique document.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from pipeline.config import MAX_INDEX_CHILDREN, Settings
 from pipeline.digest import Digest
@@ -27,8 +28,10 @@ from pipeline.manifest import (
     parse_manifest,
 )
 from pipeline.reference import Reference
-from pipeline.registry.client import RegistryClient
 from pipeline.table import counted
+
+if TYPE_CHECKING:  # annotations only: reading an image from the cache needs no HTTP client
+    from pipeline.registry.client import RegistryClient
 
 log = logging.getLogger("layerwarm")
 
@@ -94,6 +97,49 @@ class Plan:
                         known.digest, known.diff_id, known.media_type, known.size, merged
                     )
         return list(seen.values())
+
+
+class ResolvedStore(Protocol):
+    """What each (ref, platform) resolved to last (the disk tier's `.meta.db`)."""
+
+    def resolved(self, ref: str, platform: str) -> tuple[Digest, str] | None: ...
+    def record_resolved(self, rows: Sequence[tuple[str, str, Digest, str]]) -> None: ...
+
+
+def _key(ref: Reference, platform: Platform | None) -> tuple[str, str]:
+    # The request, not the answer: no platform asked means this host's.
+    return str(ref), str(platform or Platform.host())
+
+
+def remember(store: ResolvedStore,
+             images: Sequence[tuple[Reference, Platform | None, ResolvedImage]]) -> None:
+    """Keep what each (ref, platform asked) resolved to, for `recall`."""
+    store.record_resolved([
+        (*_key(ref, platform), image.manifest_digest, json.dumps({
+            "platform": str(image.platform) if image.platform else None,
+            "layers": [[str(x.digest), str(x.diff_id), x.media_type, x.size]
+                       for x in image.layers]}))
+        for ref, platform, image in images])
+
+
+def recall(store: ResolvedStore, ref: Reference, platform: Platform | None
+           ) -> ResolvedImage | None:
+    """The image `ref` resolved to when last resolved for `platform` here (the way a
+    container engine's image store answers for a pulled tag), or None."""
+    known = store.resolved(*_key(ref, platform))
+    if known is None:
+        return None
+    manifest_digest, doc = known
+    try:
+        data = json.loads(doc)
+        layers = tuple(LayerSpec(Digest.parse(d), Digest.parse(diff_id), str(media_type),
+                                 int(size), (ref,))
+                       for d, diff_id, media_type, size in data["layers"])
+        found = Platform.parse(data["platform"]) if data["platform"] else None
+    except (ValueError, KeyError, TypeError, LayerwarmError) as e:  # resolve it again
+        log.debug("%s: the record of its last resolution is unusable: %s", ref, e)
+        return None
+    return ResolvedImage(ref, manifest_digest, found, layers)
 
 
 class ConfigStore(Protocol):

@@ -7,9 +7,11 @@ release the GIL). Each unique layer is materialized once however many refs share
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,15 +29,14 @@ from pipeline.errors import (
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
-from pipeline.plan import Plan, Resolver, resolve_all
+from pipeline.plan import Plan, Resolver, remember, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
-from pipeline.registry.auth import CredentialSources
-from pipeline.registry.client import RegistryClient
 from pipeline.stages import DEFAULT_LIMITS
 from pipeline.tiers.disk import DiskTier
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+    from pipeline.registry.client import RegistryClient
     from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")
@@ -58,14 +59,19 @@ class WarmReport:
 
 @dataclass
 class Environment:
-    """The collaborators a run needs, built once from Settings."""
+    """The collaborators a run needs, built once from Settings. The registry client is
+    made on first use: reading an image the cache holds never loads the HTTP stack."""
 
-    client: RegistryClient
+    make_client: Callable[[], RegistryClient]
     disk: DiskTier
     remote: RemoteTier | None
     max_index_children: int = MAX_INDEX_CHILDREN
     max_stored_config: int = Settings.max_stored_config
     limits: Limits = DEFAULT_LIMITS  # what a layer may expand to, from any source
+
+    @functools.cached_property
+    def client(self) -> RegistryClient:
+        return self.make_client()
 
     @classmethod
     def from_settings(
@@ -76,12 +82,18 @@ class Environment:
         `read_only`: the disk tier's `.meta.db` is only read (never repaired or written)."""
         if rate_limiter is None and settings.registry_rate:
             rate_limiter = LocalRateLimiter(settings.registry_rate)
-        client = RegistryClient(
-            insecure_registries=settings.insecure_registries,
-            retry=settings.retry,
-            docker_config=CredentialSources.load(authfile=settings.authfile),
-            rate_limiter=rate_limiter,
-        )
+
+        def client() -> RegistryClient:
+            from pipeline.registry.auth import CredentialSources
+            from pipeline.registry.client import RegistryClient
+
+            return RegistryClient(
+                insecure_registries=settings.insecure_registries,
+                retry=settings.retry,
+                docker_config=CredentialSources.load(authfile=settings.authfile),
+                rate_limiter=rate_limiter,
+            )
+
         remote = None
         if settings.remote_url:
             from pipeline.tiers.remote import open_remote
@@ -158,7 +170,7 @@ def warm(
         if r.ok and r.source == "registry":
             env.disk.meta.set_publish_pending(r.layer.digest, True)
     env.disk.meta.touch(*(r.layer.digest for r in results if r.source == "disk"))
-    _record_images(plan, env.disk)
+    _record_images(plan, env.disk, platform)
     _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)
 
@@ -194,8 +206,9 @@ def _auto_gc(plan: Plan, disk: DiskTier, settings: Settings) -> None:
         log.warning("automatic gc of %s failed: %s", disk.root, describe_error(e))
 
 
-def _record_images(plan: Plan, disk: DiskTier) -> None:
-    """Which image uses which layer, for `usage` and gc; a failure here fails no warm."""
+def _record_images(plan: Plan, disk: DiskTier, platform: Platform | None) -> None:
+    """Which image uses which layer, for `usage` and gc, and what each ref resolved to,
+    for reading it later without a registry; a failure here fails no warm."""
     if not disk.root.is_dir():
         return
     try:
@@ -204,6 +217,10 @@ def _record_images(plan: Plan, disk: DiskTier) -> None:
              [y.digest for y in x.layers])
             for x in plan.images
         ])
+        per_ref = Counter(str(x.ref) for x in plan.images)
+        # A ref warmed for every platform it has answers no one-platform question.
+        remember(disk.meta, [(x.ref, platform, x) for x in plan.images
+                             if per_ref[str(x.ref)] == 1])
     except sqlite3.Error as e:
         log.warning("could not record images in %s: %s", disk.meta.path, e)
 

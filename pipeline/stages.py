@@ -46,11 +46,12 @@ from pipeline.layer import (
 )
 from pipeline.nofollow import drop_stray, open_file, regular
 from pipeline.reference import Reference
-from pipeline.registry.client import RegistryClient
 from pipeline.sinks import HashingWriter, InlineWriter
 from pipeline.tiers.disk import DiskTier
 
-if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it
+if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it,
+    # and reading an image from the cache needs no HTTP client
+    from pipeline.registry.client import RegistryClient
     from pipeline.tiers.remote import RemoteTier
 
 log = logging.getLogger("layerwarm")

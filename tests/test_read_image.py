@@ -232,3 +232,39 @@ def test_a_layer_published_before_indexes_gets_its_index_from_its_first_reader(
     second = _cat(image, "/bin/tool", "--remote", shared.as_uri(), cache_dir=tmp_path / "two")
     assert second.returncode == 0 and second.stdout == TOOL, second.stderr
     assert not list((tmp_path / "two").glob("sha256_*")), "the next reader reads ranges only"
+
+
+def test_an_image_the_cache_resolved_is_read_without_its_registry(
+    registry: RegistryServer, cache_dir: Path
+) -> None:
+    """As a container engine's image store: once warmed (or read), a tag is what it was
+    then, whether or not its registry answers; `--pull always` asks it again, and
+    `--pull never` reads only what the cache already resolved."""
+    from tests.support.proxy import Proxy
+
+    repo = f"read/{uuid.uuid4().hex[:10]}"
+    registry.push_image(repo, "1", Image([LOWER, UPPER]))
+    with Proxy(registry.url) as proxy:
+        ref = f"{proxy.host}/{repo}:1"
+        never = run_layerwarm("files", ref, "--pull", "never", cache_dir=cache_dir)
+        assert never.returncode != 0 and "Traceback" not in never.stderr
+        assert never.stderr.strip().count("\n") == 0, never.stderr
+        assert "not in the cache" in never.stderr and "--pull missing" in never.stderr
+        _ok("warm", ref, cache_dir=cache_dir)
+        proxy.reset()
+        assert _cat(ref, "/etc/os-release", cache_dir=cache_dir).stdout == NEW_RELEASE
+        assert proxy.requests_log == [], "the registry was asked again"
+
+        # The tag moves on the registry: the cache reads what it resolved, until asked.
+        registry.push_image(repo, "1", Image([LOWER]))
+        assert _cat(ref, "/etc/os-release", cache_dir=cache_dir).stdout == NEW_RELEASE
+        pulled = run_layerwarm("cat", ref, "/etc/os-release", "--pull", "always",
+                               cache_dir=cache_dir)
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout == OLD_RELEASE.decode()
+        assert _cat(ref, "/etc/os-release", cache_dir=cache_dir).stdout == OLD_RELEASE
+    # The registry is gone now: what the cache resolved is still read, files and all.
+    assert _cat(ref, "/bin/tool", cache_dir=cache_dir).stdout == TOOL
+    gone = run_layerwarm("files", ref, "--pull", "always", cache_dir=cache_dir)
+    assert gone.returncode != 0 and "Traceback" not in gone.stderr, gone.stderr
+    assert proxy.host in gone.stderr, gone.stderr

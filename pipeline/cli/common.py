@@ -7,8 +7,10 @@ what all of them need; a command imports its heavy modules inside its function.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,9 +103,12 @@ def long_lived() -> Iterator[None]:
 
 def when(t: float | None) -> str:
     """A Unix time as UTC ISO 8601 to the second, "-" for none."""
-    from datetime import UTC, datetime
+    return "-" if t is None else _second(int(t // 1))
 
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+@functools.lru_cache(maxsize=4096)  # an image's files share few mtimes: `files -R` reuses them
+def _second(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # --authfile of the commands that talk to registries (warm, plan, pin, worker).

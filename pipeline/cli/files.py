@@ -32,7 +32,8 @@ def _open(args: argparse.Namespace) -> OpenedImage:
         ref = Reference.parse(args.image)
     except LayerwarmError as e:  # a malformed reference: the user's to fix
         raise UsageError(str(e)) from None
-    return open_image(ref, platform_arg(args), Environment.from_settings(settings_of(args)))
+    return open_image(ref, platform_arg(args), Environment.from_settings(settings_of(args)),
+                      args.pull)
 
 
 def cmd_files(args: argparse.Namespace) -> int:
@@ -137,6 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("image", metavar="IMAGE", help="image reference, e.g. alpine:3.19")
         p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                        help="platform to pick from multi-platform images (default: this host's)")
+        p.add_argument("--pull", choices=("missing", "always", "never"), default="missing",
+                       help="when to ask the registry what IMAGE is: missing (only if this "
+                            "cache has not resolved it before, e.g. by warm), always, never")
         where_args(p)
         p.set_defaults(all_platforms=False)  # one image: platform_arg picks this host's
         return p
