@@ -150,5 +150,26 @@ def unmount(proc: subprocess.Popen[bytes], mp: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
 
 
+def read_seconds(path: Path, buf: int = MiB) -> float:
+    """Seconds to read ``path`` to its end with ``buf``-byte reads, in this process."""
+    b = bytearray(buf)
+    with open(path, "rb", buffering=0) as f:
+        started = time.perf_counter()
+        while f.readinto(b):
+            pass
+        return time.perf_counter() - started
+
+
+def import_seconds(importtime_stderr: str) -> float:
+    """Total of the top-level cumulative times `python3 -X importtime` printed."""
+    total = 0
+    for line in importtime_stderr.splitlines():
+        parts = line.split("|")
+        if line.startswith("import time:") and len(parts) == 3 and parts[1].strip().isdigit():
+            if not parts[2].startswith("  "):  # top level: its children are in its sum
+                total += int(parts[1])
+    return total / 1e6
+
+
 def mib_s(nbytes: int, seconds: float) -> str:
     return f"{nbytes / MiB / seconds:.0f} MiB/s"
