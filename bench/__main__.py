@@ -27,7 +27,7 @@ def parse_only(text: str) -> list[int]:
         ) from None
     bad = [n for n in nums if n not in ORDER]
     if bad:
-        raise argparse.ArgumentTypeError(f"no scenario {bad[0]} (1-10)")
+        raise argparse.ArgumentTypeError(f"no scenario {bad[0]} (1-{max(ORDER)})")
     return nums
 
 

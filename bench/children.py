@@ -6,6 +6,13 @@
         already holds the blob: inflate, verify the diff_id, write, fsync, rename); prints
         {"seconds", "size"} as JSON, timing only the call (not interpreter start-up).
 
+    decompress-noindex ROOT DIGEST DIFF_ID MEDIA_TYPE SIZE
+        the same stage without the file index (scenario 11's baseline): what
+        ``decompress`` + ``decompress_stream`` do, step for step (open the staged blob,
+        hash it as it is read, ``disk.space_guard`` + ``disk.ingest`` +
+        ``inflate_verified(index=None)`` + ``ingest.commit`` with the blob's verdict, unlink
+        the staged blob), minus ``IndexBuild`` and its ``store``; prints {"seconds", "size"}.
+
     inflate BLOB DIGEST DIFF_ID MEDIA_TYPE SIZE
         the same stage's inflate + diff_id verification (``pipeline.stages.inflate_verified``,
         the function ``decompress`` runs) with the output going to /dev/null, as the
@@ -54,6 +61,30 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return _timed(lambda: decompress(spec, disk, disk.staging_path(spec.digest)))
 
 
+def cmd_decompress_noindex(args: argparse.Namespace) -> int:
+    from pipeline.follow import VerifyingReader
+    from pipeline.layer import FromBlob
+    from pipeline.nofollow import open_file
+    from pipeline.stages import inflate_verified
+    from pipeline.tiers.disk import DiskTier
+
+    spec = _spec(args)
+    disk = DiskTier(Path(args.root))
+    staging = disk.staging_path(spec.digest)
+
+    def stage() -> int:
+        fd = open_file(staging, what="staged layer blob")
+        with open(fd, "rb") as f:
+            src = VerifyingReader(f, spec.digest, spec.size)
+            with disk.space_guard(), disk.ingest(spec.digest) as ingest:
+                tar = inflate_verified(spec, src, ingest.file)  # index=None
+                ingest.commit(spec, tar, FromBlob(src.verdict()))
+        staging.unlink(missing_ok=True)
+        return tar.size
+
+    return _timed(stage)
+
+
 def cmd_inflate(args: argparse.Namespace) -> int:
     from pipeline.stages import inflate_verified
 
@@ -90,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("media_type")
     d.add_argument("size", type=int)
     d.set_defaults(func=cmd_decompress)
+    n = sub.add_parser("decompress-noindex")
+    for name in ("root", "digest", "diff_id", "media_type"):
+        n.add_argument(name)
+    n.add_argument("size", type=int)
+    n.set_defaults(func=cmd_decompress_noindex)
     i = sub.add_parser("inflate")
     for name in ("blob", "digest", "diff_id", "media_type"):
         i.add_argument(name)

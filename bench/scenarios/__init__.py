@@ -1,4 +1,5 @@
-"""The ten scenarios of issue 5, each measuring layerwarm and its peer side by side.
+"""The scenarios of issues 5 (1-10) and 14 (11-15), each measuring layerwarm and its peer
+side by side.
 
 One module per family, each a mixin over ``base.BenchBase`` (the shared setup and the
 measuring helpers):
@@ -6,6 +7,7 @@ measuring helpers):
     fleet.py        4, 5, 6      the image fleet: cold warm, bytes fetched, warm again
     remote.py       7            restore the fleet from the S3 tier
     distributed.py  8, 10        through Celery on two worker hosts
+    reading.py      11-15        reading images: index cost, cat / files / mount / chroot
 """
 
 from __future__ import annotations
@@ -18,19 +20,22 @@ from bench.scenarios.base import REPO_ROOT, Row
 from bench.scenarios.big_image import BigImageScenarios
 from bench.scenarios.distributed import DistributedScenarios
 from bench.scenarios.fleet import FleetScenarios
+from bench.scenarios.reading import ReadingScenarios
 from bench.scenarios.remote import RemoteScenarios
 from bench.workload import _log
 
 __all__ = ["ORDER", "REPO_ROOT", "SCENARIOS", "TITLES", "Bench", "Row", "run_all"]
 
 
-class Bench(BigImageScenarios, FleetScenarios, RemoteScenarios, DistributedScenarios):
+class Bench(BigImageScenarios, FleetScenarios, RemoteScenarios, DistributedScenarios,
+            ReadingScenarios):
     """Every scenario, on one shared state (what one scenario leaves, another may reuse)."""
 
 
 SCENARIOS: dict[int, str] = {
     1: "s1", 2: "s2", 3: "s3_decompress", 4: "s4", 5: "s5", 6: "s6", 7: "s7", 8: "s8",
-    9: "s9", 10: "s10",
+    9: "s9", 10: "s10", 11: "s11_index_cost", 12: "s12_cat", 13: "s13_files",
+    14: "s14_mount_read", 15: "s15_chroot",
 }  # fmt: skip
 TITLES = {
     1: "cold `warm` of the big gzip image", 2: "cold `warm` of the big zstd image",
@@ -38,8 +43,14 @@ TITLES = {
     5: "bytes fetched / bytes of unique layers", 6: "warm again, everything on disk",
     7: "restore the fleet from the S3 tier", 8: "the fleet through Celery",
     9: "peak RSS of `warm` on the big image", 10: "tiny layers through Celery",
+    11: "index cost: decompress stage with / without the file index",
+    12: "`cat` of a ≤ 64 KiB file, layers only in S3",
+    13: "`files -R` of the base image, index on disk",
+    14: "sequential read of a 100 MiB file through the mount",
+    15: "chroot start from a mount, layers only in S3",
 }  # fmt: skip
-ORDER = (1, 2, 9, 3, 4, 6, 5, 7, 8, 10)  # 9 reuses the RSS of 1 and 2; 6 the cache of 4
+# 9 reuses the RSS of 1 and 2; 6 the cache of 4
+ORDER = (1, 2, 9, 3, 4, 6, 5, 7, 8, 10, 11, 12, 13, 14, 15)
 
 
 def run_all(bench: Bench, only: Sequence[int]) -> list[Row]:
