@@ -8,9 +8,11 @@ the proxy, not assumed).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
+import tarfile
 import time
 import uuid
 from collections import Counter
@@ -120,7 +122,7 @@ def fleet(
 
 def test_fleet_file_to_remote_fetches_each_layer_once(
     fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier,
-    tmp_path: Path,
+    tmp_path: Path, s3: S3Server,
 ) -> None:
     images, layers = image_fleet(1000, 10)
     refs = push(registry, registry_proxy, images)
@@ -155,6 +157,23 @@ def test_fleet_file_to_remote_fetches_each_layer_once(
         assert cache_name(lay) + ".index" in stored, f"no file index of {lay.digest} in S3"
         assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1, lay.digest
     assert_everything_intact(fleet, tier)
+
+    # Another host reads an image straight from the shared tier through the indexes the
+    # workers published: every file as its layer holds it, and no layer fetched whole.
+    reader, rootfs = tmp_path / "reader", tmp_path / "rootfs"
+    done = run_layerwarm("export", refs[0], "--dir", str(rootfs), cache_dir=reader,
+                         env={**s3.env(), "LAYERWARM_REMOTE": tier.url})
+    assert done.returncode == 0, done.stderr
+    files = 0
+    for lay in images[0].layers:
+        with tarfile.open(fileobj=io.BytesIO(lay.tar)) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    files += 1
+                    data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                    assert (rootfs / m.name).read_bytes() == data, m.name
+    assert files >= len(images[0].layers)
+    assert not list(reader.glob("sha256_*")), "a layer was restored whole"
 
     # The job is still there to ask about afterwards, with the same result.
     again = fleet.status(status["id"])
