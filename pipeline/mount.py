@@ -42,6 +42,9 @@ def _binding() -> Any:
     return mfusepy
 
 
+CACHE_SECONDS = 24 * 3600.0  # how long the kernel may trust a lookup or an attribute
+
+
 def _dirent(n: Any) -> dict[str, int]:
     return {"st_mode": n.st_mode, "st_ino": n.ino}
 
@@ -75,6 +78,15 @@ def _operations(fuse: Any, image: OpenedImage) -> Any:
 
     class ViewOperations(fuse.Operations):
         use_ns = True
+
+        def init_with_config(self, conn: Any, config: Any) -> None:
+            # An image never changes under its mount: the kernel may keep file pages
+            # between opens (a second read of a file is the page cache's, not Python's)
+            # and keep names and attributes for as long as the mount lives.
+            if config is not None:
+                config.kernel_cache = 1
+                config.entry_timeout = config.attr_timeout = CACHE_SECONDS
+                config.negative_timeout = CACHE_SECONDS
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             n = node(path)
