@@ -1,5 +1,6 @@
-"""A layer's file index over its life: built as its tar streams by, kept beside the entry,
-published with it, and made on first use for an entry cached before indexes existed.
+"""A layer's file index over its life: built as its tar streams by (headers only), kept
+beside the entry, given its files' content digests and published with it, and made on
+first use for an entry cached before indexes existed.
 
 The index is derived data: it describes a tar whose bytes are verified, and it names the
 diff_id it describes (pipeline/fileindex.py). A tar the indexer cannot read (a format it
@@ -11,6 +12,7 @@ says why; reading its files then fails with that reason.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from pipeline.errors import LayerwarmError
@@ -32,7 +34,8 @@ class IndexBuild:
         from pipeline.tarindex import TarIndexer  # the parser: only when a tar streams
 
         self.layer = layer
-        self._indexer: TarIndexer | None = TarIndexer(layer.diff_id)
+        # Headers only: the content digests are added when the index is published.
+        self._indexer: TarIndexer | None = TarIndexer(layer.diff_id, digests=False)
         self.failure: str | None = None
 
     def feed(self, chunk: bytes | memoryview) -> None:
@@ -99,21 +102,58 @@ def disk_index(layer: LayerSpec, disk: DiskTier) -> LayerIndex | None:
 
 
 def publish_index(layer: LayerSpec, disk: DiskTier, remote: RemoteTier) -> bool:
-    """Put the entry's index in the remote tier (before the entry itself: a visible layer
-    has its index); False when the entry has none (its tar could not be indexed)."""
-    data = disk.load_index(layer.digest, MAX_INDEX_BYTES)
-    try:  # the stored bytes as they are, once they are known to be this layer's index
-        if data is None or LayerIndex.loads(data, expect=layer.diff_id) is None:
-            data = None
-    except BadIndex:
-        data = None
-    if data is None:
-        index = disk_index(layer, disk)
-        if index is None:
-            return False
-        data = index.dumps()
-    remote.put_index(layer.digest, data)
+    """Put the entry's index, with its content digests, in the remote tier (before the
+    entry itself: a visible layer has its index); False when the entry has none (its tar
+    could not be indexed, or is gone)."""
+    index = disk_index(layer, disk)
+    if index is not None and not index.digests:
+        index = with_digests(layer, disk, index)
+    if index is None:
+        return False
+    remote.put_index(layer.digest, index.dumps())
     return True
+
+
+def with_digests(layer: LayerSpec, disk: DiskTier, index: LayerIndex) -> LayerIndex | None:
+    """`index` with each file's content digests (whole up to a chunk, else per chunk),
+    hashed from the entry's tar, and stored so; None when the entry is gone or shorter
+    than its index says. The publish that calls it reads the entry next: its pages are
+    the ones this pass brings in."""
+    import hashlib
+    from dataclasses import replace
+
+    from pipeline.nofollow import open_file
+
+    try:
+        fd = open_file(disk.path(layer.digest), what="cache entry")
+    except FileNotFoundError:
+        return None
+    size, entries = index.chunk_size, []
+    try:
+        for e in index.entries:
+            if e.kind == "file":
+                sums = []
+                for at in range(0, max(e.size, 1), size):  # an empty file: one empty piece
+                    want = min(size, e.size - at)
+                    piece = os.pread(fd, want, e.offset + at)
+                    if len(piece) != want:
+                        log.warning("layer %s: %s is shorter in %s than its index says; "
+                                    "the index is not published", layer.digest, e.path,
+                                    disk.root)
+                        return None
+                    sums.append(hashlib.sha256(piece).hexdigest())
+                e = replace(e, digest=sums[0], chunks=()) if e.size <= size else \
+                    replace(e, digest="", chunks=tuple(sums))
+            entries.append(e)
+    finally:
+        os.close(fd)
+    index = replace(index, entries=tuple(entries), digests=True)
+    try:
+        disk.store_index(layer.digest, index.dumps())
+    except (OSError, LayerwarmError) as e:
+        log.warning("layer %s: could not store its file index in %s: %s", layer.digest,
+                    disk.root, e)
+    return index
 
 
 def remote_index(layer: LayerSpec, remote: RemoteTier) -> LayerIndex | None:
@@ -123,7 +163,10 @@ def remote_index(layer: LayerSpec, remote: RemoteTier) -> LayerIndex | None:
     if data is None:
         return None
     try:
-        return LayerIndex.loads(data, expect=layer.diff_id)
+        index = LayerIndex.loads(data, expect=layer.diff_id)
+        if not index.digests:
+            raise BadIndex("it holds no content digests to check reads against")
+        return index
     except BadIndex as e:
         log.warning("layer %s: the file index in %s is unusable: %s", layer.digest,
                     remote.url, e)

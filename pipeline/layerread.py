@@ -121,6 +121,11 @@ class TierReader:
     # -- the remote tier: verified pieces ------------------------------------------------
 
     def _remote(self, pos: int, source: LayerSource, offset: int, length: int) -> bytes:
+        if not self.indexes[pos].digests:  # the disk's index: the layer left the disk since
+            raise VerificationError(
+                f"layer {self.layers[pos].digest}: left the disk tier while the image was "
+                "open, and its index there has no content digests to check a read from the "
+                "remote tier against; open the image again")
         out = bytearray()
         end = offset + length
         while offset < end:

@@ -13,7 +13,7 @@ import functools
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pipeline.digest import Verifier
@@ -81,14 +81,11 @@ class _Stage:
 class HashingWriter:
     """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread."""
 
-    def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16,
-                 also: Sequence[Callable[[bytes], None]] = ()) -> None:
-        """`also`: more consumers of every chunk (the file index), each on its own thread."""
+    def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
         self._out, self._unsynced, self._offset = out, 0, out.tell()
         self._stages = [
             _Stage("layerwarm-hash", verifier.update, depth),
             _Stage("layerwarm-write", self._write, depth),
-            *(_Stage("layerwarm-also", fn, depth) for fn in also),
         ]
 
     def _write(self, chunk: bytes) -> None:
@@ -123,15 +120,12 @@ class InlineWriter:
     """`HashingWriter`'s interface without its threads, for small layers: starting and
     joining two threads cost more than hashing and writing a few hundred KiB here."""
 
-    def __init__(self, out: BinaryIO, verifier: Verifier,
-                 also: Sequence[Callable[[bytes], None]] = ()) -> None:
-        self._out, self._verifier, self._also = out, verifier, also
+    def __init__(self, out: BinaryIO, verifier: Verifier) -> None:
+        self._out, self._verifier = out, verifier
 
     def put(self, chunk: bytes) -> None:
         self._verifier.update(chunk)
         self._out.write(chunk)
-        for fn in self._also:
-            fn(chunk)
 
     def close(self) -> None:
         pass

@@ -111,11 +111,15 @@ class UnsupportedEntry(BadTar):
 class TarIndexer:
     """Streaming tar parser building a LayerIndex; see the module docstring."""
 
-    def __init__(self, diff_id: Digest, *, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, diff_id: Digest, *, chunk_size: int = CHUNK_SIZE,
+                 digests: bool = True) -> None:
+        """`digests=False`: headers only, no file content hashed (entries get no digest
+        or chunks; pipeline/indexing.py adds them when the index is published)."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         self.diff_id = diff_id
         self.chunk_size = chunk_size
+        self.digests = digests
         self.refused: list[str] = []
         self.refused_count = 0
         self._entries: list[Entry] = []
@@ -220,7 +224,8 @@ class TarIndexer:
                                      f"it ends {where} (after {self._pos} bytes)")
                 raise self._error
             self._finished = True
-        return LayerIndex(self.diff_id, self._pos, tuple(self._entries), self.chunk_size)
+        return LayerIndex(self.diff_id, self._pos, tuple(self._entries), self.chunk_size,
+                          self.digests)
 
     def _unfinished(self) -> str:
         """Where the stream stopped, if that is not a place a tar may end; else ""."""
@@ -458,6 +463,16 @@ class TarIndexer:
             self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
             return 0
         pad = -size % BLOCK
+        if not self.digests:  # headers only: the data is passed over, not hashed
+            self._file = (path, mode, uid, gid, mtime, size, offset + BLOCK, uname, gname,
+                          xattrs, aufs)
+            self._hash = self._chunker = None
+            self._pad = 0
+            self._end_file()
+            if size + pad <= len(mv) - at:
+                return size + pad
+            self._skip(size, pad)
+            return 0
         if size <= self.chunk_size and size + pad <= len(mv) - at and not aufs:
             # The whole of a small file is in this chunk (the usual case): its Entry now,
             # without going through the states, which cost more than hashing 4 KiB.
