@@ -26,7 +26,6 @@ linear in the number of entries; every removal visits each entry at most once.
 
 from __future__ import annotations
 
-import gc
 import io
 import stat
 from collections import Counter
@@ -43,7 +42,7 @@ from pipeline.errors import (
     SizeMismatch,
     SymlinkLoopInImage,
 )
-from pipeline.fileindex import Entry, LayerIndex
+from pipeline.fileindex import Entry, LayerIndex, without_cyclic_gc
 
 MAX_SYMLINKS = 40  # as Linux's path walk: more than this many links is ELOOP
 ROOT_INO = 1
@@ -156,17 +155,12 @@ class ImageView:
     @classmethod
     def from_layers(cls, indexes: Sequence[LayerIndex]) -> ImageView:
         """Merge `indexes` (bottom layer first) with the OCI layer rules."""
-        collecting = gc.isenabled()
-        gc.disable()  # a million new objects, no cycles among them: the cyclic GC only slows
-        try:
+        with without_cyclic_gc():
             merge = _Merge(tuple(ix.diff_id for ix in indexes))
             for position, index in enumerate(indexes):
                 merge.apply(position, index)
             kids = {path: tuple(sorted(names)) for path, names in merge.kids.items()}
             return cls(merge.recs, kids, merge.diff_ids, merge.problems, merge.linked)
-        finally:
-            if collecting:
-                gc.enable()
 
     # ------------------------------------------------------------------ queries
 

@@ -37,6 +37,13 @@ def _open(args: argparse.Namespace) -> OpenedImage:
 
 
 def cmd_files(args: argparse.Namespace) -> int:
+    from pipeline.fileindex import without_cyclic_gc
+
+    with without_cyclic_gc():  # tens of thousands of nodes and rows, no cycles among them
+        return _list(args)
+
+
+def _list(args: argparse.Namespace) -> int:
     image = _open(args)
     try:
         start = image.view.stat(args.path)
