@@ -123,14 +123,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
-    run = _claim_node(node)
     env = _worker_env(args, node)
+    _preflight(env)  # before the claim: a host that cannot work never shows as a node
+    run = _claim_node(node)
     env["LAYERWARM_NODE_RUN"] = run
     env["LAYERWARM_SUPERVISOR_PID"] = str(os.getpid())  # its workers stop when it dies
     commands = _celery_commands(args, node, env)
     if args.metrics_port is not None:
         serve_metrics(env, args.metrics_address, args.metrics_port)
     return _supervise(commands, env)
+
+
+def _preflight(env: dict[str, str]) -> None:
+    """Refuse, in one line, settings the host's workers could not work with: a cache
+    directory they cannot write, registry credentials they cannot read, a remote tier that
+    does not answer or refuses them. Without this a worker started, was listed by `nodes`,
+    and failed every task sent to it while its jobs waited."""
+    from pipeline.config import Settings
+    from pipeline.errors import RemoteTierUnavailable, Unauthorized
+    from pipeline.registry.auth import CredentialSources
+    from pipeline.tiers.disk import DiskTier
+    from pipeline.tiers.remote import open_remote
+
+    settings = Settings.from_env(env)
+    DiskTier(settings.cache_dir)  # its checks: a directory this user can write
+    CredentialSources.load(env, authfile=settings.authfile)
+    if settings.remote_url:
+        try:
+            open_remote(settings.remote_url).connect()
+        except (RemoteTierUnavailable, Unauthorized) as e:
+            raise UsageError(f"{e}; the worker does not start without its remote tier "
+                             "(check LAYERWARM_REMOTE, AWS_ENDPOINT_URL_S3 and the "
+                             "credentials)") from None
 
 
 def _worker_env(args: argparse.Namespace, node: str) -> dict[str, str]:

@@ -33,7 +33,6 @@ from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 
 GATES_DB = 12    # this module's fleet (flushed when it starts)
-BROKEN_DB = 13   # the fleet whose worker cannot read its Docker config
 VISIBILITY_TIMEOUT = 60  # the sweeper would step in only after 2 x this
 
 
@@ -175,20 +174,3 @@ def test_a_registry_answering_500_forever_fails_the_layer_at_one_level(
     assert code == 1 and "HTTP 500" in out, out
     # The policy's 5 attempts, once: Celery does not retry it again (it was up to 175).
     assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 5
-
-
-def test_a_worker_that_cannot_read_its_docker_config_fails_the_job_with_the_reason(
-    tmp_path: Path, redis_url: str, registry: RegistryServer, registry_proxy: Proxy,
-    s3: S3Server,
-) -> None:
-    config = tmp_path / "docker-config"
-    config.mkdir()
-    (config / "config.json").write_text("{not json")
-    lay = Layer(random_tar(5000, 50_000), "gzip")
-    [ref] = push(registry, registry_proxy, [Image([lay])])
-    env = {**s3.env(), "DOCKER_CONFIG": str(config)}
-    with running_fleet(tmp_path / "fleet", ["a"], broker_url_for(redis_url, BROKEN_DB),
-                       S3Tier.new(s3, "broken"), env) as broken:
-        code, out = submit(broken, ref, "--to", "node:a", timeout=60)
-    assert code == 1, out
-    assert "is not valid JSON" in out and str(config) in out, out
