@@ -227,6 +227,35 @@ def test_a_flower_container_answers_its_healthcheck_and_wants_a_login(stack: Sta
         f"with the login: {logged_in.status_code}\n{stack.podman.logs(name)}")
 
 
+def _compose() -> dict:
+    import yaml  # PyYAML comes with moto[server], of the test extra
+
+    return yaml.safe_load((REPO_ROOT / "compose" / "docker-compose.yml").read_text())
+
+
+def test_compose_builds_once_and_pins_every_image() -> None:
+    services = _compose()["services"]
+    building = sorted(name for name, svc in services.items() if "build" in svc)
+    assert len(building) == 1, f"services with `build:` (one, or v2's builder races): {building}"
+    for name, svc in services.items():
+        image = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", svc["image"])  # the default of ${VAR:-x}
+        assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned {image}"
+
+
+def test_compose_s3_init_creates_its_bucket_idempotently(podman: Podman, stack: Stack) -> None:
+    """s3-init's own command, in the image, against the test S3 server, twice."""
+    svc = _compose()["services"]["s3-init"]
+    assert svc["depends_on"] == {"s3": {"condition": "service_healthy"}}, svc["depends_on"]
+    bucket = f"s3-init-{uuid.uuid4().hex[:8]}"
+    env = {**stack.s3_env, "S3_BUCKET": bucket}
+    for attempt in (1, 2):
+        p = podman.run_once(IMAGE_TAG, [*svc["entrypoint"][1:], *svc["command"]],
+                            entrypoint=svc["entrypoint"][0], env=env)
+        assert p.returncode == 0, f"s3-init run {attempt}: {p.stdout[-2000:]}{p.stderr[-3000:]}"
+    names = [b["Name"] for b in stack.tier.s3.client().list_buckets()["Buckets"]]
+    assert bucket in names, f"s3-init made no bucket {bucket}: {names}"
+
+
 def test_a_beat_container_starts_and_stays_up(stack: Stack) -> None:
     name = stack.podman.start(
         IMAGE_TAG, "layerwarm-image-beat", ["beat", "--schedule", "/tmp/beat-schedule"],
