@@ -9,6 +9,7 @@ busy the machine is. Also: a supervisor killed by SIGKILL takes its Celery worke
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults.test_fleet_faults import (
+    HELD,
     assert_done,
     layer,
     private_redis,
     submit_mid_download,
 )
+from tests.support.faults import S3Proxy
 from tests.support.fleet import (
     Fleet,
     S3Tier,
@@ -32,6 +35,7 @@ from tests.support.fleet import (
     node_of,
     push,
     running_fleet,
+    wait_layer,
 )
 from tests.support.images import Image
 from tests.support.proxy import Proxy
@@ -49,11 +53,18 @@ def tier(s3: S3Server) -> S3Tier:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, s3: S3Server, tier: S3Tier
-          ) -> Iterator[Fleet]:
+def s3proxy(s3: S3Server) -> Iterator[S3Proxy]:
+    """The workers' S3 endpoint: a proxy that can hold an upload (tests read moto directly)."""
+    with S3Proxy(s3.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, s3: S3Server, s3proxy: S3Proxy,
+          tier: S3Tier) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("lost-chains")
     redis_server = private_redis(root / "redis")
-    env = {**s3.env(), "LAYERWARM_REQUEUE_AFTER": str(REQUEUE_AFTER),
+    env = {**s3proxy.env(s3.env()), "LAYERWARM_REQUEUE_AFTER": str(REQUEUE_AFTER),
            "LAYERWARM_NODE_TTL": "2"}
     try:
         with running_fleet(root, ("a", "b"), redis_server.url(0), tier, env,
@@ -131,6 +142,41 @@ def test_a_node_targets_layer_waits_for_its_node_and_goes_on_when_it_is_back(
     assert final["state"] == "done", f"{final}\n{fleet.logs()}"
     assert (fleet.cache_dir("a") / cache_name(big)).read_bytes() == big.tar
     assert not (fleet.cache_dir("b") / cache_name(big)).exists(), "a node job ran elsewhere"
+
+
+def test_a_worker_stopped_mid_upload_with_a_short_grace_is_carried_on(
+    healthy: Fleet, registry: RegistryServer, registry_proxy: Proxy, s3proxy: S3Proxy,
+    tier: S3Tier,
+) -> None:
+    """`docker stop` (10 s of grace, then SIGKILL) during a long upload: the task it held
+    comes back with the host, or on another one, within minutes, not after the hour its
+    message waits in Redis's unacked hash."""
+    fleet = healthy
+    big, small = layer(6300, "none", 6_000_000), layer(6301, "gzip", 50_000)
+    refs = push(registry, registry_proxy, [Image([small, big])])
+    # S3 gets all of the upload but its last bytes until the release: the publish is under
+    # way, whatever the machine's speed, when the stop comes.
+    hold = s3proxy.hold_upload(re.escape(cache_name(big)) + r"(\?|$)", HELD)
+    try:
+        job_id = fleet.submit_id(*refs, "--to", "remote")
+        hold.wait(timeout=120)
+        entry = wait_layer(fleet, job_id, big.digest, ["publishing"],
+                           allowed=["pending", "fetching", "decompressing"])
+        victim = node_of(fleet, entry["host"])
+        proc = fleet.nodes[victim].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)  # a warm shutdown waits for the held upload ...
+        time.sleep(1)  # ... for the stop's grace (1 s here) ...
+        kill_node(fleet, victim)  # ... and then everything left is killed
+    finally:
+        hold.release()
+    fleet.restart(victim)
+    final = wait_state(fleet, job_id)
+    report = f"\nstopped node {victim} mid-upload\n{fleet.logs()}"
+    assert_done(fleet, tier, final, [small, big], report)
+    assert tier.objects()[cache_name(big)] == big.tar, report
+    logs = "".join(n.log_path.read_text(errors="replace") for n in fleet.nodes.values())
+    assert "fetch sent again" in logs, report
 
 
 def test_the_celery_workers_of_a_supervisor_killed_by_sigkill_stop(healthy: Fleet) -> None:
