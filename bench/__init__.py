@@ -1,4 +1,4 @@
-"""layerwarm's benchmark harness (issue 5): layerwarm against the tools users would pick.
+"""layerwarm's benchmark harness (issues 5, 14): layerwarm against the tools users would pick.
 
     python3 -m bench                      # full workload, 3 runs, print the table
     python3 -m bench --quick --runs 1     # small workload, < 3 minutes
@@ -19,6 +19,14 @@ the same run, side by side, and prints: scenario, layerwarm time, peer time, rat
     8  the fleet through Celery (2 hosts)      the embedded runner             <= 1.25
     9  peak RSS of `warm` on the big image     -                               <= 150 MiB
     10 tiny layers through Celery (2 hosts)    (the embedded runner)           >= 100 layers/s
+    11 decompress stage with the file index    the same stage without it       <= 1.05
+    12 `cat` of a small file, layers in S3 only restoring that layer           <= 0.05, bytes
+    13 `files -R` of a base image              -                               <= 0.30 s
+    14 sequential read through `mount`         the same file in an unpacked tree >= 0.50
+    15 chroot start from a mount, S3 only      restore + `export --dir`        <= 0.25, bytes
+
+Each ratio is shown as the median of the per-run values (min–max); a target is met when
+the median and at least 60 % of the runs meet it (``scenarios.base.judged``).
 
 The harness only reports; no test asserts timing. ``bench.workload.build(scale, seed)``
 is the deterministic builder tests can compare across builds.

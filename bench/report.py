@@ -130,8 +130,10 @@ def markdown(
         "# layerwarm benchmark results",
         "",
         f"Produced by `{command}` (see `bench/__init__.py` for what each scenario measures; "
-        "issue 5 for the targets). Ratio = layerwarm / peer, lower is better for times; "
-        "the median of the per-run ratios, each run measuring both sides back to back.",
+        "issues 5 and 14 for the targets). Ratio = layerwarm / peer, lower is better for "
+        "times, each run measuring both sides back to back; shown as the median of the "
+        "per-run values (min–max). A target is met only when the median meets it and so do "
+        "at least 60 % of the runs.",
         "",
         markdown_table(rows),
         "",

@@ -10,7 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.measure import CommandFailed, median, run
-from bench.scenarios.base import BUCKET, IO_THREADS, REPO_ROOT, TIMEOUT, BenchBase, Row
+from bench.scenarios.base import (
+    BUCKET,
+    IO_THREADS,
+    REPO_ROOT,
+    TIMEOUT,
+    BenchBase,
+    Row,
+    judged,
+    spread,
+)
 from bench.workload import _log
 from tests.support.fleet import Fleet, cli_cmd
 
@@ -135,11 +144,10 @@ class DistributedScenarios(BenchBase):
             emb_rates.append(n / e_seconds)
             _log(f"  run {i + 1}: celery {n / seconds:.1f} layers/s, "
                  f"embedded {n / e_seconds:.1f} layers/s")
-        rate = median(rates)
-        row.lw = f"{rate:.1f} layers/s"
+        row.lw = spread(rates, "{:.1f}") + " layers/s"
         row.peer = f"({median(emb_rates):.1f} layers/s)"
         row.target = "≥ 100 layers/s"
-        row.met = rate >= 100
+        row.met = judged(rates, ">=", 100)
         row.data.update(celery_rates=rates, embedded_rates=emb_rates)
         moto = self.moto_rate()
         row.data.update(moto_rate=moto)

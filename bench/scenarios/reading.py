@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import readkit
 from bench.measure import RunResult, median, run
 from bench.readkit import lw_env, mib_s, mounted
-from bench.scenarios.base import BUCKET, REPO_ROOT, TIMEOUT, BenchBase, Row, _fmt_s
+from bench.scenarios.base import BUCKET, REPO_ROOT, TIMEOUT, BenchBase, Row, judged, spread
 from bench.workload import KiB, MiB
 from tests.support.cli import layerwarm_cmd
 from tests.support.faults import S3Proxy
@@ -187,9 +187,8 @@ class ReadingScenarios(BenchBase):
         run(["find", str(tree), "-ls"], stdout_path=Path(os.devnull))
         finds = [run(["find", str(tree), "-ls"], stdout_path=Path(os.devnull)).seconds
                  for _ in range(self.runs)]
-        t = median(times)
-        row.lw, row.ratio, row.target = _fmt_s(t), "n/a", "≤ 0.30 s"
-        row.met = t <= 0.30
+        row.lw, row.ratio, row.target = spread(times, "{:.2f} s"), "n/a", "≤ 0.30 s"
+        row.met = judged(times, "<=", 0.30)
         row.data.update(layerwarm=times, find=finds)
         row.notes.append(
             f"`layerwarm files -R {name}` ({why}; {entries}), whole-process wall time, "
@@ -248,11 +247,10 @@ class ReadingScenarios(BenchBase):
             py = {side: median([readkit.read_seconds(f) for _ in range(3)])
                   for side, f in files.items()}
         speed = [1 / r for r in ratios]  # mount MiB/s ÷ tree MiB/s
-        s = median(speed)
         row.lw = f"{mib_s(SEQ_SIZE, median(lws))} ({median(lws):.2f} s)"
         row.peer = f"{mib_s(SEQ_SIZE, median(peers))} ({median(peers):.2f} s)"
-        row.ratio, row.target = f"{s:.2f}", "≥ 0.50"
-        row.met = s >= 0.50
+        row.ratio, row.target = spread(speed), "≥ 0.50"
+        row.met = judged(speed, ">=", 0.50)
         row.data.update(layerwarm=lws, peer=peers, speed_ratios=speed)
         row.notes.append(
             f"`cat FILE ×{READS} > /dev/null` of a {SEQ_SIZE // MiB} MiB random-bytes file (one "
