@@ -114,26 +114,28 @@ class BigImageScenarios(BenchBase):
         row = Row(3, "decompress + verify diff_id of the big gzip layer, one process")
         row.notes.append(
             "layerwarm: `pipeline.stages.inflate_verified` (the decompress stage's inflate + "
-            "diff_id check, hashing on its own thread) in a child process, timing the call, "
-            "output to /dev/null; peer: `gzip -dc blob > /dev/null` (no verify); page cache "
-            "warm for both"
+            "diff_id check, hashing on its own thread) in a child process, timed whole "
+            "(interpreter start-up and imports included, as the peer's process is), output "
+            "to /dev/null; peer: `gzip -dc blob > /dev/null` (no verify); page cache warm "
+            "for both"
         )
         extra: dict[str, float] = {}
 
-        def child(mode: str, where: Path) -> dict[str, float]:
+        def child(mode: str, where: Path) -> tuple[dict[str, float], float]:
             inner, outside = self.stage_child(mode, where, lay)
             extra["wall"] = max(extra.get("wall", 0.0), outside)
-            return inner
+            return inner, outside
 
         def lw(i: int) -> float:
             assert lay.path is not None
-            seconds = float(child("inflate", lay.path)["seconds"])
+            inner, outside = child("inflate", lay.path)
+            seconds = float(inner["seconds"]) + outside  # the whole process
             if i == 0:  # the whole stage once, for scale: + write, fsync, rename
                 root = self.dir("s3-lw")
                 staging = root / ".staging" / f"sha256_{lay.hex}"
                 staging.parent.mkdir(parents=True)
                 shutil.copyfile(lay.path, staging)
-                extra["stage"] = float(child("decompress", root)["seconds"])
+                extra["stage"] = float(child("decompress", root)[0]["seconds"])
                 self.check_entries(root, [lay])
                 entry = root / f"sha256_{lay.hex}"
                 extra["sha256sum"] = run(["sha256sum", str(entry)]).seconds
@@ -158,7 +160,7 @@ class BigImageScenarios(BenchBase):
                 f"`pigz -dc > /dev/null` {extra['pigz']:.2f} s, `gzip -dc > file` "
                 f"{extra['gzip_file']:.2f} s; layerwarm's whole decompress stage "
                 f"(`pipeline.stages.decompress`: + write, fsync, rename into the cache) "
-                f"{extra['stage']:.2f} s; interpreter start-up + imports (not counted) "
+                f"{extra['stage']:.2f} s; of layerwarm's time, interpreter start-up + imports "
                 f"≤ {extra['wall']:.2f} s"
             )
         return row
