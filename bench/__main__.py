@@ -18,17 +18,15 @@ from bench.services import push_workload, start_registry
 from bench.workload import build, default_cache_dir
 
 
-def parse_only(text: str) -> list[int]:
-    try:
-        nums = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--only wants numbers like 1,3,6, not {text!r}"
-        ) from None
-    bad = [n for n in nums if n not in ORDER]
+def parse_only(text: str) -> list[str]:
+    ids = [x.strip() for x in text.split(",") if x.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"--only wants scenario ids like 1,3,6, not {text!r}")
+    bad = [x for x in ids if x not in ORDER]
     if bad:
-        raise argparse.ArgumentTypeError(f"no scenario {bad[0]} (1-{max(ORDER)})")
-    return nums
+        raise argparse.ArgumentTypeError(
+            f"no scenario {bad[0]} (there are {', '.join(ORDER)})")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ TIMEOUT = 3600
 
 @dataclass
 class Row:
-    num: int
+    num: int | str  # the scenario id (bench.scenarios.SCENARIOS): 1 ... 15, 1c, S1
     title: str
     lw: str = "—"
     peer: str = "—"
