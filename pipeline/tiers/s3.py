@@ -21,7 +21,7 @@ from typing import Any
 
 import boto3
 from boto3.exceptions import Boto3Error, S3UploadFailedError
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import S3Transfer, TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -49,11 +49,13 @@ from pipeline.tiers.base import Progress, RemoteEntry, checked_metadata, entry_n
 MiB = 1024 * 1024
 
 # Layers range from KiB to GiB. Below 64 MiB one PUT/GET is cheapest; above, 16 MiB parts
-# on 8 threads saturate a typical link and let a failed part be retried alone.
+# let a failed part be retried alone. Every transfer of a tier shares one transfer manager
+# and so one set of 16 request threads (as the AWS CLI shares its 10): a transfer manager
+# per call started up to 8 threads for each of a worker's 16 concurrent layers.
 DEFAULT_TRANSFER = TransferConfig(
     multipart_threshold=64 * MiB,
     multipart_chunksize=16 * MiB,
-    max_concurrency=8,
+    max_concurrency=16,
     use_threads=True,
 )
 
@@ -116,6 +118,7 @@ class S3Tier:
         self._client = client
         self._bucket_checked = False
         self._lock = threading.Lock()
+        self._transfers: S3Transfer | None = None  # made with the client, shared
 
     def __repr__(self) -> str:
         return f"S3Tier({self.url!r})"
@@ -143,13 +146,8 @@ class S3Tier:
             raise NotFound(f"remote tier {self.url}: no layer {digest}")
         try:
             # Writes a temp file beside `dest` and renames it onto `dest` when complete.
-            self._s3(f"download {digest}").download_file(
-                self.bucket,
-                self._key(digest),
-                os.fspath(dest),
-                Callback=progress,
-                Config=self._transfer,
-            )
+            self._transfer_manager(f"download {digest}").download_file(
+                self.bucket, self._key(digest), os.fspath(dest), callback=progress)
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, f"download {digest}") from exc
         return entry
@@ -222,14 +220,9 @@ class S3Tier:
         try:
             # A failed multipart upload is aborted by s3transfer, so no parts linger
             # and the key only ever appears complete.
-            self._s3(f"upload {digest}").upload_file(
-                os.fspath(src),
-                self.bucket,
-                self._key(digest),
-                ExtraArgs=extra,
-                Callback=progress,
-                Config=self._transfer,
-            )
+            self._transfer_manager(f"upload {digest}").upload_file(
+                os.fspath(src), self.bucket, self._key(digest), callback=progress,
+                extra_args=extra)
         except _BOTO_ERRORS as exc:
             raise self._translate(exc, f"upload {digest}") from exc
 
@@ -268,6 +261,14 @@ class S3Tier:
 
     def _index_key(self, digest: Digest) -> str:
         return self._key(digest) + ".index"  # not a cache name: `list` never shows it
+
+    def _transfer_manager(self, what: str) -> S3Transfer:
+        """The tier's one transfer manager (its thread pool bounds all its transfers)."""
+        client = self._s3(what)
+        with self._lock:
+            if self._transfers is None:
+                self._transfers = S3Transfer(client=client, config=self._transfer)
+            return self._transfers
 
     def _s3(self, what: str) -> Any:
         """The shared client, created once (boto3 sessions are not thread-safe; clients are).
