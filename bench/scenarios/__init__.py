@@ -8,6 +8,7 @@ measuring helpers):
     remote.py       7            restore the fleet from the S3 tier
     distributed.py  8, 10        through Celery on two worker hosts
     reading.py      11-15        reading images: index cost, cat / files / mount / chroot
+    scale.py        S1-S3        past one machine: Redis per layer, plan 10,000 refs, 8 hosts
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from bench.scenarios.distributed import DistributedScenarios
 from bench.scenarios.fleet import FleetScenarios
 from bench.scenarios.reading import ReadingScenarios
 from bench.scenarios.remote import RemoteScenarios
+from bench.scenarios.scale import ScaleScenarios
 from bench.workload import _log
 
 __all__ = ["ORDER", "REPO_ROOT", "SCENARIOS", "TITLES", "Bench", "Row", "run_all"]
 
 
 class Bench(BigImageScenarios, FleetScenarios, RemoteScenarios, DistributedScenarios,
-            ReadingScenarios):
+            ReadingScenarios, ScaleScenarios):
     """Every scenario, on one shared state (what one scenario leaves, another may reuse)."""
 
 
@@ -38,6 +40,7 @@ SCENARIOS: dict[str, str] = {
     "1": "s1", "2": "s2", "3": "s3_decompress", "4": "s4", "5": "s5", "6": "s6", "7": "s7",
     "8": "s8", "9": "s9", "10": "s10", "11": "s11_index_cost", "12": "s12_cat",
     "13": "s13_files", "14": "s14_mount_read", "15": "s15_chroot",
+    "S1": "s_redis_per_layer", "S2": "s_plan_10k", "S3": "s_all_nodes_8",
 }  # fmt: skip
 TITLES = {
     "1": "cold `warm` of the big gzip image", "2": "cold `warm` of the big zstd image",
@@ -51,9 +54,12 @@ TITLES = {
     "13": "`files -R` of the base image, index on disk",
     "14": "sequential read of a 100 MiB file through the mount",
     "15": "chroot start from a mount, layers only in S3",
+    "S1": "Redis commands per layer per target, events on",
+    "S2": "plan 10,000 refs / 500 unique layers", "S3": "all-nodes job to 8 worker hosts",
 }  # fmt: skip
 # 9 reuses the RSS of 1 and 2; 6 the cache of 4
-ORDER = ("1", "2", "9", "3", "4", "6", "5", "7", "8", "10", "11", "12", "13", "14", "15")
+ORDER = ("1", "2", "9", "3", "4", "6", "5", "7", "8", "10", "11", "12", "13", "14", "15",
+         "S1", "S2", "S3")
 
 
 def run_all(bench: Bench, only: Sequence[str]) -> list[Row]:
