@@ -131,7 +131,7 @@ def markdown(
         "# layerwarm benchmark results",
         "",
         f"Produced by `{command}` (see `bench/__init__.py` for what each scenario measures; "
-        "issues 5 and 14 for the targets). Ratio = layerwarm / peer, lower is better for "
+        "issues 5, 14 and 16 for the targets). Ratio = layerwarm / peer, lower is better for "
         "times, each run measuring both sides back to back; shown as the median of the "
         "per-run values (min–max). ÷ floor = layerwarm / what this machine cannot go "
         "under in that scenario (`bench/floor.py`; its parts are in the notes). A target "

@@ -268,7 +268,8 @@ class BenchBase:
             _log(f"  measuring the floor of {len(layers)} layers ...")
             self._floors[key] = floors.measure(
                 layers, urls, self.scratch / "floor", parallel=parallel,
-                cold=cold and self.cold, transfer=transfer, write=write, start=start)
+                cold=cold and self.cold, transfer=transfer, write=write, start=start,
+                repeats=3)
         return self._floors[key]
 
     def floor_ratio(self, row: Row, floor: floors.Floor, limit: float | None = None) -> Row:
