@@ -1,7 +1,8 @@
 """What this machine cannot go under for a scenario (issue 16, item 2): the floor.
 
-For a set of layer blobs, measured in the bench's own run, each part over all the blobs at
-the same parallelism (``parallel`` worker processes or threads, one blob each at a time):
+For a set of layer blobs, measured in the bench's own run, each part over all the blobs,
+one blob per worker at a time: ``parallel`` processes (nproc for a fleet) for the CPU
+parts, ``io_parallel`` threads (layerwarm's --io-threads for a fleet) for the I/O parts:
 
     decompress  the blobs to nowhere with the fastest single-thread decompressor here:
                 ISA-L (``isal.isal_zlib``, what layerwarm inflates gzip with) for gzip; for
@@ -42,10 +43,11 @@ CHUNK = 1 << 20
 class Floor:
     parts: dict[str, float]  # part -> seconds for all the blobs
     start: float = 0.0  # interpreter start-up, 0 where the scenario starts no process
-    parallel: int = 1
+    parallel: int = 1  # processes for decompress and sha256
     how: dict[str, str] = field(default_factory=dict)  # part -> what ran, where it varies
     cold: bool = False  # the start-up and transfer ran on a cold page cache
     repeats: int = 1
+    io_parallel: int = 1  # threads for transfer and write
 
     @property
     def seconds(self) -> float:
@@ -57,7 +59,9 @@ class Floor:
         biggest = max(self.parts, key=lambda k: self.parts[k])
         start = (f" + interpreter start-up (`python3 -c pass`, page cache "
                  f"{'cold' if self.cold else 'warm'}) {self.start:.2f} s" if self.start else "")
-        par = (f"{self.parallel} at a time (nproc)" if self.parallel > 1 else "one thread")
+        par = (f"decompress and sha256 {self.parallel} at a time (nproc), transfer and write "
+               f"{self.io_parallel} at a time (layerwarm's --io-threads)"
+               if self.parallel > 1 else "one thread")
         par += f", each the fastest of {self.repeats} passes"
         return (f"floor {self.seconds:.2f} s = largest part ({biggest}){start}; parts, "
                 f"{par}: {parts}")
@@ -128,8 +132,10 @@ def measure(
     write: bool = True,
     start: bool = True,
     repeats: int = 3,
+    io_parallel: int | None = None,
 ) -> Floor:
     """The floor of handling ``layers`` (blob ``urls`` on the registry, in the same order)."""
+    io_parallel = io_parallel or parallel
     paths = [str(x.path) for x in layers]
     comps = [x.compression for x in layers]
     tars = [str(scratch / f"{x.hex}.tar") for x in layers]
@@ -167,7 +173,7 @@ def measure(
                     raise AssertionError(f"floor: sha256 of {lay.digest}'s tar is not its diff_id")
         for t in tars:
             os.unlink(t)
-        with ThreadPoolExecutor(parallel) as threads:
+        with ThreadPoolExecutor(io_parallel) as threads:
             if write:
                 outs = [str(scratch / f"{x.hex}.out") for x in layers]
                 sizes = [x.uncompressed_size for x in layers]
@@ -193,7 +199,7 @@ def measure(
                 started = min(started, run([sys.executable, "-c", "pass"]).seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return Floor(parts, started, parallel, how, cold, repeats)
+    return Floor(parts, started, parallel, how, cold, repeats, io_parallel)
 
 
 def _noop_arg(_: int) -> None:

@@ -269,7 +269,7 @@ class BenchBase:
             self._floors[key] = floors.measure(
                 layers, urls, self.scratch / "floor", parallel=parallel,
                 cold=cold and self.cold, transfer=transfer, write=write, start=start,
-                repeats=3)
+                repeats=3, io_parallel=IO_THREADS if parallel > 1 else 1)
         return self._floors[key]
 
     def floor_ratio(self, row: Row, floor: floors.Floor, limit: float | None = None) -> Row:
