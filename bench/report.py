@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.scenarios import Row
 from pipeline.table import table
 
-HEADER = ("#", "scenario", "layerwarm", "peer", "ratio", "target", "met?")
+HEADER = ("#", "scenario", "layerwarm", "peer", "ratio", "÷ floor", "target", "met?")
 
 
 def _met(row: Row) -> str:
@@ -22,7 +22,8 @@ def _met(row: Row) -> str:
 
 
 def cells(row: Row) -> tuple[str, ...]:
-    return (str(row.num), row.title, row.lw, row.peer, row.ratio, row.target, _met(row))
+    return (str(row.num), row.title, row.lw, row.peer, row.ratio, row.floor, row.target,
+            _met(row))
 
 
 def text_table(rows: Sequence[Row]) -> str:
@@ -130,9 +131,11 @@ def markdown(
         "# layerwarm benchmark results",
         "",
         f"Produced by `{command}` (see `bench/__init__.py` for what each scenario measures; "
-        "issues 5 and 14 for the targets). Ratio = layerwarm / peer, lower is better for "
+        "issues 5, 14 and 16 for the targets). Ratio = layerwarm / peer, lower is better for "
         "times, each run measuring both sides back to back; shown as the median of the "
-        "per-run values (min–max). A target is met only when the median meets it and so do "
+        "per-run values (min–max). ÷ floor = layerwarm / what this machine cannot go "
+        "under in that scenario (`bench/floor.py`; its parts are in the notes). A target "
+        "is met only when the median meets it and so do "
         "at least 60 % of the runs.",
         "",
         markdown_table(rows),

@@ -7,6 +7,7 @@ measuring helpers):
     fleet.py        4, 5, 6      the image fleet: cold warm, bytes fetched, warm again
     remote.py       7            restore the fleet from the S3 tier
     distributed.py  8, 10        through Celery on two worker hosts
+    containerd.py   1c, 4c       the big image and the fleet against containerd's pull
     reading.py      11-15        reading images: index cost, cat / files / mount / chroot
     scale.py        S1-S3        past one machine: Redis per layer, plan 10,000 refs, 8 hosts
 """
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from bench.scenarios.base import REPO_ROOT, Row
 from bench.scenarios.big_image import BigImageScenarios
+from bench.scenarios.containerd import ContainerdScenarios
 from bench.scenarios.distributed import DistributedScenarios
 from bench.scenarios.fleet import FleetScenarios
 from bench.scenarios.reading import ReadingScenarios
@@ -30,7 +32,7 @@ __all__ = ["ORDER", "REPO_ROOT", "SCENARIOS", "TITLES", "Bench", "Row", "run_all
 
 
 class Bench(BigImageScenarios, FleetScenarios, RemoteScenarios, DistributedScenarios,
-            ReadingScenarios, ScaleScenarios):
+            ReadingScenarios, ContainerdScenarios, ScaleScenarios):
     """Every scenario, on one shared state (what one scenario leaves, another may reuse)."""
 
 
@@ -40,6 +42,7 @@ SCENARIOS: dict[str, str] = {
     "1": "s1", "2": "s2", "3": "s3_decompress", "4": "s4", "5": "s5", "6": "s6", "7": "s7",
     "8": "s8", "9": "s9", "10": "s10", "11": "s11_index_cost", "12": "s12_cat",
     "13": "s13_files", "14": "s14_mount_read", "15": "s15_chroot",
+    "1c": "s1c", "4c": "s4c",
     "S1": "s_redis_per_layer", "S2": "s_plan_10k", "S3": "s_all_nodes_8",
 }  # fmt: skip
 TITLES = {
@@ -54,12 +57,14 @@ TITLES = {
     "13": "`files -R` of the base image, index on disk",
     "14": "sequential read of a 100 MiB file through the mount",
     "15": "chroot start from a mount, layers only in S3",
+    "1c": "cold `warm` of the big gzip image vs containerd pull + unpack",
+    "4c": "cold `warm` of the gzip fleet vs containerd, one image after another",
     "S1": "Redis commands per layer per target, events on",
     "S2": "plan 10,000 refs / 500 unique layers", "S3": "all-nodes job to 8 worker hosts",
 }  # fmt: skip
-# 9 reuses the RSS of 1 and 2; 6 the cache of 4
-ORDER = ("1", "2", "9", "3", "4", "6", "5", "7", "8", "10", "11", "12", "13", "14", "15",
-         "S1", "S2", "S3")
+# 9 reuses the RSS of 1 and 2; 6 the cache of 4; 1c and 4c come after 6
+ORDER = ("1", "2", "9", "3", "4", "6", "1c", "4c", "5", "7", "8", "10", "11", "12", "13",
+         "14", "15", "S1", "S2", "S3")
 
 
 def run_all(bench: Bench, only: Sequence[str]) -> list[Row]:

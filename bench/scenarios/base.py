@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import floor as floors
 from bench.measure import CommandFailed, RunResult, can_drop_caches, drop_caches, median, run
 from bench.services import RedisServer
 from bench.workload import BuiltLayer, Workload, _log
@@ -39,6 +40,7 @@ class Row:
     lw: str = "—"
     peer: str = "—"
     ratio: str = "—"
+    floor: str = "—"  # layerwarm / the machine's floor (bench.floor), per run
     target: str = ""
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
@@ -94,6 +96,7 @@ class BenchBase:
         self.skopeo_retries = 0  # copies run again after skopeo's index.json race
         self._s3: Any = None
         self._redis: RedisServer | None = None
+        self._floors: dict[tuple[object, ...], floors.Floor] = {}
     def close(self) -> None:
         self.close_s3()
         if self._redis is not None:
@@ -240,6 +243,45 @@ class BenchBase:
             row.notes.append(
                 "per-run ratios " + ", ".join(f"{x:.2f}" for x in ratios)
             )
+        return row
+
+    def floor(
+        self,
+        names: Sequence[str],
+        *,
+        cold: bool,
+        parallel: int = 1,
+        transfer: bool = True,
+        write: bool = True,
+        start: bool = True,
+    ) -> floors.Floor:
+        """The floor (``bench.floor``) of the unique layers of ``names``, measured once per
+        run and kept (1 and 1c, 4 and 4c share theirs)."""
+        key = (tuple(names), cold, parallel, transfer, write, start)
+        if key not in self._floors:
+            layers = self.w.unique_layers(list(names))
+            repo = {}
+            for n in names:
+                for lay in self.w.images[n].layers:
+                    repo.setdefault(lay.digest, n.rsplit(":", 1)[0])
+            urls = [f"{self.reg.url}/v2/{repo[x.digest]}/blobs/{x.digest}" for x in layers]
+            _log(f"  measuring the floor of {len(layers)} layers ...")
+            self._floors[key] = floors.measure(
+                layers, urls, self.scratch / "floor", parallel=parallel,
+                cold=cold and self.cold, transfer=transfer, write=write, start=start,
+                repeats=3, io_parallel=IO_THREADS if parallel > 1 else 1)
+        return self._floors[key]
+
+    def floor_ratio(self, row: Row, floor: floors.Floor, limit: float | None = None) -> Row:
+        """Fill the row's "÷ floor" cell (per-run layerwarm / floor); with ``limit``, a
+        target on it that must hold besides the peer's."""
+        values = [x / floor.seconds for x in row.data["layerwarm"]]
+        row.floor = spread(values)
+        row.data.update(floor=floor.seconds, floor_parts=floor.parts, floor_ratios=values)
+        row.notes.append(floor.note())
+        if limit is not None:
+            row.target += f" and ≤ {limit:.2f} × floor"
+            row.met = bool(row.met) and judged(values, "<=", limit)
         return row
 
     def delete_prefix(self, prefix: str) -> None:

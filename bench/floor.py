@@ -1,0 +1,206 @@
+"""What this machine cannot go under for a scenario (issue 16, item 2): the floor.
+
+For a set of layer blobs, measured in the bench's own run, each part over all the blobs,
+one blob per worker at a time: ``parallel`` processes (nproc for a fleet) for the CPU
+parts, ``io_parallel`` threads (layerwarm's --io-threads for a fleet) for the I/O parts:
+
+    decompress  the blobs to nowhere with the fastest single-thread decompressor here:
+                ISA-L (``isal.isal_zlib``, what layerwarm inflates gzip with) for gzip; for
+                zstd the faster of ``zstandard`` (layerwarm's) and ``zstd -dcq -T1``
+    sha256      ``hashlib.sha256`` over the tar bytes (the decompressed blobs, read from a
+                file in the page cache); the digest is checked against the diff_id
+    transfer    ``curl -s -o /dev/null`` of each blob from the loopback registry (page cache
+                dropped first when the scenario is cold, as the registry then reads disk)
+    write       the tar's size written to a file in the scratch dir, then fsync
+
+Each part is the fastest of ``repeats`` passes (a floor is what the machine can do, and a
+pass slowed by other load says nothing about that), the start-up likewise.
+
+floor = the largest of those parts (they can overlap, nothing makes one of them go away)
+plus interpreter start-up (``python3 -c pass``, cold when the scenario is) where the
+scenario starts a process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.measure import drop_caches, run
+from bench.workload import BuiltLayer
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class Floor:
+    parts: dict[str, float]  # part -> seconds for all the blobs
+    start: float = 0.0  # interpreter start-up, 0 where the scenario starts no process
+    parallel: int = 1  # processes for decompress and sha256
+    how: dict[str, str] = field(default_factory=dict)  # part -> what ran, where it varies
+    cold: bool = False  # the start-up and transfer ran on a cold page cache
+    repeats: int = 1
+    io_parallel: int = 1  # threads for transfer and write
+
+    @property
+    def seconds(self) -> float:
+        return max(self.parts.values()) + self.start
+
+    def note(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f} s" + (f" ({self.how[k]})" if k in self.how else "")
+                          for k, v in self.parts.items())  # fmt: skip
+        biggest = max(self.parts, key=lambda k: self.parts[k])
+        start = (f" + interpreter start-up (`python3 -c pass`, page cache "
+                 f"{'cold' if self.cold else 'warm'}) {self.start:.2f} s" if self.start else "")
+        par = (f"decompress and sha256 {self.parallel} at a time (nproc), transfer and write "
+               f"{self.io_parallel} at a time (layerwarm's --io-threads)"
+               if self.parallel > 1 else "one thread")
+        par += f", each the fastest of {self.repeats} passes"
+        return (f"floor {self.seconds:.2f} s = largest part ({biggest}){start}; parts, "
+                f"{par}: {parts}")
+
+
+def _inflate(path: str, compression: str, out: str | None = None) -> int:
+    """Decompress one blob, discarding the output (or writing it to ``out``)."""
+    if compression == "gzip":
+        from isal import isal_zlib
+
+        d = isal_zlib.decompressobj(31)  # gzip wrapper
+    else:
+        import zstandard
+
+        d = zstandard.ZstdDecompressor().decompressobj()
+    n = 0
+    sink = open(out, "wb") if out else None
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                data = d.decompress(chunk)
+                n += len(data)
+                if sink is not None:
+                    sink.write(data)
+    finally:
+        if sink is not None:
+            sink.close()
+    return n
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return "sha256:" + h.hexdigest()
+
+
+def _write(path: str, size: int) -> None:
+    buf = os.urandom(CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, buf[: min(CHUNK, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wall(pool: Executor, fn: Callable[..., object], *args: Sequence[object]) -> tuple[float,
+                                                                                      list]:
+    started = time.perf_counter()
+    out = list(pool.map(fn, *args))
+    return time.perf_counter() - started, out
+
+
+def measure(
+    layers: Sequence[BuiltLayer],
+    urls: Sequence[str],
+    scratch: Path,
+    *,
+    parallel: int,
+    cold: bool,
+    transfer: bool = True,
+    write: bool = True,
+    start: bool = True,
+    repeats: int = 3,
+    io_parallel: int | None = None,
+) -> Floor:
+    """The floor of handling ``layers`` (blob ``urls`` on the registry, in the same order)."""
+    io_parallel = io_parallel or parallel
+    paths = [str(x.path) for x in layers]
+    comps = [x.compression for x in layers]
+    tars = [str(scratch / f"{x.hex}.tar") for x in layers]
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, float] = {}
+    how: dict[str, str] = {}
+    try:
+        with ProcessPoolExecutor(parallel) as procs:
+            list(procs.map(_noop_arg, range(parallel)))  # the workers exist before timing
+            # the tars to hash (not timed); then the same blobs again, timed, to nowhere
+            sizes = list(procs.map(_inflate, paths, comps, tars))
+            for lay, n in zip(layers, sizes, strict=True):
+                if n != lay.uncompressed_size:
+                    raise AssertionError(f"floor: {lay.digest} inflated to {n} bytes, "
+                                         f"want {lay.uncompressed_size}")
+            parts["decompress"] = min(_wall(procs, _inflate, paths, comps)[0]
+                                      for _ in range(repeats))
+            how["decompress"] = "ISA-L" if set(comps) == {"gzip"} else "zstandard"
+            if set(comps) == {"zstd"}:
+                cli = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(parallel) as threads:
+                        list(threads.map(lambda p: run(["zstd", "-dcq", "-T1", p],
+                                                       stdout_path=Path(os.devnull)), paths))
+                    cli = min(cli, time.perf_counter() - t0)
+                if cli < parts["decompress"]:
+                    parts["decompress"], how["decompress"] = cli, "zstd -dcq -T1"
+                how["decompress"] += "; zstandard and zstd -T1 both ran, the faster counts"
+            parts["sha256"], digests = _wall(procs, _sha256, tars)
+            for _ in range(repeats - 1):
+                parts["sha256"] = min(parts["sha256"], _wall(procs, _sha256, tars)[0])
+            for lay, dig in zip(layers, digests, strict=True):
+                if dig != lay.diff_id:
+                    raise AssertionError(f"floor: sha256 of {lay.digest}'s tar is not its diff_id")
+        for t in tars:
+            os.unlink(t)
+        with ThreadPoolExecutor(io_parallel) as threads:
+            if write:
+                outs = [str(scratch / f"{x.hex}.out") for x in layers]
+                sizes = [x.uncompressed_size for x in layers]
+                parts["write"] = float("inf")
+                for _ in range(repeats):
+                    parts["write"] = min(parts["write"], _wall(threads, _write, outs, sizes)[0])
+                    for o in outs:
+                        os.unlink(o)
+            if transfer:
+                parts["transfer"] = float("inf")
+                for _ in range(repeats):
+                    if cold:
+                        drop_caches()
+                    parts["transfer"] = min(parts["transfer"], _wall(
+                        threads, lambda u: run(["curl", "-sf", "-o", os.devnull, u]), urls)[0])
+                how["transfer"] = "curl, registry's page cache " + ("cold" if cold else "warm")
+        started = 0.0
+        if start:
+            started = float("inf")
+            for _ in range(repeats):
+                if cold:
+                    drop_caches()
+                started = min(started, run([sys.executable, "-c", "pass"]).seconds)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Floor(parts, started, parallel, how, cold, repeats, io_parallel)
+
+
+def _noop_arg(_: int) -> None:
+    return None
