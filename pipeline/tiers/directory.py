@@ -156,10 +156,11 @@ class DirectoryTier:
             self._subdir(self._index, create=True)
             fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=name + ".", suffix=".index.part")
             try:
+                # Not fsynced, unlike a layer: an index is derived data, and one a crash
+                # left empty or torn is refused (BadIndex) and made again by its next
+                # reader. The fsync was a second one per published layer.
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, self._index / name)
             except BaseException:
                 with suppress(OSError):
