@@ -22,7 +22,7 @@ from bench.workload import BuiltLayer, MiB
 from tests.support.cli import layerwarm_cmd, layerwarm_env
 from tests.support.images import Layer
 from tests.support.proxy import Hit
-from tests.support.tars import Dir, Entry, File, make_tar
+from tests.support.tars import Dir, File, make_tar
 
 MOUNT_WAIT = 120.0
 REPO_ROOT = Path(__file__).resolve().parents[1]  # not from bench.scenarios: no import cycle
@@ -48,31 +48,6 @@ def code_path_check(scratch: Path) -> str:
     if not all(Path(p).resolve().is_relative_to(REPO_ROOT) for p in paths):
         raise AssertionError(f"`layerwarm` children would import {paths}, not {REPO_ROOT}")
     return str(REPO_ROOT)
-
-
-def host_file(path: str) -> File:
-    real = os.path.realpath(path)
-    return File(path.lstrip("/"), Path(real).read_bytes(), os.stat(real).st_mode & 0o7777)
-
-
-def shell_layer() -> Layer:
-    """/bin/sh (the host's dash) and the libraries `ldd` lists for it, as
-    tests/test_mount.py's ``_shell_layer`` builds it: enough to `chroot MNT /bin/sh`."""
-    libs = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True, check=True)
-    paths = [p for line in libs.stdout.splitlines() for p in line.split()
-             if p.startswith("/") and os.path.exists(p)]
-    entries: list[Entry] = [Dir("bin")]
-    made = {"bin"}
-    for p in paths:
-        parts = p.lstrip("/").split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in made:
-                made.add(d)
-                entries.append(Dir(d))
-        entries.append(host_file(p))
-    entries.append(File("bin/sh", Path("/bin/dash").read_bytes(), 0o755))
-    return Layer(make_tar(entries), "gzip")
 
 
 def seqread_layer(size: int, seed: int) -> tuple[Layer, str, bytes]:

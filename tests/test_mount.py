@@ -19,33 +19,10 @@ import pytest
 from tests.support.cli import layerwarm_cmd, layerwarm_env, run_layerwarm
 from tests.support.images import Image, Layer
 from tests.support.registry import RegistryServer
+from tests.support.shell import shell_layer
 from tests.support.tars import Dir, File, Hardlink, Symlink, Whiteout, make_tar
 
 MOUNT_WAIT = 60.0
-
-
-def _host_file(path: str) -> File:
-    real = os.path.realpath(path)
-    return File(path.lstrip("/"), Path(real).read_bytes(), os.stat(real).st_mode & 0o7777)
-
-
-def _shell_layer() -> Layer:
-    """/bin/sh (the host's dash) with the libraries it loads: enough to run a script."""
-    libs = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True, check=True)
-    paths = [p for line in libs.stdout.splitlines() for p in line.split()
-             if p.startswith("/") and os.path.exists(p)]
-    entries: list = [Dir("bin")]
-    made = {"bin"}
-    for p in paths:
-        parts = p.lstrip("/").split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in made:
-                made.add(d)
-                entries.append(Dir(d))
-        entries.append(_host_file(p))
-    entries.append(File("bin/sh", Path("/bin/dash").read_bytes(), 0o755))
-    return Layer(make_tar(entries), "gzip")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +33,7 @@ def image(registry: RegistryServer) -> str:
         Whiteout("bin/nothing"),
     ]), "zstd")
     repo = f"mount/{uuid.uuid4().hex[:10]}"
-    registry.push_image(repo, "1", Image([_shell_layer(), top]))
+    registry.push_image(repo, "1", Image([shell_layer(), top]))
     return f"{registry.host}/{repo}:1"
 
 

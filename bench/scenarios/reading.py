@@ -29,6 +29,7 @@ from bench.workload import KiB, MiB
 from tests.support.cli import layerwarm_cmd
 from tests.support.faults import S3Proxy
 from tests.support.images import Image
+from tests.support.shell import shell_layer
 
 SEQ_SIZE = 100 * MiB
 READS = 5  # reads of the file per timed sample (scenario 14)
@@ -271,7 +272,7 @@ class ReadingScenarios(BenchBase):
 
     # ------------------------------------------------------------ 15
     def s15_chroot(self) -> Row:
-        base, shell = self.w.layers[("base", "gzip")], readkit.shell_layer()
+        base, shell = self.w.layers[("base", "gzip")], shell_layer()
         self.reg.push_image("bench/chroot", "1", Image([base, shell]))  # type: ignore[list-item]
         name = "bench/chroot:1"
         ref = self.refs([name])[0]
