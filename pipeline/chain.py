@@ -242,14 +242,20 @@ class Chain:
                     content.enter_context(sharing.content_lock(self.disk, layer.diff_id))
                 if claim is not None:
                     claim()
-                log.info("fetching layer from registry: %s (%d bytes)", layer.digest, layer.size)
-                result.source = "registry"
-                result.uncompressed_size = self.registry(layer, progress)
-                if result.uncompressed_size is None:
-                    result.seconds = time.monotonic() - started
-                    return result  # decompressed elsewhere; that end writes back
-                log.info("layer decompressed and cached: %s (%d bytes) %s", layer.digest,
-                         result.uncompressed_size, self.disk.path(layer.digest))
+                # Whoever held the claim until just now may have published the layer: the
+                # remote tier is asked again, holding the claim, before the registry is.
+                if claim is None or not self._from_tiers(
+                        layer, [x for x in sources if isinstance(x, RemoteSource)], goal,
+                        progress, content, result):
+                    log.info("fetching layer from registry: %s (%d bytes)", layer.digest,
+                             layer.size)
+                    result.source = "registry"
+                    result.uncompressed_size = self.registry(layer, progress)
+                    if result.uncompressed_size is None:
+                        result.seconds = time.monotonic() - started
+                        return result  # decompressed elsewhere; that end writes back
+                    log.info("layer decompressed and cached: %s (%d bytes) %s", layer.digest,
+                             result.uncompressed_size, self.disk.path(layer.digest))
         remote = next((x for x in sources if isinstance(x, RemoteSource)), None)
         if remote is None or not remote.unavailable:
             corrupt = remote is not None and remote.corrupt  # publish over it
