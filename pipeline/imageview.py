@@ -87,7 +87,12 @@ class Node:
     @property
     def st_mode(self) -> int:
         """Type and permission bits, as stat(2) gives them."""
-        return _TYPE_BITS.get(self.kind, 0) | (self.mode & 0o7777)
+        return st_mode(self.kind, self.mode)
+
+
+def st_mode(kind: str, mode: int) -> int:
+    """Type and permission bits, as stat(2) gives them, of a path of this kind and mode."""
+    return _TYPE_BITS.get(kind, 0) | (mode & 0o7777)
 
 
 class _Rec:
@@ -246,21 +251,32 @@ class ImageView:
         p = "/".join(done)
         return self._node(p, self._recs[p])
 
-    def walk(self) -> Iterator[tuple[str, Node]]:
-        """Every (path, node), the root ("") first, depth-first, siblings in sorted order."""
-        yield "", self._node("", self._recs[""])
-        stack: list[tuple[str, Iterator[str]]] = [("", iter(self._kids.get("", ())))]
+    def walk(self, top: str = "") -> Iterator[tuple[str, Node]]:
+        """Every (path, node) from `top` (the root "" by default) down, `top` first,
+        depth-first, siblings in sorted order."""
+        for path, rec in self._walk(top):
+            yield path, self._node(path, rec)
+
+    def listing(self, top: str = "") -> Iterator[tuple[str, Entry, int]]:
+        """As `walk`, but (path, the entry giving its metadata, its link count): what a
+        listing prints, without making a Node for every path (a fifth of `files -R`)."""
+        nlink = self._nlink
+        for path, rec in self._walk(top):
+            yield path, rec.entry, nlink.get(rec.ino, 1)
+
+    def _walk(self, top: str) -> Iterator[tuple[str, _Rec]]:
+        p = normalise(top)
+        if p not in self._recs:
+            raise NotInImage(f"/{p}: no such file or directory in the image")
+        recs, kids = self._recs, self._kids
+        stack = [p]  # paths still to visit, the next one last
         while stack:
-            parent, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            path = _join(parent, name)
-            yield path, self._node(path, self._recs[path])
-            children = self._kids.get(path)
-            if children:
-                stack.append((path, iter(children)))
+            path = stack.pop()
+            yield path, recs[path]
+            names = kids.get(path)
+            if names:
+                prefix = f"{path}/" if path else ""
+                stack.extend([prefix + name for name in reversed(names)])
 
     def open(self, path: str, reader: Reader) -> io.BufferedReader:
         """A seekable, read-only binary file over the regular file `path` (links followed).

@@ -22,21 +22,21 @@ def table(
 
     `indent` prefixes every line (a table nested under a heading, as in `inspect`).
     """
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    # One format string for every row: a listing of ten thousand files is formatted in C,
-    # not cell by cell in Python. Braces in cells are data to format(), never parsed.
-    line = indent + "  ".join(f"{{:{'>' if i in right else '<'}{w}}}"
-                              for i, w in enumerate(widths))
-
-    def fmt(row: Sequence[str]) -> str:
-        if len(row) != len(widths):
-            raise ValueError(f"a row of {len(row)} cells in a table of {len(widths)} columns")
-        return line.format(*row).rstrip()
-
-    lines = [fmt(header)]
+    if bad := set(map(len, rows)) - {len(header)}:
+        raise ValueError(f"a row of {min(bad)} cells in a table of {len(header)} columns")
+    # Column by column, in C (zip, map, max): a ten-thousand-row listing would otherwise
+    # cost a Python-level step for every cell.
+    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
+    # One printf-style template for every row: a listing of ten thousand files is formatted
+    # in C, not cell by cell in Python (and `%` is a third faster than str.format here).
+    # Cells are arguments to it, never parsed: a `%` or a brace in a cell is just text.
+    line = indent.replace("%", "%%") + "  ".join(
+        f"%{'' if i in right else '-'}{w}s" for i, w in enumerate(widths))
+    lines = [(line % tuple(header)).rstrip()]
     if rule:
         lines.append(indent + "  ".join("-" * w for w in widths))
-    return lines + [fmt(r) for r in rows]
+    lines.extend([(line % tuple(r)).rstrip() for r in rows])
+    return lines
 
 
 # Words whose plural is not the word plus "s"; every other counted noun just takes an "s".

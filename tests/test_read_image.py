@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import tarfile
 import uuid
 from pathlib import Path
@@ -112,6 +113,22 @@ def test_files_lists_the_merged_tree(image: str, cache_dir: Path) -> None:
     assert lines[-1] == "2 entries", lines
     assert any(ln.startswith("lrwxrwxrwx") and ln.endswith("/etc/alt -> os-release")
                for ln in lines), lines
+
+    # The long listing, recursive, says what the JSON says: every path, in the same order,
+    # with its mode, link count, size and link target; from a directory, only below it.
+    def listed(*where: str) -> list[list[str]]:
+        out = _ok("files", image, *where, "-R", cache_dir=cache_dir).stdout.splitlines()
+        assert out[-1] == f"{len(out) - 2} entries", out
+        return [ln.split() for ln in out[1:-1]]
+
+    def mode(x: dict) -> str:
+        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+        return stat.filemode(kind[x["type"]] | int(x["mode"], 8))
+
+    want = [[mode(x), str(x["nlink"]), str(x["size"]), x["path"]]
+            + (["->", x["link"]] if x["type"] == "symlink" else []) for x in got]
+    assert [[c[0], c[1], c[4], *c[6:]] for c in listed()] == want
+    assert [c[6] for c in listed("/etc")] == ["/etc/alt", "/etc/os-release"]
 
 
 def test_cat_writes_the_files_bytes_following_links_inside_the_image(image: str,
