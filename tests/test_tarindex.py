@@ -324,6 +324,16 @@ def test_dumps_loads_round_trip() -> None:
     assert LayerIndex.loads(index.dumps(), expect=DIFF_ID) == index
 
 
+def test_names_with_unicode_line_breaks_survive_the_stored_form() -> None:
+    # JSON leaves U+2028, NEL and the like unescaped; only a real newline ends an entry.
+    names = ["a\u2028b", "c\x85d", "e\x1cf", "g\u2029h"]
+    tar = build([member(n, data=n.encode()) for n in names])
+    index = feed(tar, None)[1]
+    loaded = LayerIndex.loads(index.dumps(), expect=DIFF_ID)
+    assert [e.path for e in loaded.entries] == names
+    assert loaded == index
+
+
 # -- tars that cannot be indexed: a clear error, never another exception, never a hang -----
 
 def test_corrupt_header_checksum() -> None:
