@@ -98,11 +98,10 @@ class Plan:
                     seen.update(dict.fromkeys(layer.sources))
         out = []
         for digest, layer in first.items():
-            merged = sources[digest]
-            if len(merged) > len(set(layer.sources)):  # another repository has it too
+            merged, own = sources[digest], len(set(layer.sources))
+            if len(merged) > own:  # other repositories have it too: theirs come after its own
                 layer = LayerSpec(layer.digest, layer.diff_id, layer.media_type, layer.size,
-                                  layer.sources + tuple(s for s in merged
-                                                        if s not in layer.sources))
+                                  layer.sources + tuple(merged)[own:])
             out.append(layer)
         return out
 

@@ -214,6 +214,7 @@ class RegistryClient:
         sleep: Callable[[float], None] = time.sleep, rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._insecure = frozenset(h.lower() for h in insecure_registries)
+        self._bases: dict[str, str] = {}  # api host -> scheme://host, by plain_http_allowed
         self._limiter: RateLimiter = rate_limiter or Unlimited()
         self._timeout = timeout
         self.retry = retry
@@ -339,8 +340,11 @@ class RegistryClient:
 
     def _base_url(self, ref: Reference) -> str:
         host = ref.api_host
-        scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
-        return f"{scheme}://{host}"
+        base = self._bases.get(host)
+        if base is None:  # once a host: the rule parses an IP address
+            scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
+            base = self._bases[host] = f"{scheme}://{host}"
+        return base
 
     def _blob_stream(
         self, resp: Answer, offset: int, what: str, deadline: Deadline,
