@@ -82,21 +82,28 @@ class Plan:
 
     @property
     def layers(self) -> list[LayerSpec]:
-        """Unique layers over all images, first-seen order, each with every repo that has it."""
-        seen: dict[Digest, LayerSpec] = {}
+        """Unique layers over all images, first-seen order, each with every repo that has it.
+
+        Linear in the layers listed: a layer in many images of many repositories (a fleet)
+        gathers its sources in one ordered set, not by comparing tuples at each image."""
+        first: dict[Digest, LayerSpec] = {}
+        sources: dict[Digest, dict[Reference, None]] = {}
         for image in self.images:
             for layer in image.layers:
-                known = seen.get(layer.digest)
-                if known is None:
-                    seen[layer.digest] = layer
-                elif not set(layer.sources) <= set(known.sources):
-                    merged = known.sources + tuple(
-                        s for s in layer.sources if s not in known.sources
-                    )
-                    seen[layer.digest] = LayerSpec(
-                        known.digest, known.diff_id, known.media_type, known.size, merged
-                    )
-        return list(seen.values())
+                seen = sources.get(layer.digest)
+                if seen is None:
+                    first[layer.digest] = layer
+                    sources[layer.digest] = dict.fromkeys(layer.sources)
+                else:
+                    seen.update(dict.fromkeys(layer.sources))
+        out = []
+        for digest, layer in first.items():
+            merged, own = sources[digest], len(set(layer.sources))
+            if len(merged) > own:  # other repositories have it too: theirs come after its own
+                layer = LayerSpec(layer.digest, layer.diff_id, layer.media_type, layer.size,
+                                  layer.sources + tuple(merged)[own:])
+            out.append(layer)
+        return out
 
 
 class ResolvedStore(Protocol):

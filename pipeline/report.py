@@ -122,25 +122,26 @@ def warm_json(report: WarmReport) -> dict[str, Any]:
 
 
 def plan_json(plan: Plan, where: dict[LayerSpec, Source | None]) -> dict[str, Any]:
-    layers = [{**_layer_json(x), "tier": where[x]} for x in plan.layers]
+    unique = plan.layers
     return {
         "images": _images_json(plan),
         "image_failures": [{"ref": f.ref, "error": f.error} for f in plan.failures],
-        "layers": layers,
-        "bytes_to_fetch": sum(x.size for x in plan.layers if where[x] is None),
+        "layers": [{**_layer_json(x), "tier": where[x]} for x in unique],
+        "bytes_to_fetch": sum(x.size for x in unique if where[x] is None),
     }
 
 
 def plan_text(plan: Plan, where: dict[LayerSpec, Source | None]) -> str:
+    unique = plan.layers
     rows = [
         (x.digest.short, human_bytes(x.size), source_label(where[x]) or "registry",
          str(len(x.sources)))
-        for x in plan.layers
+        for x in unique
     ]
-    lines = [f"{counted(len(plan.images), 'image')}, {counted(len(plan.layers), 'unique layer')}"]
+    lines = [f"{counted(len(plan.images), 'image')}, {counted(len(unique), 'unique layer')}"]
     if rows:
         lines += table(("LAYER", "COMPRESSED", "TIER", "REPOS"), rows, right={1})
-    to_fetch = [x for x in plan.layers if where[x] is None]
+    to_fetch = [x for x in unique if where[x] is None]
     nbytes = human_bytes(sum(x.size for x in to_fetch))
     lines.append(f"to fetch from registry: {counted(len(to_fetch), 'layer')}, {nbytes}")
     lines += images_failed_lines(plan)

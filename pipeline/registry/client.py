@@ -1,6 +1,7 @@
 """Read-only OCI distribution client: manifests, small blobs, and resumable blob streams.
 
-One `requests.Session` per client, shared by many threads. Every request goes through
+One `requests.Session` per client, shared by many threads; its GETs go straight to its
+adapter's urllib3 pools (pipeline/registry/transport.py). Every request goes through
 `_send`: authentication (401 challenge -> token -> one retry), manual redirects (at most
 5 hops, http/https only, each under the plain-HTTP rule of the first request,
 Authorization only where `may_send_credentials` allows), and status mapping to the
@@ -41,8 +42,9 @@ from pipeline.errors import (
 from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
-from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig, NoNetrc
+from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig
 from pipeline.registry.deadline import Deadline, WatchedAdapter, current
+from pipeline.registry.transport import Answer, Transport
 from pipeline.retry import DEFAULT_POLICY, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _discard(resp: requests.Response) -> None:
+def _discard(resp: Answer) -> None:
     """Close a response we do not need; a short body is read first so the connection
     goes back to the pool instead of being dropped."""
     try:
@@ -99,7 +101,7 @@ def _discard(resp: requests.Response) -> None:
     resp.close()
 
 
-def _error_detail(resp: requests.Response) -> str:
+def _error_detail(resp: Answer) -> str:
     """`CODE: message` from the registry's JSON error body, else the HTTP reason."""
     try:
         body = json.loads(resp.raw.read(64 * 1024, decode_content=True) or b"{}")
@@ -130,7 +132,7 @@ class BlobStream:
     STALL_BYTES cuts it (its request's `Deadline`, restarted by progress).
     """
 
-    def __init__(self, resp: requests.Response, offset: int, length: int | None, what: str,
+    def __init__(self, resp: Answer, offset: int, length: int | None, what: str,
                  deadline: Deadline, stall: float) -> None:
         self._resp = resp
         self.offset = offset
@@ -212,6 +214,7 @@ class RegistryClient:
         sleep: Callable[[float], None] = time.sleep, rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._insecure = frozenset(h.lower() for h in insecure_registries)
+        self._bases: dict[str, str] = {}  # api host -> scheme://host, by plain_http_allowed
         self._limiter: RateLimiter = rate_limiter or Unlimited()
         self._timeout = timeout
         self.retry = retry
@@ -222,6 +225,7 @@ class RegistryClient:
         self._session.mount("https://", adapter)
         # Blobs must arrive byte-exact; compressed transfer would only cost CPU here.
         self._session.headers.update({"User-Agent": "layerwarm", "Accept-Encoding": "identity"})
+        self._transport = Transport(self._session, adapter)  # the registry's GETs
         self._auth = Authenticator(
             self._session,
             docker_config if docker_config is not None else CredentialSources.load(),
@@ -336,11 +340,14 @@ class RegistryClient:
 
     def _base_url(self, ref: Reference) -> str:
         host = ref.api_host
-        scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
-        return f"{scheme}://{host}"
+        base = self._bases.get(host)
+        if base is None:  # once a host: the rule parses an IP address
+            scheme = "http" if plain_http_allowed(host, self._insecure) else "https"
+            base = self._bases[host] = f"{scheme}://{host}"
+        return base
 
     def _blob_stream(
-        self, resp: requests.Response, offset: int, what: str, deadline: Deadline,
+        self, resp: Answer, offset: int, what: str, deadline: Deadline,
     ) -> BlobStream:
         size = resp.headers.get("Content-Length")
         stall = self.retry.stall
@@ -358,7 +365,7 @@ class RegistryClient:
                           deadline, stall)
 
     def _read_capped(
-        self, resp: requests.Response, max_bytes: int, what: str, ref: Reference, *, decode: bool,
+        self, resp: Answer, max_bytes: int, what: str, ref: Reference, *, decode: bool,
     ) -> bytes:
         """Read a whole body, stopping as soon as it exceeds `max_bytes`."""
         length = resp.headers.get("Content-Length", "")
@@ -378,7 +385,7 @@ class RegistryClient:
 
     def _send(
         self, ref: Reference, path: str, what: str, headers: dict[str, str],
-    ) -> requests.Response:
+    ) -> Answer:
         """One authenticated GET, redirects followed; returns an open 2xx response."""
         url = f"{self._base_url(ref)}/v2/{ref.repository}/{path}"
         host, scope = ref.api_host, f"repository:{ref.repository}:pull"
@@ -416,7 +423,7 @@ class RegistryClient:
 
     def _follow(
         self, url: str, headers: dict[str, str], authorization: str | None, where: str,
-    ) -> requests.Response:
+    ) -> Answer:
         """GET `url`, following redirects by hand so the Authorization never leaks."""
         home = url
         for _hop in range(MAX_REDIRECTS + 1):
@@ -429,8 +436,7 @@ class RegistryClient:
                 clock.start()  # now, after the wait for the rate budget
                 connect = min(connect, clock.seconds)  # a connect cannot be cut: cap it
             try:
-                resp = self._session.get(url, headers=sent, stream=True, allow_redirects=False,
-                                         timeout=(connect, self._timeout), auth=NoNetrc())
+                resp = self._transport.get(url, sent, (connect, self._timeout))
             except requests.RequestException as e:
                 netloc = urlsplit(url).netloc
                 if "certificate verify failed" in str(e).lower():
