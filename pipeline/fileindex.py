@@ -5,18 +5,14 @@ layer and published with it, and read by the merged image view (pipeline/imagevi
 that a file can be listed, and its bytes read at their offset in the tar, without reading
 the rest of the layer.
 
-Stored form: one zstd frame holding JSON. A header object names the format, the diff_id
-the index describes, the tar's size, the chunk size and the entry fields; then one JSON
-array per entry, in tar order, with the fields in that order. Why this form: the stdlib
-reads it fast (a base image's ten thousand entries load in milliseconds), it is written in
-one pass as the tar streams by, it compresses to a few tens of bytes an entry (paths and
-owners repeat), and a reader that meets an unknown format refuses it instead of guessing.
+Stored form: one zstd frame, its content laid out by pipeline/indexform.py (columns;
+the older form of JSON rows is still read). A reader that meets an unknown format
+refuses it instead of guessing.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +21,6 @@ from typing import Literal
 from pipeline.digest import Digest
 from pipeline.errors import PermanentError
 
-FORMAT = "layerwarm-index/1"
 CHUNK_SIZE = 4 << 20  # a larger file's content is digested per chunk of this size
 MAX_INDEX_BYTES = 256 << 20  # a stored index larger than this (decompressed) is refused
 
@@ -73,11 +68,6 @@ class Entry:
     chunks: tuple[str, ...] = ()
 
 
-# The order of an entry's fields in the stored form (xattr values are base64).
-FIELDS = ("path", "kind", "mode", "uid", "gid", "mtime", "size", "offset", "link",
-          "devmajor", "devminor", "uname", "gname", "xattrs", "digest", "chunks")
-
-
 @dataclass(frozen=True)
 class LayerIndex:
     diff_id: Digest  # the tar this index describes
@@ -92,12 +82,16 @@ class LayerIndex:
     def dumps(self) -> bytes:
         import zstandard
 
-        return zstandard.ZstdCompressor(level=10).compress(_to_json(self))
+        from pipeline.indexform import dumps
+
+        return zstandard.ZstdCompressor(level=10).compress(dumps(self))
 
     @classmethod
     def loads(cls, data: bytes, expect: Digest | None = None) -> LayerIndex:
         """Parse a stored index; BadIndex if it is unusable or describes another tar."""
         import zstandard
+
+        from pipeline.indexform import parse
 
         try:
             raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_INDEX_BYTES)
@@ -105,76 +99,10 @@ class LayerIndex:
             raise BadIndex(f"file index: not a zstd frame within "
                               f"{MAX_INDEX_BYTES >> 20} MiB ({e})") from None
         with without_cyclic_gc():
-            index = _from_json(raw)
+            index = parse(raw)
         if expect is not None and index.diff_id != expect:
             raise BadIndex(f"file index describes {index.diff_id}, not {expect}")
         return index
-
-
-def _to_json(index: LayerIndex) -> bytes:
-    import base64
-
-    head = {"format": FORMAT, "diff_id": str(index.diff_id), "tar_size": index.tar_size,
-            "chunk_size": index.chunk_size, "digests": index.digests, "fields": list(FIELDS)}
-    lines = [json.dumps(head, separators=(",", ":"))]
-    for e in index.entries:
-        xattrs = {k: base64.b64encode(v).decode() for k, v in e.xattrs.items()}
-        lines.append(json.dumps(
-            [e.path, e.kind, e.mode, e.uid, e.gid, e.mtime, e.size, e.offset, e.link,
-             e.devmajor, e.devminor, e.uname, e.gname, xattrs, e.digest, list(e.chunks)],
-            separators=(",", ":"), ensure_ascii=False))
-    return ("\n".join(lines) + "\n").encode()
-
-
-def _from_json(raw: bytes) -> LayerIndex:
-    try:
-        first, _, body = raw.partition(b"\n")
-        head = json.loads(first)
-        if head.get("format") != FORMAT or head.get("fields") != list(FIELDS):
-            raise BadIndex(f"file index: format {head.get('format')!r}, want {FORMAT!r}")
-        # The entries' lines as one JSON array, one parse (twice as fast as a parse per
-        # line); joined as bytes: newlines never occur inside JSON text, only between rows.
-        rows = json.loads(b"[" + body.rstrip(b"\n").replace(b"\n", b",") + b"]")
-        digests = head.get("digests", True)  # an index from before the field had them
-        if type(digests) is not bool:
-            raise ValueError(f"digests: {digests!r}")
-        return LayerIndex(Digest.parse(head["diff_id"]), int(head["tar_size"]),
-                          _entries(rows), int(head["chunk_size"]), digests)
-    except BadIndex:
-        raise
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise BadIndex(f"file index: malformed ({type(e).__name__}: {e})") from None
-
-
-# The JSON types each field may have, in FIELDS order (mtime may be written as an integer).
-_TYPES: tuple[frozenset[type], ...] = tuple(frozenset(t) for t in (
-    {str}, {str}, {int}, {int}, {int}, {int, float}, {int}, {int}, {str}, {int}, {int},
-    {str}, {str}, {dict}, {str}, {list}))
-
-
-def _entries(rows: list) -> tuple[Entry, ...]:
-    """Entries of parsed rows, every field of the type the Entry says, or ValueError.
-
-    Checked column by column and built with no conversion, each step a C-level pass (set,
-    map, zip) rather than a Python loop over ten thousand rows: a base image's entries
-    load in a few tens of milliseconds (field-by-field conversion took 150)."""
-    import base64
-
-    n = len(FIELDS)
-    if set(map(type, rows)) - {list} or set(map(len, rows)) - {n}:
-        raise ValueError(f"an entry that is not a list of {n} fields")
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in FIELDS]
-    for name, allowed, column in zip(FIELDS, _TYPES, columns, strict=True):
-        if bad := set(map(type, column)) - allowed:
-            raise ValueError(f"field {name!r} of type {sorted(t.__name__ for t in bad)}")
-    if bad := set(columns[1]) - set(KINDS):
-        raise ValueError(f"unknown kind {sorted(bad)[0]!r}")
-    chunks = [tuple(c) if c else () for c in columns[15]]
-    if set(map(type, (d for c in chunks for d in c))) - {str}:
-        raise ValueError("a chunk digest that is not a string")
-    xattrs = [{str(k): base64.b64decode(v, validate=True) for k, v in x.items()} if x else x
-              for x in columns[13]]  # values are base64
-    return tuple(map(Entry, *columns[:13], xattrs, columns[14], chunks))
 
 
 @contextmanager

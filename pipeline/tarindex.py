@@ -542,7 +542,10 @@ class TarIndexer:
             return default
         if not value.isdigit():  # decimal, not negative: sizes and ids
             raise self._bad(f"PAX {key}={value[:40]!r} is not a number", offset)
-        return int(value)
+        n = int(value)
+        if n >= 1 << 63:  # as Go's archive/tar (containerd's) reads it: an int64
+            raise self._bad(f"PAX {key}={value[:40]!r} is out of range", offset)
+        return n
 
     def _pax_float(self, value: bytes, offset: int) -> float:
         try:

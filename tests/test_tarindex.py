@@ -343,6 +343,17 @@ def test_corrupt_header_checksum() -> None:
         feed(bytes(tar), 7)
 
 
+@pytest.mark.parametrize("key", ["uid", "gid", "size"])
+def test_pax_numbers_past_int64_are_refused(key: str) -> None:
+    # Go's archive/tar (containerd) reads them as int64; the stored index keeps int64.
+    ok = build([member("a", pax_headers={key: str((1 << 63) - 1)} if key != "size" else {})])
+    index = feed(ok, None)[1]
+    assert LayerIndex.loads(index.dumps()) == index and index.entries[0].path == "a"
+    tar = build([member("a", pax_headers={key: str(1 << 63)})])
+    with pytest.raises(BadTar, match=f"PAX {key}=b'9223372036854775808' is out of range"):
+        feed(tar, None)
+
+
 @pytest.mark.parametrize("cut", [512 + 100, 1536 + 100, 1024, 512 - 1, 700])
 def test_truncated_tar(cut: int) -> None:
     tar = build([member("a", data=b"x" * 600), member("b", data=b"y")])
