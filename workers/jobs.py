@@ -7,8 +7,10 @@
     layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
                                 when the plan is recorded), so `--wait` ends at once
 
-Both expire after the job TTL. A job's overall state is derived from its layers when read,
-so no writer has to keep a summary consistent.
+Both hashes expire the job TTL after the plan is recorded: a layer's state change keeps
+that TTL rather than setting it again (an EXPIRE and a MULTI/EXEC less per change). A
+job's overall state is derived from its layers when read, so no writer has to keep a
+summary consistent.
 """
 
 from __future__ import annotations
@@ -93,12 +95,17 @@ class JobStore:
         if state.get("state") in FINISHED and fields.get("state") not in FINISHED:
             return  # a late progress write must not reopen a finished layer
         state.update(fields, updated=time.time())
-        with self.client.pipeline() as p:
+        # One round trip, no MULTI/EXEC: the HSET and the PUBLISH need no isolation (a
+        # follower reads the record after the message, and the HSET went first). The TTL
+        # was set when the job was planned and an HSET keeps it; only a field created here
+        # (the record expired, or was never planned) needs it set again.
+        with self.client.pipeline(transaction=False) as p:
             p.hset(key, field, json.dumps(state))
-            p.expire(key, self.ttl)
             if fields.get("state") in FINISHED:
                 p.publish(self.events_channel(job_id), field)
-            p.execute()
+            created = p.execute()[0]
+        if created:
+            self.client.expire(key, self.ttl)
 
     def layer_state(self, job_id: str, digest: str, target: str) -> str | None:
         """One layer's state (pending, fetching, ..., done, failed), or None if unknown."""
