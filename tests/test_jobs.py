@@ -100,3 +100,28 @@ def test_a_layer_record_always_expires_even_written_after_the_job_expired(
         assert 100 < client.ttl(key) <= 600, "a record made again gets the job TTL"
     finally:
         _cleanup(client, job_id)
+
+
+def test_a_repeated_waiting_write_is_left_out_while_the_record_is_fresh(
+        redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    key, field = f"layerwarm:job:{job_id}:layers", f"{LAYER['digest']}|remote"
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
+                          fresh_for=60)
+        first = json.loads(client.hget(key, field))
+        assert first["waiting"] == "b:1"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
+                          fresh_for=60)
+        assert json.loads(client.hget(key, field)) == first, "nothing new: not written"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
+                          fresh_for=60)
+        assert json.loads(client.hget(key, field))["waiting"] == "c:2", "a change is written"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
+                          fresh_for=0)
+        assert json.loads(client.hget(key, field))["updated"] > first["updated"], \
+            "a stale record is touched again"
+    finally:
+        _cleanup(client, job_id)

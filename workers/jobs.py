@@ -85,16 +85,26 @@ class JobStore:
             p.publish(self.events_channel(job_id), "planned")
             p.execute()
 
-    def update_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
+    def update_layer(self, job_id: str, digest: str, target: str, *, fresh_for: float = 0,
+                     **fields: Any) -> None:
         """Merge `fields` into one layer's state. Last writer wins, which is fine: each
-        layer of a job has one chain of tasks, and they run one after another."""
+        layer of a job has one chain of tasks, and they run one after another.
+
+        `fresh_for`: a write that would change nothing but the time is left out while the
+        record is younger than this many seconds (a fetch waiting on a lease says so once,
+        not at every try; the sweeper only needs the record touched well within its
+        LAYERWARM_REQUEUE_AFTER)."""
         key = self._key(job_id) + ":layers"
         field = f"{digest}|{target}"
         raw = self.client.hget(key, field)
         state = json.loads(raw) if raw else {"digest": digest, "target": target}
         if state.get("state") in FINISHED and fields.get("state") not in FINISHED:
             return  # a late progress write must not reopen a finished layer
-        state.update(fields, updated=time.time())
+        now = time.time()
+        if raw and now - float(state.get("updated", 0)) < fresh_for \
+                and all(state.get(k) == v for k, v in fields.items()):
+            return
+        state.update(fields, updated=now)
         # One round trip, no MULTI/EXEC: the HSET and the PUBLISH need no isolation (a
         # follower reads the record after the message, and the HSET went first). The TTL
         # was set when the job was planned and an HSET keeps it; only a field created here

@@ -65,7 +65,7 @@ from workers.layertask import (
 )
 from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
-from workers.routing import Target, node_cpu_queue, node_io_queue
+from workers.routing import Target, node_cpu_queue, node_io_queue, spread
 from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
@@ -75,8 +75,19 @@ INLINE_DECOMPRESS_BYTES = 256 << 10
 TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
-LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
+LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease, ...
+LEASE_WAIT_GROWTH = 4    # ... times 2 ** tries, up to this factor (4-12 s)
 PUBLISH_BACKOFF = (2.0, 300.0)  # a node's owed publish: first wait, longest wait (seconds)
+
+
+def lease_wait(tries: int) -> float:
+    """Seconds before a fetch asks again for a lease another worker holds.
+
+    Doubling with each try, up to LEASE_WAIT_GROWTH times the first wait: a layer held for
+    long (a big one, its holder busy) is asked after less often, each try being a message
+    and its events; a short hold is still seen within a few seconds.
+    """
+    return random.uniform(*LEASE_WAIT) * min(2 ** tries, LEASE_WAIT_GROWTH)
 
 
 def _no_registry(layer: LayerSpec, progress: Progress) -> None:
@@ -102,7 +113,8 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         bookkeeping().jobs.planned(
             job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
-    work = [(layer_to_json(x), t) for x in result.layers for t in targets]
+    layers_json = [layer_to_json(x) for x in result.layers]
+    work = [(layer, t) for layer in layers_json for t in targets]
     c.jobs.planned(
         job_id,
         [{**layer, "target": t, "order": i} for i, (layer, t) in enumerate(work)],
@@ -115,10 +127,11 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
     # Tiny layers travel in batches (one task, one after another); the others one a task,
     # largest first: the fleet queue then hands the big ones out first and the small ones
     # to whichever host frees up first, which spreads the bytes (and so the decompression
-    # each host must do itself) evenly across hosts.
+    # each host must do itself) evenly across hosts. Several node targets each start on
+    # their own share of the layers (routing.spread), so they do not wait on each other.
     tiny: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
-    for layer, t in sorted(work, key=lambda w: -int(w[0]["size"])):
+    for layer, t in spread(sorted(layers_json, key=lambda x: -int(x["size"])), targets):
         if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
             sends.append(functools.partial(fetch.apply_async, (job_id, layer, t),
                                            queue=Target.parse(t).fetch_queue))
@@ -156,8 +169,9 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             nonlocal token
             if c.env.remote is not None:
                 token = token or Leases.new_token(c.node)
-                if not c.leases.acquire(spec.digest, token):
-                    raise LeaseBusy(c.leases.holder(spec.digest))
+                holder = c.leases.try_acquire(spec.digest, token)
+                if holder is not None:
+                    raise LeaseBusy(holder)
                 progress.lease = token
 
         def registry(layer_: LayerSpec, progress_: Progress) -> int | None:
@@ -190,8 +204,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         return self.done(job_id, spec, target, result.source or "registry", **extra)
     except LeaseBusy as e:
         bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
-                                        waiting=e.holder)
-        raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
+                                        waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
+        raise self.retry(countdown=lease_wait(self.request.retries), exc=e,
                          queue=Target.parse(target).fetch_queue, kwargs={"token": None}) from e
     except Retry:
         raise
@@ -227,7 +241,7 @@ def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
             fetch(job_id, layer, target)  # a direct call: runs now, in this task
         except LeaseBusy:
             requeued += 1
-            fetch.apply_async((job_id, layer, target), countdown=random.uniform(*LEASE_WAIT),
+            fetch.apply_async((job_id, layer, target), countdown=lease_wait(0),
                               queue=Target.parse(target).fetch_queue)
         except Exception:  # noqa: BLE001 - failed for good; `fetch` recorded it in the job
             continue
