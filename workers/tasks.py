@@ -75,19 +75,8 @@ INLINE_DECOMPRESS_BYTES = 256 << 10
 TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
-LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease, ...
-LEASE_WAIT_GROWTH = 4    # ... times 2 ** tries, up to this factor (4-12 s)
+LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
 PUBLISH_BACKOFF = (2.0, 300.0)  # a node's owed publish: first wait, longest wait (seconds)
-
-
-def lease_wait(tries: int) -> float:
-    """Seconds before a fetch asks again for a lease another worker holds.
-
-    Doubling with each try, up to LEASE_WAIT_GROWTH times the first wait: a layer held for
-    long (a big one, its holder busy) is asked after less often, each try being a message
-    and its events; a short hold is still seen within a few seconds.
-    """
-    return random.uniform(*LEASE_WAIT) * min(2 ** tries, LEASE_WAIT_GROWTH)
 
 
 def _no_registry(layer: LayerSpec, progress: Progress) -> None:
@@ -205,7 +194,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     except LeaseBusy as e:
         bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
                                         waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
-        raise self.retry(countdown=lease_wait(self.request.retries), exc=e,
+        raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
                          queue=Target.parse(target).fetch_queue, kwargs={"token": None}) from e
     except Retry:
         raise
@@ -241,7 +230,7 @@ def fetch_batch(self: Task, job_id: str, layers: list[dict[str, Any]],
             fetch(job_id, layer, target)  # a direct call: runs now, in this task
         except LeaseBusy:
             requeued += 1
-            fetch.apply_async((job_id, layer, target), countdown=lease_wait(0),
+            fetch.apply_async((job_id, layer, target), countdown=random.uniform(*LEASE_WAIT),
                               queue=Target.parse(target).fetch_queue)
         except Exception:  # noqa: BLE001 - failed for good; `fetch` recorded it in the job
             continue
