@@ -42,6 +42,7 @@ from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
+from workers.routing import spread
 
 FLEET_DB = 7  # the module fleet's Redis database (flushed at start)
 KILL_DB = 8  # the kill -9 test's own fleet
@@ -241,6 +242,20 @@ def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
             assert path.read_bytes() == lay.tar
     assert status["totals"]["layers"] == status["totals"]["done"] == 12
     assert_everything_intact(fleet, tier)
+
+
+def test_each_node_target_starts_on_its_own_share_of_the_layers() -> None:
+    """all-nodes: every node gets every layer once, its own share (every n-th, largest
+    first) before the rest, so the nodes do not all reach the same layer at once."""
+    items, targets = list(range(7)), ["node:a", "node:b", "node:c"]
+    pairs = spread(items, targets)
+    assert Counter(pairs) == Counter({(i, t): 1 for i in items for t in targets})
+    for j, t in enumerate(targets):
+        order = [i for i, x in pairs if x == t]
+        own = items[j::3]
+        assert order[:len(own)] == own, (t, order)
+        assert order[len(own):] == [i for i in items if i not in own], (t, order)
+    assert spread(items, ["remote"]) == [(i, "remote") for i in items]
 
 
 def test_two_jobs_at_once_over_overlapping_fleets_fetch_each_layer_once(

@@ -80,3 +80,48 @@ def test_status_watch_ends_with_the_job(redis_url: str) -> None:
     finally:
         watch.kill()
         _cleanup(client, job_id)
+
+
+def test_a_layer_record_always_expires_even_written_after_the_job_expired(
+        redis_url: str) -> None:
+    """A state change keeps the TTL the plan set; a write that finds the record gone (a
+    late task of an expired job) makes it again with the TTL, never without one."""
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    key = f"layerwarm:job:{job_id}:layers"
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        client.expire(key, 100)  # as if the plan was recorded a while ago
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="fetching", bytes_done=5)
+        assert 0 < client.ttl(key) <= 100, "a state change keeps the plan's TTL"
+        assert json.loads(client.hget(key, f"{LAYER['digest']}|remote"))["state"] == "fetching"
+        client.delete(key)  # the job's records expired meanwhile
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="done")
+        assert 100 < client.ttl(key) <= 600, "a record made again gets the job TTL"
+    finally:
+        _cleanup(client, job_id)
+
+
+def test_a_repeated_waiting_write_is_left_out_while_the_record_is_fresh(
+        redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    key, field = f"layerwarm:job:{job_id}:layers", f"{LAYER['digest']}|remote"
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
+                          fresh_for=60)
+        first = json.loads(client.hget(key, field))
+        assert first["waiting"] == "b:1"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
+                          fresh_for=60)
+        assert json.loads(client.hget(key, field)) == first, "nothing new: not written"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
+                          fresh_for=60)
+        assert json.loads(client.hget(key, field))["waiting"] == "c:2", "a change is written"
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
+                          fresh_for=0)
+        assert json.loads(client.hget(key, field))["updated"] > first["updated"], \
+            "a stale record is touched again"
+    finally:
+        _cleanup(client, job_id)

@@ -101,6 +101,8 @@ def test_acquire_and_release_check_the_token(client: redis.Redis,
         assert leases.acquire(digest, mine)
         assert leases.acquire(digest, mine), "a redelivered task of ours holds it still"
         assert not other.acquire(digest, theirs)
+        assert other.try_acquire(digest, theirs) == mine, "a busy lease names its holder"
+        assert leases.try_acquire(digest, mine) is None
         assert leases.holder(digest) == mine
         assert client.hget(leases.held_key, str(digest)) == mine.encode()
         assert client.hget(other.held_key, str(digest)) is None

@@ -7,8 +7,10 @@
     layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
                                 when the plan is recorded), so `--wait` ends at once
 
-Both expire after the job TTL. A job's overall state is derived from its layers when read,
-so no writer has to keep a summary consistent.
+Both hashes expire the job TTL after the plan is recorded: a layer's state change keeps
+that TTL rather than setting it again (an EXPIRE and a MULTI/EXEC less per change). A
+job's overall state is derived from its layers when read, so no writer has to keep a
+summary consistent.
 """
 
 from __future__ import annotations
@@ -83,22 +85,37 @@ class JobStore:
             p.publish(self.events_channel(job_id), "planned")
             p.execute()
 
-    def update_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
+    def update_layer(self, job_id: str, digest: str, target: str, *, fresh_for: float = 0,
+                     **fields: Any) -> None:
         """Merge `fields` into one layer's state. Last writer wins, which is fine: each
-        layer of a job has one chain of tasks, and they run one after another."""
+        layer of a job has one chain of tasks, and they run one after another.
+
+        `fresh_for`: a write that would change nothing but the time is left out while the
+        record is younger than this many seconds (a fetch waiting on a lease says so once,
+        not at every try; the sweeper only needs the record touched well within its
+        LAYERWARM_REQUEUE_AFTER)."""
         key = self._key(job_id) + ":layers"
         field = f"{digest}|{target}"
         raw = self.client.hget(key, field)
         state = json.loads(raw) if raw else {"digest": digest, "target": target}
         if state.get("state") in FINISHED and fields.get("state") not in FINISHED:
             return  # a late progress write must not reopen a finished layer
-        state.update(fields, updated=time.time())
-        with self.client.pipeline() as p:
+        now = time.time()
+        if raw and now - float(state.get("updated", 0)) < fresh_for \
+                and all(state.get(k) == v for k, v in fields.items()):
+            return
+        state.update(fields, updated=now)
+        # One round trip, no MULTI/EXEC: the HSET and the PUBLISH need no isolation (a
+        # follower reads the record after the message, and the HSET went first). The TTL
+        # was set when the job was planned and an HSET keeps it; only a field created here
+        # (the record expired, or was never planned) needs it set again.
+        with self.client.pipeline(transaction=False) as p:
             p.hset(key, field, json.dumps(state))
-            p.expire(key, self.ttl)
             if fields.get("state") in FINISHED:
                 p.publish(self.events_channel(job_id), field)
-            p.execute()
+            created = p.execute()[0]
+        if created:
+            self.client.expire(key, self.ttl)
 
     def layer_state(self, job_id: str, digest: str, target: str) -> str | None:
         """One layer's state (pending, fetching, ..., done, failed), or None if unknown."""

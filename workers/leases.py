@@ -42,6 +42,7 @@ log = logging.getLogger("layerwarm")
 # KEYS: lease, held hash, since hash. ARGV: token, ttl ms, digest, now ms.
 # Take the lease (or confirm it is ours: a redelivered task) and record it for the node's
 # renewers in the same step, so no lease exists that its node's renewers do not know.
+# Returns 1, or the holder's token when another holds it (no second read to name it).
 _ACQUIRE = """
 local current = redis.call('get', KEYS[1])
 if current == false then
@@ -49,7 +50,7 @@ if current == false then
 elseif current == ARGV[1] then
   redis.call('pexpire', KEYS[1], ARGV[2])
 else
-  return 0
+  return current
 end
 redis.call('hset', KEYS[2], ARGV[3], ARGV[1])
 redis.call('hsetnx', KEYS[3], ARGV[3], ARGV[4])
@@ -158,16 +159,22 @@ class Leases:
 
         Once taken, the node's renewers keep it until `release`, across task handoffs.
         """
+        return self.try_acquire(digest, token) is None
+
+    def try_acquire(self, digest: Digest, token: str) -> str | None:
+        """`acquire`, saying who holds the lease instead: None when it is ours now, else
+        the holder's token (what `holder` would read, in the same command)."""
         self.start_renewer()
         now = time.time()
-        taken = bool(self._acquire(
+        answer = self._acquire(
             keys=[self.key(digest), self.held_key, self._since_key],
-            args=[token, self.ttl_ms, str(digest), int(now * 1000)]))
-        if taken:
-            with self._lock:
-                self._known[(str(digest), token)] = time.monotonic()
-                self._lost.pop((str(digest), token), None)
-        return taken
+            args=[token, self.ttl_ms, str(digest), int(now * 1000)])
+        if isinstance(answer, bytes | str):
+            return _text(answer)
+        with self._lock:
+            self._known[(str(digest), token)] = time.monotonic()
+            self._lost.pop((str(digest), token), None)
+        return None
 
     def release(self, digest: Digest, token: str) -> None:
         """Drop the lease (only if `token` holds it) and the node's record of it."""

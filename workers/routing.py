@@ -11,9 +11,14 @@ its staging file is on that host's disk.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, zip_longest
+from typing import TypeVar
 
 from pipeline.errors import UsageError
+
+T = TypeVar("T")
 
 FLEET_QUEUE = "layerwarm.fleet"
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -53,3 +58,24 @@ class Target:
 
     def __str__(self) -> str:
         return "remote" if self.node is None else f"node:{self.node}"
+
+
+def spread(items: Sequence[T], targets: Sequence[str]) -> list[tuple[T, str]]:
+    """Every item for every target, each target starting on its own share of `items`.
+
+    `items` come in the order they should go (the plan's: largest first). Target j of n
+    owns items j, j + n, j + 2n, ... and takes them first, then the others in order. With
+    several node targets (all-nodes) each node's queue is consumed on its own, side by
+    side: in one shared order every node would reach each layer when the others do, and
+    all but the lease holder would wait on it (a fetch retried every second or two, a
+    message and a job-record write each time). Spread, each node fetches its share from
+    the registry and finds the rest in the remote tier, published by their owners while
+    it worked on its own. The pairs come target by target in turn (round robin), so each
+    queue gets its first messages first.
+    """
+    n = len(targets)
+    orders = [[*items[j::n], *(x for i, x in enumerate(items) if i % n != j)]
+              for j in range(n)]
+    turns = zip_longest(*([(x, t) for x in order] for order, t in zip(orders, targets,
+                                                                      strict=True)))
+    return [pair for pair in chain.from_iterable(turns) if pair is not None]

@@ -65,7 +65,7 @@ from workers.layertask import (
 )
 from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
-from workers.routing import Target, node_cpu_queue, node_io_queue
+from workers.routing import Target, node_cpu_queue, node_io_queue, spread
 from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
@@ -102,7 +102,8 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         bookkeeping().jobs.planned(
             job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
-    work = [(layer_to_json(x), t) for x in result.layers for t in targets]
+    layers_json = [layer_to_json(x) for x in result.layers]
+    work = [(layer, t) for layer in layers_json for t in targets]
     c.jobs.planned(
         job_id,
         [{**layer, "target": t, "order": i} for i, (layer, t) in enumerate(work)],
@@ -115,10 +116,11 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
     # Tiny layers travel in batches (one task, one after another); the others one a task,
     # largest first: the fleet queue then hands the big ones out first and the small ones
     # to whichever host frees up first, which spreads the bytes (and so the decompression
-    # each host must do itself) evenly across hosts.
+    # each host must do itself) evenly across hosts. Several node targets each start on
+    # their own share of the layers (routing.spread), so they do not wait on each other.
     tiny: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
-    for layer, t in sorted(work, key=lambda w: -int(w[0]["size"])):
+    for layer, t in spread(sorted(layers_json, key=lambda x: -int(x["size"])), targets):
         if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
             sends.append(functools.partial(fetch.apply_async, (job_id, layer, t),
                                            queue=Target.parse(t).fetch_queue))
@@ -156,8 +158,9 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             nonlocal token
             if c.env.remote is not None:
                 token = token or Leases.new_token(c.node)
-                if not c.leases.acquire(spec.digest, token):
-                    raise LeaseBusy(c.leases.holder(spec.digest))
+                holder = c.leases.try_acquire(spec.digest, token)
+                if holder is not None:
+                    raise LeaseBusy(holder)
                 progress.lease = token
 
         def registry(layer_: LayerSpec, progress_: Progress) -> int | None:
@@ -190,7 +193,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         return self.done(job_id, spec, target, result.source or "registry", **extra)
     except LeaseBusy as e:
         bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
-                                        waiting=e.holder)
+                                        waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
         raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
                          queue=Target.parse(target).fetch_queue, kwargs={"token": None}) from e
     except Retry:
