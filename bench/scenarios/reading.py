@@ -35,6 +35,12 @@ SEQ_SIZE = 100 * MiB
 READS = 5  # reads of the file per timed sample (scenario 14)
 
 
+# Scenario 12's floor: one ranged GET from a fresh Python process through boto3.
+FLOOR_GET = ("import sys, boto3; c = boto3.session.Session().client('s3'); "
+             "got = c.get_object(Bucket=sys.argv[1], Key=sys.argv[2], Range=sys.argv[3]); "
+             "assert len(got['Body'].read()) == int(sys.argv[4])")
+
+
 class ReadingScenarios(BenchBase):
     """Scenarios 11-15."""
 
@@ -140,6 +146,19 @@ class ReadingScenarios(BenchBase):
             return r.seconds
 
         self.ratio_row(row, self.paired(lambda i: cat(self.s3.env(), i), peer), "<=", 0.05)
+        # The floor: the least any boto3 reader does, a Python process that makes an S3
+        # client and GETs the same number of bytes (the target lies below it, see notes).
+        key, want = f"{prefix}/sha256_{lay.hex}", len(data)
+        argv = [sys.executable, "-c", FLOOR_GET, BUCKET, key, f"bytes=0-{want - 1}", str(want)]
+        env = {**os.environ, **self.s3.env()}
+        least = min(run(argv, env=env).seconds for _ in range(3))
+        row.floor = spread([x / least for x in row.data["layerwarm"]])
+        row.data.update(floor=least)
+        row.notes.append(
+            f"floor {least:.2f} s = a Python process that imports boto3, makes an S3 client "
+            f"and GETs {want} bytes of the layer object (fastest of 3), no layerwarm code; "
+            f"the target, 0.05 × restore = {0.05 * median(row.data['peer']):.2f} s, is "
+            f"{'below' if 0.05 * median(row.data['peer']) < least else 'above'} it")
         bytes_ok = total <= index_size + MiB
         row.notes.insert(0, (
             f"layerwarm: `layerwarm cat IMAGE /{path}` ({len(data) / KiB:.1f} KiB, from the "
