@@ -23,15 +23,17 @@ SYNC_EVERY = 32 << 20  # start writeback as we go, so the final fsync has little
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 
 
-# Looked up at the first writeback, not at import: find_library runs `ldconfig -p` (a few
-# ms), and a warm whose layers are all on disk writes nothing.
+# Looked up at the first writeback, not at import: a warm whose layers are all on disk
+# writes nothing. From the symbols the process already has (dlopen(NULL): the C library
+# is loaded in every CPython), not by `ctypes.util.find_library("c")`, which imports
+# subprocess and runs `ldconfig -p` in a child: ~20 ms on the write thread, in the middle
+# of a cold warm's first layer, while the decompressor waited on the full queue.
 @functools.cache
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    import ctypes.util
+    import ctypes
 
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = fn.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
