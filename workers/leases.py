@@ -206,14 +206,14 @@ class Leases:
         """Block until the lease on `digest` is free or `timeout` seconds passed; say which.
 
         Woken by the holder's `release` (RELEASED_CHANNEL), and asks Redis every
-        RECHECK_EVERY seconds for one that lapsed. Free means free when asked: another
-        worker may take it first, and the caller's next acquire says so. Redis not
-        answering ends the wait (False): the caller goes on as if the time had run out.
+        RECHECK_EVERY seconds for one that lapsed. Free means free when asked or
+        announced: another worker may take it first, and the caller's next acquire says
+        so (so does a wake when the subscriber's connection failed). Redis not answering
+        ends the wait (False): the caller goes on as if the time had run out.
         """
         deadline = time.monotonic() + timeout
         with self._watch.watching(str(digest)) as woken:
             while True:
-                woken.clear()  # before asking: a release after the answer still wakes it
                 try:
                     if self.holder(digest) is None:
                         return True
@@ -223,7 +223,8 @@ class Leases:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                woken.wait(min(left, RECHECK_EVERY))
+                if woken.wait(min(left, RECHECK_EVERY)):
+                    return True  # released (no GET to confirm: the caller's acquire will)
 
     def holder(self, digest: Digest) -> str | None:
         value = self.client.get(self.key(digest))
