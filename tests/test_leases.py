@@ -203,6 +203,81 @@ def test_a_lease_taken_over_is_marked_lost_and_check_raises(
         leases.stop_renewer()
 
 
+def _waiting(leases: Leases, digest: Digest, timeout: float) -> tuple[threading.Thread,
+                                                                       list[bool]]:
+    """`wait_free` in a thread of its own (a fetch task's); its answer lands in the list."""
+    answer: list[bool] = []
+    thread = threading.Thread(target=lambda: answer.append(leases.wait_free(digest, timeout)),
+                              daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def test_waiters_are_woken_by_the_release_not_by_asking_again(
+        client: redis.Redis, cleanup: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every thread waiting on a digest wakes when its holder releases it; those waiting
+    on another digest go on waiting."""
+    monkeypatch.setattr("workers.leases.RECHECK_EVERY", 3600.0)  # only a release wakes them
+    holder = Leases(client, ttl=30, node=_node())
+    waiter = Leases(client, ttl=30, node=_node())
+    digest, other = _digest(), _digest()
+    cleanup += _keys(holder, digest, other) + _keys(waiter)
+    mine = Leases.new_token(holder.node)
+    try:
+        assert holder.acquire(digest, mine) and holder.acquire(other, mine)
+        waiters = [_waiting(waiter, digest, 3600) for _ in range(3)]
+        bystander, its_answer = _waiting(waiter, other, 3600)
+        _wait_for(lambda: len(waiter._watch._waiters.get(str(digest), ())) == 3,
+                  "the three waiters to be watching")
+        assert all(t.is_alive() for t, _ in waiters), "the lease is still held"
+
+        holder.release(digest, mine)
+        for thread, answer in waiters:
+            thread.join(30)
+            assert answer == [True], "woken by the release"
+        assert bystander.is_alive() and its_answer == [], "another digest's waiter waits on"
+        holder.release(other, mine)
+        bystander.join(30)
+        assert its_answer == [True]
+        assert waiter._watch._waiters == {}, "waiters leave no trace"
+    finally:
+        holder.stop_renewer()
+
+
+def test_a_release_before_the_wait_and_a_lapsed_lease_free_the_waiter(
+        redis_url: str, client: redis.Redis, cleanup: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    waiter = Leases(client, ttl=30, node=_node())
+    node, digest = _node(), _digest()
+    cleanup += _keys(waiter, digest) + _keys(Leases(client, ttl=1, node=node), digest)
+    # Released between the busy answer and the wait: the wait asks first, and is free.
+    monkeypatch.setattr("workers.leases.RECHECK_EVERY", 3600.0)
+    thread, answer = _waiting(waiter, digest, 3600)
+    thread.join(30)
+    assert answer == [True]
+    # The holder's node died: its lease lapses, unannounced; the waiter asks again.
+    monkeypatch.setattr("workers.leases.RECHECK_EVERY", 0.2)
+    _acquire_in_subprocess(redis_url, node, digest, Leases.new_token(node), ttl=1)
+    assert client.get(Leases.key(digest)) is not None
+    thread, answer = _waiting(waiter, digest, 3600)
+    thread.join(30)
+    assert answer == [True] and client.get(Leases.key(digest)) is None
+
+
+def test_a_wait_ends_false_when_its_time_runs_out(client: redis.Redis,
+                                                 cleanup: list[str]) -> None:
+    holder = Leases(client, ttl=30, node=_node())
+    digest = _digest()
+    cleanup += _keys(holder, digest)
+    token = Leases.new_token(holder.node)
+    try:
+        assert holder.acquire(digest, token)
+        assert Leases(client, ttl=30, node=_node()).wait_free(digest, 0.3) is False
+        assert holder.holder(digest) == token
+    finally:
+        holder.stop_renewer()
+
+
 def test_a_lease_held_past_max_hold_is_no_longer_renewed(
         client: redis.Redis, cleanup: list[str]) -> None:
     """A chain whose next message was lost must not keep its layer's lease for ever."""

@@ -15,6 +15,12 @@ lost: the renewer drops it from the hash and logs a warning, and `check` raises
 `LeaseLost`, so the holder does not publish as if it still held it. A process that could
 not reach Redis to renew a lease for longer than its ttl treats it as lost too.
 
+A fetch that finds the lease busy can wait for it (`wait_free`): `release` publishes the
+digest on RELEASED_CHANNEL, which one subscriber thread per worker process listens to
+and wakes the threads waiting on that digest. A waiter subscribes before it asks whether
+the lease is still held, so a release between the busy answer and the wait is not missed;
+it asks again every RECHECK_EVERY seconds for a lease that lapsed without a release.
+
 A lease is held for at most `max_hold` seconds (when set): a chain whose next message
 was lost would otherwise keep its lease renewed for ever. The sweeper's new fetch of
 that layer carries the lost chain's token when the layer's record shows it; one sent
@@ -57,15 +63,18 @@ redis.call('hsetnx', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: lease, held hash, since hash. ARGV: token, digest.
+# KEYS: lease, held hash, since hash. ARGV: token, digest, channel.
 # The hash fields go only if they are still this token's (a newer acquire keeps its own).
+# A lease dropped is announced on the channel (the digest), to wake the fetches waiting.
 _RELEASE = """
 if redis.call('hget', KEYS[2], ARGV[2]) == ARGV[1] then
   redis.call('hdel', KEYS[2], ARGV[2])
   redis.call('hdel', KEYS[3], ARGV[2])
 end
 if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
+  redis.call('del', KEYS[1])
+  redis.call('publish', ARGV[3], ARGV[2])
+  return 1
 end
 return 0
 """
@@ -104,6 +113,14 @@ return result
 
 _RENEWED, _LOST, _RELEASED, _OVERHELD = 1, 0, 2, 3
 
+# Where `release` announces a lease it dropped (the message: the digest). One channel for
+# all digests: a worker process subscribes once, not once per wait.
+RELEASED_CHANNEL = "layerwarm:lease-released"
+# A waiter asks Redis itself this often: a holder that died lets its lease expire unannounced,
+# and an announcement can be missed while the subscriber's connection is re-made.
+RECHECK_EVERY = 10.0
+SUBSCRIBE_TIMEOUT = 2.0  # how long a first waiter waits for the subscription to be confirmed
+
 
 class LeaseLost(TransientError):
     """The lease expired or another worker took it over: do not act as its holder.
@@ -136,6 +153,7 @@ class Leases:
         self._renewer: threading.Thread | None = None
         self._renewer_pid = 0
         self._stop = threading.Event()
+        self._watch = _ReleaseWatch(client)
 
     @staticmethod
     def key(digest: Digest) -> str:
@@ -179,10 +197,34 @@ class Leases:
     def release(self, digest: Digest, token: str) -> None:
         """Drop the lease (only if `token` holds it) and the node's record of it."""
         self._release(keys=[self.key(digest), self.held_key, self._since_key],
-                      args=[token, str(digest)])
+                      args=[token, str(digest), RELEASED_CHANNEL])
         with self._lock:
             self._known.pop((str(digest), token), None)
             self._lost.pop((str(digest), token), None)
+
+    def wait_free(self, digest: Digest, timeout: float) -> bool:
+        """Block until the lease on `digest` is free or `timeout` seconds passed; say which.
+
+        Woken by the holder's `release` (RELEASED_CHANNEL), and asks Redis every
+        RECHECK_EVERY seconds for one that lapsed. Free means free when asked or
+        announced: another worker may take it first, and the caller's next acquire says
+        so (so does a wake when the subscriber's connection failed). Redis not answering
+        ends the wait (False): the caller goes on as if the time had run out.
+        """
+        deadline = time.monotonic() + timeout
+        with self._watch.watching(str(digest)) as woken:
+            while True:
+                try:
+                    if self.holder(digest) is None:
+                        return True
+                except redis.RedisError as e:
+                    log.warning("lease on %s: cannot wait for its release: %s", digest, e)
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if woken.wait(min(left, RECHECK_EVERY)):
+                    return True  # released (no GET to confirm: the caller's acquire will)
 
     def holder(self, digest: Digest) -> str | None:
         value = self.client.get(self.key(digest))
@@ -317,6 +359,73 @@ class Leases:
         for digest, token in stale:
             log.warning("lease on %s lost: not renewed for over %.0fs; token %s",
                         digest, self.ttl_ms / 1000, token)
+
+
+class _ReleaseWatch:
+    """One process's subscription to RELEASED_CHANNEL: wakes the threads waiting on a digest.
+
+    Started by the first waiter (one connection and thread per process, kept for the
+    process's life). If the connection fails, every waiter is woken to ask Redis itself,
+    and the subscription is made again a second later.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @contextmanager
+    def watching(self, digest: str) -> Iterator[threading.Event]:
+        """An event set when `digest`'s lease is released; subscribed before it is given
+        (or SUBSCRIBE_TIMEOUT passed: the waiter's own checks then carry it)."""
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(digest, set()).add(event)
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._subscribed.clear()
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._listen, daemon=True,
+                                                name="layerwarm-lease-watch")
+                self._thread.start()
+        self._subscribed.wait(SUBSCRIBE_TIMEOUT)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(digest, set())
+                waiting.discard(event)
+                if not waiting:
+                    self._waiters.pop(digest, None)
+
+    def _wake(self, digest: str | None) -> None:
+        with self._lock:
+            events = [e for d, es in self._waiters.items() if digest in (None, d) for e in es]
+        for event in events:
+            event.set()
+
+    def _listen(self) -> None:
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                pubsub.subscribe(RELEASED_CHANNEL)
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
+                    elif message["type"] == "message":
+                        self._wake(_text(message["data"]))
+            except Exception as e:  # noqa: BLE001 - never die: waiters would sleep to their timeouts
+                self._subscribed.clear()
+                log.warning("lease release watch: %s; subscribing again", e)
+                self._wake(None)
+                time.sleep(1.0)
+            finally:
+                pubsub.close()
 
 
 def _text(value: bytes | str) -> str:

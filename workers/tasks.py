@@ -15,8 +15,9 @@
 The order of the tiers, what is written back, verification and retries all live in
 pipeline/: a task decodes its arguments, makes one call, and records what happened. A
 registry error has been retried by the one retry policy (pipeline/retry.py) before it
-gets here: a task never retries it again. A fetch waits (by retrying) only while another
-worker holds the layer's lease, and a node's publish is tried again while the remote tier
+gets here: a task never retries it again. A fetch waits only while another worker holds
+the layer's lease (in its thread, woken by the release; by retrying when no wait slot is
+free or the wait ran out), and a node's publish is tried again while the remote tier
 does not answer (the node is warm meanwhile); any other error fails the layer at once,
 with its reason in the job record.
 
@@ -142,8 +143,33 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
           ignore_result=True)
 def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
           token: str | None = None, **_: Any) -> dict[str, Any]:
-    """The chain for this target's goal; on a miss the registry step starts here."""
+    """The chain for this target's goal; on a miss the registry step starts here.
+
+    While another node holds the layer's lease, it waits for its release here (up to the
+    lease's ttl, if a wait slot is free: `_lease_wait`) and runs the chain again; else it
+    goes back in the queue for LEASE_WAIT seconds."""
     started = time.time()
+    wait_until: float | None = None
+    while True:
+        try:
+            return _fetch(self, job_id, layer, target, token, started)
+        except LeaseBusy as e:
+            books = bookkeeping()
+            books.jobs.update_layer(job_id, layer["digest"], target, state="pending",
+                                    waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
+            if wait_until is None:
+                wait_until = time.monotonic() + books.leases.ttl_ms / 1000
+            token = None  # the lease is another's: a token this fetch carried is spent
+            if self.request.called_directly or not _lease_wait(
+                    books.leases, Digest.parse(layer["digest"]), wait_until):
+                raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
+                                 queue=Target.parse(target).fetch_queue,
+                                 kwargs={"token": None}) from e
+
+
+def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
+           token: str | None, started: float) -> dict[str, Any]:
+    """One run of the fetch task's chain; raises LeaseBusy for `fetch` to wait on."""
     try:
         if _skip_cancelled(job_id, layer, target, token):
             return {"digest": layer["digest"], "cancelled": True}
@@ -191,16 +217,41 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node),
                                 countdown=PUBLISH_BACKOFF[0])
         return self.done(job_id, spec, target, result.source or "registry", **extra)
-    except LeaseBusy as e:
-        bookkeeping().jobs.update_layer(job_id, layer["digest"], target, state="pending",
-                                        waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
-        raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
-                         queue=Target.parse(target).fetch_queue, kwargs={"token": None}) from e
-    except Retry:
+    except (LeaseBusy, Retry):
         raise
     except Exception as e:
         self.fail(job_id, layer, target, e, token)
         raise
+
+
+class _WaitSlots:
+    """How many of this process's threads may wait on a busy lease at a time: all but a
+    quarter of the IO pool's (none in a pool of one). The quarter goes on with the node's
+    own fetches and publishes: a holder releases after its publish, which runs on its
+    node's IO queue, so two nodes whose every thread waited on the other's leases would
+    stall until their waits ran out. A fetch that finds no slot free goes back in the
+    queue for a moment, as every busy fetch used to."""
+
+    def __init__(self) -> None:
+        self.size(int(os.environ.get("LAYERWARM_IO_THREADS") or 16))
+
+    def size(self, pool_threads: int) -> None:
+        self.free = threading.BoundedSemaphore(max(0, pool_threads - max(1, pool_threads // 4)))
+
+
+_WAIT_SLOTS = _WaitSlots()
+
+
+def _lease_wait(leases: Leases, digest: Digest, until: float) -> bool:
+    """Wait (till `until`, monotonic) for a busy lease's release; False: no slot was free,
+    or the holder still has it (the fetch then goes back in the queue, as it used to)."""
+    slots = _WAIT_SLOTS.free
+    if not slots.acquire(blocking=False):
+        return False
+    try:
+        return leases.wait_free(digest, until - time.monotonic())
+    finally:
+        slots.release()
 
 
 def _skip_cancelled(job_id: str, layer: dict[str, Any], target: str,
@@ -398,6 +449,9 @@ def _ready(sender: Any = None, **_: Any) -> None:
     sinks.preload()
     if str(getattr(sender, "hostname", "")).startswith("io@"):
         start_sweeper(c.jobs, after=REQUEUE_AFTER)
+        threads = getattr(getattr(sender, "controller", None), "concurrency", None)
+        if isinstance(threads, int):
+            _WAIT_SLOTS.size(threads)
         if c.env.remote is not None:
             # On a thread: an unreachable endpoint takes its timeouts, and the worker must
             # take tasks meanwhile (a task needing the client waits for it, or makes it).
