@@ -233,7 +233,10 @@ class _WaitSlots:
     queue for a moment, as every busy fetch used to."""
 
     def __init__(self) -> None:
-        self.size(int(os.environ.get("LAYERWARM_IO_THREADS") or 16))
+        # Sized by `_ready` from the IO pool's own concurrency (the one number that says
+        # how many threads there are); before that, and in a process that is not an IO
+        # worker, there are none and a busy fetch goes back in the queue.
+        self.size(0)
 
     def size(self, pool_threads: int) -> None:
         self.free = threading.BoundedSemaphore(max(0, pool_threads - max(1, pool_threads // 4)))
