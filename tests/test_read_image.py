@@ -129,6 +129,9 @@ def test_files_lists_the_merged_tree(image: str, cache_dir: Path) -> None:
             + (["->", x["link"]] if x["type"] == "symlink" else []) for x in got]
     assert [[c[0], c[1], c[4], *c[6:]] for c in listed()] == want
     assert [c[6] for c in listed("/etc")] == ["/etc/alt", "/etc/os-release"]
+    # Options go anywhere among the operands, as with ls or skopeo.
+    assert _ok("files", image, "-R", "/etc", cache_dir=cache_dir).stdout \
+        == _ok("files", "-R", image, "/etc", cache_dir=cache_dir).stdout
 
 
 def test_cat_writes_the_files_bytes_following_links_inside_the_image(image: str,
@@ -136,6 +139,8 @@ def test_cat_writes_the_files_bytes_following_links_inside_the_image(image: str,
     done = _cat(image, "/etc/alt", "bin/tool2", "/data/big.bin", cache_dir=cache_dir)
     assert done.returncode == 0, done.stderr
     assert done.stdout == NEW_RELEASE + TOOL + BIG
+    done = _cat(image, "/etc/alt", "--pull", "never", "bin/tool2", cache_dir=cache_dir)
+    assert done.returncode == 0 and done.stdout == NEW_RELEASE + TOOL, done.stderr
     for path, says in (("/etc", "not a regular file"), ("/etc/gone", "no such file")):
         done = _cat(image, path, cache_dir=cache_dir)
         assert done.returncode == 1 and done.stdout == b"", done

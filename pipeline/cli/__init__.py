@@ -42,12 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="print layerwarm's version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_CommandParser)
     warm.register(sub)  # warm, plan, verify
     cache.register(sub)  # ls, inspect, usage, rm, df, metrics
     gc.register(sub)  # gc, pin, unpin
     files.register(sub)  # files, cat, export, mount
     return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes its options anywhere among its operands, as
+    skopeo, crane and GNU tools do: `files IMAGE -R /etc`, `cat IMAGE /a --platform P /b`.
+
+    Plain argparse takes all of a command's positionals from the first run of operands,
+    so an operand after an option was "unrecognized"; parse_known_intermixed_args sorts
+    options out first. It calls parse_known_args again itself (up to Python 3.12), hence
+    the flag.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 class _VersionAction(argparse.Action):
