@@ -115,14 +115,21 @@ def _stored_configs(env: Mapping[str, str]) -> dict[str, object]:
     return out
 
 
+IO_THREADS = 16  # transfers at a time: they wait on the network, not on a core
+
+
+def _cores() -> int:
+    return os.cpu_count() or 2
+
+
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path
     remote_url: str | None = None
     insecure_registries: tuple[str, ...] = ()
     authfile: Path | None = None  # --authfile; otherwise registry/auth.py's default places
-    io_threads: int = 16
-    cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    io_threads: int = IO_THREADS
+    cpu_threads: int = field(default_factory=_cores)
     limits: Limits = field(default_factory=Limits)
     registry_rate: float | None = None  # requests/s per registry host; None: no budget
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -147,8 +154,8 @@ class Settings:
             cache_dir=Path(env.get("LAYERWARM_CACHE_DIR") or default_cache_dir(env)),
             remote_url=env.get("LAYERWARM_REMOTE") or None,
             insecure_registries=insecure,
-            io_threads=_int(env, "LAYERWARM_IO_THREADS", 16),
-            cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", os.cpu_count() or 2),
+            io_threads=_int(env, "LAYERWARM_IO_THREADS", IO_THREADS),
+            cpu_threads=_int(env, "LAYERWARM_CPU_THREADS", _cores()),
             limits=Limits.from_env(env),
             registry_rate=_rate(env, "LAYERWARM_REGISTRY_RATE"),
             retry=RetryPolicy.from_env(env),

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+from pathlib import Path
 
 import pytest
 
-from workers.cli import build_parser
+from pipeline.config import Settings
+from workers.cli import _celery_commands, build_parser
 
 
 def _commands() -> list[str]:
@@ -46,3 +49,21 @@ def test_an_operand_too_many_is_still_refused() -> None:
         build_parser().parse_args(["files", "img", "/etc", "-R", "/bin"])
     assert stop.value.code == 2
     assert "unrecognized arguments: /bin" in err.getvalue()
+
+
+@pytest.mark.parametrize(("flags", "env", "io", "cpu"), [
+    ([], {}, "16", str(os.cpu_count() or 2)),
+    ([], {"LAYERWARM_IO_THREADS": "5", "LAYERWARM_CPU_THREADS": "3"}, "5", "3"),
+    (["--io-concurrency", "7"], {"LAYERWARM_IO_THREADS": "5"}, "7", str(os.cpu_count() or 2)),
+])
+def test_a_workers_pools_take_the_flags_then_the_settings(
+        flags: list[str], env: dict[str, str], io: str, cpu: str, tmp_path: Path) -> None:
+    args = build_parser().parse_args(["worker", "--node", "n1", *flags])
+    settings = Settings.from_env({"LAYERWARM_CACHE_DIR": str(tmp_path), **env})
+    commands = _celery_commands(args, "n1", settings)
+
+    def concurrency(argv: list[str]) -> str:
+        return argv[argv.index("-c") + 1]
+
+    assert concurrency(commands["io@n1"]) == io
+    assert concurrency(commands["cpu@n1"]) == cpu

@@ -40,6 +40,7 @@ from workers.credentials import (
 )
 
 if TYPE_CHECKING:
+    from pipeline.config import Settings
     from workers.jobs import JobStore
 
 EXIT_OK, EXIT_FAILED = base.EXIT_OK, base.EXIT_FAILED
@@ -124,17 +125,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     node = check_node(args.node)
     _broker_env(args)  # the IO and CPU workers get the URL by environment, not argv
     env = _worker_env(args, node)
-    _preflight(env)  # before the claim: a host that cannot work never shows as a node
+    settings = _preflight(env)  # before the claim: a host that cannot work never shows
     run = _claim_node(node)
     env["LAYERWARM_NODE_RUN"] = run
     env["LAYERWARM_SUPERVISOR_PID"] = str(os.getpid())  # its workers stop when it dies
-    commands = _celery_commands(args, node, env)
+    commands = _celery_commands(args, node, settings)
     if args.metrics_port is not None:
         serve_metrics(env, args.metrics_address, args.metrics_port)
     return _supervise(commands, env)
 
 
-def _preflight(env: dict[str, str]) -> None:
+def _preflight(env: dict[str, str]) -> Settings:
     """Refuse, in one line, settings the host's workers could not work with: a cache
     directory they cannot write, registry credentials they cannot read, a remote tier that
     does not answer or refuses them. Without this a worker started, was listed by `nodes`,
@@ -155,6 +156,7 @@ def _preflight(env: dict[str, str]) -> None:
             raise UsageError(f"{e}; the worker does not start without its remote tier "
                              "(check LAYERWARM_REMOTE, AWS_ENDPOINT_URL_S3 and the "
                              "credentials)") from None
+    return settings
 
 
 def _worker_env(args: argparse.Namespace, node: str) -> dict[str, str]:
@@ -169,12 +171,12 @@ def _worker_env(args: argparse.Namespace, node: str) -> dict[str, str]:
 
 
 def _celery_commands(args: argparse.Namespace, node: str,
-                     env: dict[str, str]) -> dict[str, list[str]]:
+                     settings: Settings) -> dict[str, list[str]]:
     """The command lines of the host's IO worker and CPU worker, by Celery node name."""
     from workers.routing import FLEET_QUEUE, node_cpu_queue, node_io_queue
 
-    io = args.io_concurrency or int(env.get("LAYERWARM_IO_THREADS") or 16)
-    cpu = args.cpu_concurrency or int(env.get("LAYERWARM_CPU_THREADS") or os.cpu_count() or 2)
+    io = args.io_concurrency or settings.io_threads
+    cpu = args.cpu_concurrency or settings.cpu_threads
     celery = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
               "--without-mingle", "--without-gossip", "-E", "-l", args.loglevel]
     return {
