@@ -125,3 +125,47 @@ def test_a_repeated_waiting_write_is_left_out_while_the_record_is_fresh(
             "a stale record is touched again"
     finally:
         _cleanup(client, job_id)
+
+
+def test_wait_reads_the_job_when_its_last_layer_finishes_not_at_each(
+        redis_url: str, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """`--wait` ends as soon as the job does, without reading the job back once per
+    finished layer: a fleet job's layers finish many a second."""
+    import threading
+
+    import workers.cli as cli
+
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    digests = [f"sha256:{i:064x}" for i in range(30)]
+    jobs.planned(job_id, [{**LAYER, "digest": d, "target": "remote", "order": i}
+                          for i, d in enumerate(digests)], [])
+    reads: list[float] = []
+    first_read = threading.Event()
+
+    class CountingStore(JobStore):
+        def status(self, job_id: str):  # noqa: ANN202
+            reads.append(time.monotonic())
+            first_read.set()
+            return super().status(job_id)
+
+    monkeypatch.setattr(cli, "_store", lambda: CountingStore(client, ttl=600))
+    monkeypatch.setattr(cli, "FOLLOW_REDRAW", 120.0)  # only the job's events wake it
+    ended: list[int] = []
+    follower = threading.Thread(target=lambda: ended.append(cli.follow(job_id, as_json=True)))
+    try:
+        follower.start()
+        assert first_read.wait(30), "the follower never read the job"
+        for d in digests[:-1]:
+            jobs.update_layer(job_id, d, "remote", state="done")
+            time.sleep(0.05)  # room for a follower that reads at each event to do so
+        jobs.update_layer(job_id, digests[-1], "remote", state="done")
+        follower.join(60)
+        assert not follower.is_alive(), "--wait did not end with the job"
+        assert ended == [0]
+        assert len(reads) == 2, f"{len(reads)} reads of a job of 30 layers"
+        assert json.loads(capsys.readouterr().out)["state"] == "done"
+    finally:
+        if follower.is_alive():
+            jobs.update_layer(job_id, digests[-1], "remote", state="failed")
+        _cleanup(client, job_id)

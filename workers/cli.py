@@ -399,10 +399,11 @@ def follow(job_id: str, as_json: bool, limit: tuple[float, str] | None = None) -
     With a `limit` (--timeout), stop following when it passes: one line names the job
     and how to look at it later, and the exit code is EXIT_TIMEOUT.
 
-    The job is read again every half second, and as soon as a layer finishes (the job
-    store publishes that), so the command ends when the job does, not up to a poll later.
-    Reads are spaced by at least ten times what one took: a job of thousands of layers,
-    finishing many a second, is not read back-to-back.
+    The job is read again every half second, and as soon as its last open layer finishes
+    (the job store publishes each layer that does), so the command ends when the job
+    does, not up to a poll later, and a job's layers finishing one by one do not each
+    cost a read. Reads are spaced by at least ten times what one took: a job of
+    thousands of layers is not read back-to-back.
     """
     store = _store()
     events = store.client.pubsub(ignore_subscribe_messages=True)
@@ -443,14 +444,32 @@ def _follow(store: JobStore, events: Any, job_id: str, as_json: bool,
         pause = FOLLOW_REDRAW - took if took < FOLLOW_REDRAW else 0
         if deadline is not None:
             pause = max(0.0, min(pause, deadline - time.monotonic()))
-        events.get_message(timeout=pause)
-        while events.get_message(timeout=0) is not None:
-            pass  # one read covers every layer that finished meanwhile
+        open_layers = {f"{x['digest']}|{x['target']}" for x in status["layers"]
+                       if x["state"] not in FINISHED}
+        _until_the_end_may_have_come(events, open_layers, status["state"] != "planning",
+                                     pause)
         time.sleep(max(0.0, 10 * took - (time.monotonic() - started)))
     if area is not None:
         area.clear()
     print(json.dumps(status, indent=2) if as_json else status_text(status))
     return EXIT_OK if status["state"] == "done" else EXIT_FAILED
+
+
+def _until_the_end_may_have_come(events: Any, open_layers: set[str], planned: bool,
+                                 pause: float) -> None:
+    """Wait `pause` seconds, or less: until the job is planned, or the last of its open
+    layers says it finished (the job store publishes "planned" and each finished layer)."""
+    end = time.monotonic() + pause
+    while (left := end - time.monotonic()) > 0:
+        message = events.get_message(timeout=left)
+        if message is None:
+            continue
+        said = message["data"].decode()
+        if said == "planned" or not planned:
+            return
+        open_layers.discard(said)
+        if not open_layers:
+            return
 
 
 def _stopped_waiting(area: LiveArea | None, job_id: str, after: str) -> int:
