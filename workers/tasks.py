@@ -47,7 +47,7 @@ from pipeline import codecs, gc, sinks, stages, stats
 from pipeline.digest import Digest
 from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.following import better_later, decompress_following
-from pipeline.layer import LayerResult, LayerSpec, Progress
+from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress
 from pipeline.manifest import Platform
 from pipeline.plan import resolve_all
 from pipeline.reference import Reference
@@ -357,7 +357,10 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     try:
         c = context()
         spec, goal = layer_from_json(layer), goal_of(target)
-        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token)
+        # A node target's record already says done (decompress wrote it before sending
+        # this): progress there would be refused by the job store, after a read each time.
+        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token) \
+            if goal == "remote" else NO_PROGRESS
         if token:
             try:
                 c.leases.check(spec.digest, token)
