@@ -169,3 +169,21 @@ def test_wait_reads_the_job_when_its_last_layer_finishes_not_at_each(
         if follower.is_alive():
             jobs.update_layer(job_id, digests[-1], "remote", state="failed")
         _cleanup(client, job_id)
+
+
+def test_a_task_message_is_pushed_without_declaring_its_queue(redis_url: str) -> None:
+    """Sends skip Celery's queue declare (LLENs and a binding, per producer connection):
+    the message still lands on the queue's list, where its worker pops it."""
+    client = redis.Redis.from_url(app.conf.broker_url)
+    queue = f"layerwarm.io.t{uuid.uuid4().hex[:10]}"
+    try:
+        app.send_task("layerwarm.fetch", ("job", LAYER, "remote"), queue=queue)
+        assert client.llen(queue) == 1
+        message = json.loads(client.lindex(queue, 0))
+        assert message["headers"]["task"] == "layerwarm.fetch"
+        assert message["properties"]["delivery_info"]["routing_key"] == queue
+        bound = [m for key in client.scan_iter("_kombu.binding.*")
+                 for m in client.smembers(key) if queue.encode() in m]
+        assert bound == [], "the send declared and bound its queue"
+    finally:
+        client.delete(queue)

@@ -59,6 +59,21 @@ _TRANSPORT = {
     "health_check_interval": HEALTH_CHECK_INTERVAL,
 }
 
+
+
+def _undeclared(*_route_args: object, **_route_kw: object) -> dict[str, object]:
+    """Every task message goes out without declaring its queue (a task route, so every
+    send takes it: apply_async, send_task, retries).
+
+    Celery declares a message's queue at each send, once per producer connection: on
+    Redis that is four LLENs in a MULTI/EXEC and an SADD, and a fleet's first job makes a
+    pool's worth of connections in every worker (~5 of S1's commands per layer-target).
+    Nothing needs it: Celery sends to a direct queue by the anonymous exchange, which
+    kombu's Redis transport turns into an LPUSH onto the list of that name, whether or not
+    a consumer ever declared it; each worker declares the queues it consumes."""
+    return {"declare": []}
+
+
 app = Celery("layerwarm", include=["workers.tasks"])
 app.conf.update(
     broker_url=broker_url(),
@@ -78,6 +93,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=FLEET_QUEUE,
+    task_routes=(_undeclared,),
     task_track_started=True,
     task_send_sent_event=True,
     worker_send_task_events=True,
