@@ -673,6 +673,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"layerwarm: broker {maybe_sanitize_url(broker_url())}: {e}", file=sys.stderr)
         return EXIT_FAILED
 
-
-if __name__ == "__main__":
-    sys.exit(main())
