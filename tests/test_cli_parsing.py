@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from workers.cli import _celery_commands, build_parser
+from workers.cli import build_parser
+from workers.cli.worker import _celery_commands
 
 
 def _commands() -> list[str]:

@@ -133,7 +133,7 @@ def test_wait_reads_the_job_when_its_last_layer_finishes_not_at_each(
     finished layer: a fleet job's layers finish many a second."""
     import threading
 
-    import workers.cli as cli
+    import workers.cli.jobs as cli
 
     client = redis.Redis.from_url(app.conf.broker_url)
     jobs, job_id = _job(client)

@@ -1,4 +1,4 @@
-"""The `layerwarm` command: the embedded commands (workers/cli.py adds distributed mode).
+"""The `layerwarm` command: the embedded commands (workers/cli/ adds distributed mode).
 
 Each module registers its own subcommands and prints their results; the logic lives in
 the pipeline modules they call, imported inside each command so that start-up stays fast:
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli import cache, files, gc, warm
-from pipeline.cli.common import (  # re-exported: workers/cli.py builds on them
+from pipeline.cli.common import (  # re-exported: workers/cli/ builds on them
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,

@@ -1,6 +1,6 @@
 """What the `layerwarm` commands share: exit codes, image arguments, settings, times.
 
-Imported by every command module of pipeline.cli and by workers/cli.py, so it imports only
+Imported by every command module of pipeline.cli and by workers/cli/, so it imports only
 what all of them need; a command imports its heavy modules inside its function.
 """
 

@@ -1,0 +1,105 @@
+"""The `layerwarm` command: the embedded commands of pipeline.cli plus distributed mode.
+
+    layerwarm worker --node N      run one worker host: an IO and a CPU Celery worker
+                                   (--metrics-port P: its cache in Prometheus text)
+    layerwarm nodes                live worker hosts
+    layerwarm submit IMAGE...      enqueue a prewarm job (prints its id; --wait follows it)
+    layerwarm status JOB_ID        a job's layers, states, bytes, tiers, hosts
+    layerwarm jobs                 recent jobs and their states
+    layerwarm cancel JOB_ID        stop a job's layers that have not started
+    layerwarm flower               Celery's web monitor for this app
+    layerwarm beat                 the scheduler: gc on every node (LAYERWARM_GC_INTERVAL)
+
+Each module registers its own subcommands, as pipeline/cli's do:
+    worker.py     worker, nodes
+    jobs.py       submit, status, jobs, cancel, and following a job to its end
+    services.py   flower, beat
+    __init__.py   the parser, main, and what they share: the broker flags, live_nodes
+
+Celery and Redis are imported only by these commands, so `warm` and `plan` start fast and
+need no broker. So are the modules only one command uses (signal, subprocess, tempfile,
+uuid): `warm` is a short process whose start-up is part of its run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline import cli as base
+from pipeline.cli.common import EXIT_FAILED
+from workers.credentials import BROKER_ENV, resolve_broker_url
+
+
+def _broker_env(args: argparse.Namespace) -> None:
+    """Put the broker URL in LAYERWARM_BROKER_URL, where workers.app and every child read it.
+
+    Set before workers.app is imported: the app reads its broker URL then. Children get
+    it by environment, never on their command lines (see workers.credentials).
+    """
+    url = resolve_broker_url(getattr(args, "broker", None),
+                             getattr(args, "broker_file", None), os.environ)
+    if url:
+        os.environ[BROKER_ENV] = url
+    from workers.app import broker_url
+    from workers.redisconn import check_broker
+
+    check_broker(broker_url())  # one line now, not a trace (or endless retries) later
+
+
+def live_nodes(timeout: float = 1.5) -> list[str]:
+    """Worker hosts whose IO worker answers a ping."""
+    from workers.app import app
+
+    replies = app.control.ping(timeout=timeout) or []
+    names = {name for reply in replies for name in reply}
+    return sorted(n.split("@", 1)[1] for n in names if n.startswith("io@"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The embedded commands (pipeline/cli) and the distributed ones, all on one parser."""
+    # Imported here, not above: they import _command, _broker_env and live_nodes from here.
+    from workers.cli import jobs, services, worker
+
+    parser = base.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    worker.register(sub)  # worker, nodes
+    jobs.register(sub)  # submit, status, jobs, cancel
+    services.register(sub)  # flower, beat
+    return parser
+
+
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
+
+def _command(sub: Subparsers, name: str, func: Callable[[argparse.Namespace], int],
+             help: str) -> argparse.ArgumentParser:
+    """A distributed command: it runs `func` and takes the broker's URL."""
+    p = sub.add_parser(name, help=help)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--broker", metavar="URL",
+                   help="Redis URL (env LAYERWARM_BROKER_URL, default "
+                   "redis://127.0.0.1:6379/0). A password in it is visible to every "
+                   "user of this machine (ps); use the env or --broker-file for that")
+    g.add_argument("--broker-file", metavar="PATH",
+                   help="read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
+    p.set_defaults(func=func)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return base.run(build_parser(), argv)
+    except Exception as e:
+        # A broker that refuses us (wrong password, down) is a one-line error, not a
+        # traceback; the URL is shown with its password masked.
+        if type(e).__module__.partition(".")[0] not in ("redis", "kombu"):
+            raise
+        from kombu.utils.url import maybe_sanitize_url
+
+        from workers.app import broker_url
+
+        print(f"layerwarm: broker {maybe_sanitize_url(broker_url())}: {e}", file=sys.stderr)
+        return EXIT_FAILED
