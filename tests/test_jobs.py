@@ -58,6 +58,8 @@ def test_a_finishing_layer_is_announced_on_the_jobs_channel(redis_url: str) -> N
         assert _next_message(events, 0.5) is None, "progress is not announced"
         jobs.update_layer(job_id, LAYER["digest"], "remote", state="done")
         assert _next_message(events, 5) == f"{LAYER['digest']}|remote".encode()
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="done", publish="done")
+        assert _next_message(events, 0.5) is None, "a finished layer is announced once"
     finally:
         events.close()
         _cleanup(client, job_id)

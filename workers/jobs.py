@@ -98,7 +98,8 @@ class JobStore:
         field = f"{digest}|{target}"
         raw = self.client.hget(key, field)
         state = json.loads(raw) if raw else {"digest": digest, "target": target}
-        if state.get("state") in FINISHED and fields.get("state") not in FINISHED:
+        was_finished = state.get("state") in FINISHED
+        if was_finished and fields.get("state") not in FINISHED:
             return  # a late progress write must not reopen a finished layer
         now = time.time()
         if raw and now - float(state.get("updated", 0)) < fresh_for \
@@ -108,10 +109,11 @@ class JobStore:
         # One round trip, no MULTI/EXEC: the HSET and the PUBLISH need no isolation (a
         # follower reads the record after the message, and the HSET went first). The TTL
         # was set when the job was planned and an HSET keeps it; only a field created here
-        # (the record expired, or was never planned) needs it set again.
+        # (the record expired, or was never planned) needs it set again. A layer is
+        # announced when it finishes, not again when a finished one changes (its publish).
         with self.client.pipeline(transaction=False) as p:
             p.hset(key, field, json.dumps(state))
-            if fields.get("state") in FINISHED:
+            if fields.get("state") in FINISHED and not was_finished:
                 p.publish(self.events_channel(job_id), field)
             created = p.execute()[0]
         if created:
