@@ -87,7 +87,21 @@ def cleanup(client: redis.Redis) -> Iterator[list[str]]:
 
 
 def _keys(leases: Leases, *digests: Digest) -> list[str]:
-    return [leases.held_key, f"{leases.held_key}:since", *(Leases.key(d) for d in digests)]
+    return [leases.held_key, *(Leases.key(d) for d in digests)]
+
+
+def _held(client: redis.Redis, leases: Leases, digest: Digest) -> tuple[str, int] | None:
+    """The node's record of its lease on `digest`: (token, ms since the epoch it was taken)."""
+    raw = client.hget(leases.held_key, str(digest))
+    if raw is None:
+        return None
+    token, since = raw.decode().split(" ")
+    return token, int(since)
+
+
+def _held_token(client: redis.Redis, leases: Leases, digest: Digest) -> str | None:
+    record = _held(client, leases, digest)
+    return record[0] if record else None
 
 
 def test_acquire_and_release_check_the_token(client: redis.Redis,
@@ -99,26 +113,28 @@ def test_acquire_and_release_check_the_token(client: redis.Redis,
     mine, theirs = Leases.new_token(leases.node), Leases.new_token(other.node)
     try:
         assert leases.acquire(digest, mine)
+        client.hset(leases.held_key, str(digest), f"{mine} 1000")  # as if taken long ago
         assert leases.acquire(digest, mine), "a redelivered task of ours holds it still"
+        assert _held(client, leases, digest) == (mine, 1000), "and keeps when it was taken"
         assert not other.acquire(digest, theirs)
         assert other.try_acquire(digest, theirs) == mine, "a busy lease names its holder"
         assert leases.try_acquire(digest, mine) is None
         assert leases.holder(digest) == mine
-        assert client.hget(leases.held_key, str(digest)) == mine.encode()
-        assert client.hget(other.held_key, str(digest)) is None
+        assert _held_token(client, leases, digest) == mine
+        assert _held_token(client, other, digest) is None
         leases.check(digest, mine)
         with pytest.raises(LeaseLost):
             other.check(digest, theirs)
 
         other.release(digest, theirs)  # not theirs: nothing happens
         assert leases.holder(digest) == mine
-        assert client.hget(leases.held_key, str(digest)) == mine.encode()
+        assert _held_token(client, leases, digest) == mine
 
         leases.release(digest, mine)
         assert leases.holder(digest) is None
-        assert client.hget(leases.held_key, str(digest)) is None
+        assert _held_token(client, leases, digest) is None
         assert other.acquire(digest, theirs)
-        assert client.hget(other.held_key, str(digest)) == theirs.encode()
+        assert _held_token(client, other, digest) == theirs
     finally:
         leases.stop_renewer()
         other.stop_renewer()
@@ -144,7 +160,7 @@ def test_a_lease_is_renewed_by_another_process_of_its_node(
 
         renewer.release(digest, token)
         assert client.get(key) is None
-        assert client.hget(renewer.held_key, str(digest)) is None
+        assert _held_token(client, renewer, digest) is None
     finally:
         renewer.stop_renewer()
 
@@ -162,7 +178,7 @@ def test_a_lease_lapses_when_no_process_of_its_node_renews_it(
     try:
         _acquire_in_subprocess(redis_url, node, digest, token, ttl=1)
         _wait_for(lambda: client.get(Leases.key(digest)) is None, "the lease to expire")
-        assert client.hget(dead_node.held_key, str(digest)) == token.encode(), \
+        assert _held_token(client, dead_node, digest) == token, \
             "never released: only the expiry freed it"
         assert Leases(client, ttl=1, node=_node()).acquire(digest, "another-node:1"), \
             "another node takes over"
@@ -171,7 +187,7 @@ def test_a_lease_lapses_when_no_process_of_its_node_renews_it(
         with caplog.at_level(logging.WARNING, logger="layerwarm"):
             assert dead_node.renew_held() == [(str(digest), token)]
         assert "lost" in caplog.text
-        assert client.hget(dead_node.held_key, str(digest)) is None
+        assert _held_token(client, dead_node, digest) is None
         assert client.get(Leases.key(digest)) == b"another-node:1", "not ours to touch"
     finally:
         bystander.stop_renewer()
@@ -189,7 +205,7 @@ def test_a_lease_taken_over_is_marked_lost_and_check_raises(
             leases.check(digest, token)
             # It expired and another node took it (as if our renewer had been away).
             client.set(Leases.key(digest), "elsewhere:1", px=60_000)
-            _wait_for(lambda: client.hget(leases.held_key, str(digest)) is None,
+            _wait_for(lambda: _held_token(client, leases, digest) is None,
                       "the renewer to drop the lost lease from the node's hash")
         assert "lost" in caplog.text and str(digest) in caplog.text
         assert leases.is_lost(digest, token)
@@ -278,6 +294,28 @@ def test_a_wait_ends_false_when_its_time_runs_out(client: redis.Redis,
         holder.stop_renewer()
 
 
+def test_a_lease_taken_again_after_it_lapsed_counts_its_time_afresh(
+        client: redis.Redis, cleanup: list[str]) -> None:
+    """A node's lease that lapsed (its record left behind) and is taken again with a new
+    token is held from now: the old record's time must not make max_hold drop it."""
+    leases = Leases(client, ttl=30, node=_node(), max_hold=60)
+    digest = _digest()
+    old, new = Leases.new_token(leases.node), Leases.new_token(leases.node)
+    cleanup += _keys(leases, digest)
+    try:
+        assert leases.acquire(digest, old)
+        client.hset(leases.held_key, str(digest), f"{old} {int((time.time() - 120) * 1000)}")
+        client.delete(Leases.key(digest))  # lapsed, never released
+        taken = time.time() * 1000
+        assert leases.acquire(digest, new)
+        token, since = _held(client, leases, digest) or ("", 0)
+        assert token == new and since >= taken - 1000
+        assert leases.renew_held() == [], "held for a moment, not for two minutes"
+        leases.check(digest, new)
+    finally:
+        leases.stop_renewer()
+
+
 def test_a_lease_held_past_max_hold_is_no_longer_renewed(
         client: redis.Redis, cleanup: list[str]) -> None:
     """A chain whose next message was lost must not keep its layer's lease for ever."""
@@ -289,7 +327,7 @@ def test_a_lease_held_past_max_hold_is_no_longer_renewed(
         assert leases.acquire(digest, token)
         assert leases.acquire(kept_digest, token)
         # Taken two minutes ago, by the node's clock.
-        client.hset(f"{leases.held_key}:since", str(digest), int((time.time() - 120) * 1000))
+        client.hset(leases.held_key, str(digest), f"{token} {int((time.time() - 120) * 1000)}")
         client.pexpire(Leases.key(digest), 10_000)
         client.pexpire(Leases.key(kept_digest), 10_000)
         client.hset(leases.held_key, "not-a-digest", "x")  # must not stop the round
@@ -297,7 +335,7 @@ def test_a_lease_held_past_max_hold_is_no_longer_renewed(
         assert client.hget(leases.held_key, "not-a-digest") is None
         assert client.pttl(Leases.key(digest)) <= 10_000, "not renewed: it lapses"
         assert client.pttl(Leases.key(kept_digest)) > 10_000, "the young one is renewed"
-        assert client.hget(leases.held_key, str(digest)) is None
+        assert _held_token(client, leases, digest) is None
         with pytest.raises(LeaseLost):
             leases.check(digest, token)
         leases.check(kept_digest, token)

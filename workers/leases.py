@@ -4,7 +4,7 @@ A lease is a key `layerwarm:lease:<digest>` set with NX and a ttl. It is held by
 **node** (a host), not by a task: a fleet layer's chain runs as three tasks (fetch on the
 IO worker, decompress on the CPU worker, publish on the IO worker again) and waits in a
 queue between them, so no single task can keep it alive. Acquiring it also records it in
-the node's hash `layerwarm:held:<node>` (digest -> token); every worker process of the
+the node's hash `layerwarm:held:<node>` (digest -> "token since-ms"); every worker process of the
 node runs one renewer thread that, every ttl/3, renews each lease in that hash. The lease
 lives until `release` (after the publish) deletes both. If every process of the node
 dies, nobody renews: the lease expires and another node takes over.
@@ -45,31 +45,39 @@ from pipeline.errors import InvalidDigest, TransientError
 
 log = logging.getLogger("layerwarm")
 
-# KEYS: lease, held hash, since hash. ARGV: token, ttl ms, digest, now ms.
+# A node's record of a lease: "<token> <ms since the epoch it was taken>" (tokens have no
+# spaces: node names cannot). One hash field per lease, so taking and dropping it are one
+# HSET and one HDEL (a second hash for the times cost a command more each way).
+
+# KEYS: lease, held hash. ARGV: token, ttl ms, digest, now ms.
 # Take the lease (or confirm it is ours: a redelivered task) and record it for the node's
 # renewers in the same step, so no lease exists that its node's renewers do not know.
 # Returns 1, or the holder's token when another holds it (no second read to name it).
+# Scripts run atomically: a key that the SET NX found cannot expire before the GET.
 _ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('hset', KEYS[2], ARGV[3], ARGV[1] .. ' ' .. ARGV[4])
+  return 1
+end
 local current = redis.call('get', KEYS[1])
-if current == false then
-  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-elseif current == ARGV[1] then
-  redis.call('pexpire', KEYS[1], ARGV[2])
-else
+if current ~= ARGV[1] then
   return current
 end
-redis.call('hset', KEYS[2], ARGV[3], ARGV[1])
-redis.call('hsetnx', KEYS[3], ARGV[3], ARGV[4])
+redis.call('pexpire', KEYS[1], ARGV[2])
+local mine = redis.call('hget', KEYS[2], ARGV[3])
+if not mine or string.sub(mine, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
+  redis.call('hset', KEYS[2], ARGV[3], ARGV[1] .. ' ' .. ARGV[4])
+end
 return 1
 """
 
-# KEYS: lease, held hash, since hash. ARGV: token, digest, channel.
-# The hash fields go only if they are still this token's (a newer acquire keeps its own).
+# KEYS: lease, held hash. ARGV: token, digest, channel.
+# The hash field goes only if it is still this token's (a newer acquire keeps its own).
 # A lease dropped is announced on the channel (the digest), to wake the fetches waiting.
 _RELEASE = """
-if redis.call('hget', KEYS[2], ARGV[2]) == ARGV[1] then
+local mine = redis.call('hget', KEYS[2], ARGV[2])
+if mine and string.sub(mine, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
   redis.call('hdel', KEYS[2], ARGV[2])
-  redis.call('hdel', KEYS[3], ARGV[2])
 end
 if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('del', KEYS[1])
@@ -79,20 +87,21 @@ end
 return 0
 """
 
-# KEYS: held hash, since hash, then one lease key per lease.
+# KEYS: held hash, then one lease key per lease.
 # ARGV: ttl ms, now ms, max hold ms (-1: none), then digest and token per lease.
 # Returns per lease: 1 renewed, 0 lost (gone or another token's; dropped from the hash),
 # 2 released meanwhile (not ours to judge), 3 held past max_hold (dropped; it lapses).
 _RENEW = """
 local result = {}
 local ttl, now, max_hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 3, #KEYS do
-  local digest, token = ARGV[2 * i - 2], ARGV[2 * i - 1]
+for i = 2, #KEYS do
+  local digest, token = ARGV[2 * i], ARGV[2 * i + 1]
+  local mine = redis.call('hget', KEYS[1], digest)
   local status
-  if redis.call('hget', KEYS[1], digest) ~= token then
+  if not mine or string.sub(mine, 1, #token + 1) ~= token .. ' ' then
     status = 2
   else
-    local since = tonumber(redis.call('hget', KEYS[2], digest) or now)
+    local since = tonumber(string.sub(mine, #token + 2)) or now
     if max_hold >= 0 and now - since > max_hold then
       status = 3
     elseif redis.call('get', KEYS[i]) == token then
@@ -103,7 +112,6 @@ for i = 3, #KEYS do
     end
     if status ~= 1 then
       redis.call('hdel', KEYS[1], digest)
-      redis.call('hdel', KEYS[2], digest)
     end
   end
   result[#result + 1] = status
@@ -161,12 +169,9 @@ class Leases:
 
     @property
     def held_key(self) -> str:
-        """The node's hash of leases it holds (digest -> token), renewed by its workers."""
+        """The node's hash of leases it holds (digest -> "token since-ms"), renewed by its
+        workers."""
         return f"layerwarm:held:{self.node}"
-
-    @property
-    def _since_key(self) -> str:
-        return f"layerwarm:held:{self.node}:since"
 
     @staticmethod
     def new_token(node: str) -> str:
@@ -185,7 +190,7 @@ class Leases:
         self.start_renewer()
         now = time.time()
         answer = self._acquire(
-            keys=[self.key(digest), self.held_key, self._since_key],
+            keys=[self.key(digest), self.held_key],
             args=[token, self.ttl_ms, str(digest), int(now * 1000)])
         if isinstance(answer, bytes | str):
             return _text(answer)
@@ -196,7 +201,7 @@ class Leases:
 
     def release(self, digest: Digest, token: str) -> None:
         """Drop the lease (only if `token` holds it) and the node's record of it."""
-        self._release(keys=[self.key(digest), self.held_key, self._since_key],
+        self._release(keys=[self.key(digest), self.held_key],
                       args=[token, str(digest), RELEASED_CHANNEL])
         with self._lock:
             self._known.pop((str(digest), token), None)
@@ -307,7 +312,8 @@ class Leases:
         raw = self.client.hgetall(self.held_key)
         held: list[tuple[str, str]] = []
         lease_keys: list[str] = []
-        for field, token in sorted(raw.items()):
+        for field, record in sorted(raw.items()):
+            token = _text(record).split(" ", 1)[0]
             try:
                 lease_keys.append(self.key(Digest.parse(_text(field))))
             except InvalidDigest:
@@ -315,10 +321,10 @@ class Leases:
                 log.warning("lease renewer: dropping %r from %s", field, self.held_key)
                 self.client.hdel(self.held_key, field)
                 continue
-            held.append((_text(field), _text(token)))
+            held.append((_text(field), token))
         if not held:
             return []
-        keys = [self.held_key, self._since_key, *lease_keys]
+        keys = [self.held_key, *lease_keys]
         args: list[str | int] = [self.ttl_ms, int(time.time() * 1000), self.max_hold_ms]
         for d, t in held:
             args += [d, t]
