@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 
 from workers.app import app
@@ -104,27 +105,63 @@ def test_a_layer_record_always_expires_even_written_after_the_job_expired(
         _cleanup(client, job_id)
 
 
-def test_a_repeated_waiting_write_is_left_out_while_the_record_is_fresh(
+def test_progress_shows_while_running_and_never_reopens_a_finished_layer(
         redis_url: str) -> None:
+    """Progress is written without reading the record (one command); readers show it over
+    the record while the layer runs, and a late progress write after the end shows nothing."""
     client = redis.Redis.from_url(app.conf.broker_url)
     jobs, job_id = _job(client)
-    key, field = f"layerwarm:job:{job_id}:layers", f"{LAYER['digest']}|remote"
+    digest = LAYER["digest"]
     try:
         jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
-        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
-                          fresh_for=60)
-        first = json.loads(client.hget(key, field))
-        assert first["waiting"] == "b:1"
-        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="b:1",
-                          fresh_for=60)
-        assert json.loads(client.hget(key, field)) == first, "nothing new: not written"
-        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
-                          fresh_for=60)
-        assert json.loads(client.hget(key, field))["waiting"] == "c:2", "a change is written"
-        jobs.update_layer(job_id, LAYER["digest"], "remote", state="pending", waiting="c:2",
-                          fresh_for=0)
-        assert json.loads(client.hget(key, field))["updated"] > first["updated"], \
-            "a stale record is touched again"
+        jobs.progress_layer(job_id, digest, "remote", state="pending", waiting="b:1")
+        assert jobs.layers(job_id)[0]["waiting"] == "b:1"
+        jobs.progress_layer(job_id, digest, "remote", state="fetching", bytes_done=4, host="a")
+        (shown,) = jobs.layers(job_id)
+        assert (shown["state"], shown["bytes_done"], shown["host"]) == ("fetching", 4, "a")
+        assert "waiting" not in shown, "progress is written whole: the wait is over"
+        assert jobs.layer_state(job_id, digest, "remote") == "fetching"
+        assert jobs.status(job_id)["layers"][0]["state"] == "fetching"
+
+        jobs.update_layer(job_id, digest, "remote", state="done", host="a", bytes_done=10)
+        jobs.progress_layer(job_id, digest, "remote", state="publishing", bytes_done=1)
+        (shown,) = jobs.layers(job_id)
+        assert (shown["state"], shown["bytes_done"]) == ("done", 10), shown
+        assert jobs.status(job_id)["state"] == "done"
+        with pytest.raises(ValueError):
+            jobs.progress_layer(job_id, digest, "remote", state="failed")
+    finally:
+        _cleanup(client, job_id)
+
+
+def test_a_record_written_after_progress_is_shown_over_it(redis_url: str) -> None:
+    """The sweeper's "pending" (a record write) wins over a stage's older progress."""
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    digest = LAYER["digest"]
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        jobs.progress_layer(job_id, digest, "remote", state="fetching", host="gone", run="r1")
+        jobs.update_layer(job_id, digest, "remote", state="pending", host=None, run=None,
+                          requeued=1)
+        (shown,) = jobs.layers(job_id)
+        assert (shown["state"], shown["host"], shown["requeued"]) == ("pending", None, 1)
+    finally:
+        _cleanup(client, job_id)
+
+
+def test_a_progress_write_to_an_expired_job_gets_the_job_ttl(redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    key = f"layerwarm:job:{job_id}:layers"
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        client.expire(key, 100)
+        jobs.progress_layer(job_id, LAYER["digest"], "remote", state="fetching")
+        assert 0 < client.ttl(key) <= 100, "progress keeps the plan's TTL"
+        client.delete(key)
+        jobs.progress_layer(job_id, LAYER["digest"], "remote", state="fetching")
+        assert 100 < client.ttl(key) <= 600, "a hash made again gets the job TTL"
     finally:
         _cleanup(client, job_id)
 

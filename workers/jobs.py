@@ -1,7 +1,9 @@
 """Job records in Redis: what a submitted job is, and the state of each of its layers.
 
     layerwarm:job:<id>          hash: refs, target, platform, created, planned, failures
-    layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer state
+    layerwarm:job:<id>:layers   hash: "<digest>|<target>" -> JSON layer record (its plan,
+                                its end, what the sweeper changed), and
+                                "<digest>|<target>|p" -> JSON progress of a running stage
     layerwarm:jobs:active       sorted set of jobs not known to be finished (for the sweeper)
     layerwarm:jobs:recent       sorted set of every job by creation time (for `layerwarm jobs`)
     layerwarm:job:<id>:events   pub/sub channel: a message each time a layer finishes (and
@@ -11,6 +13,12 @@ Both hashes expire the job TTL after the plan is recorded: a layer's state chang
 that TTL rather than setting it again (an EXPIRE and a MULTI/EXEC less per change). A
 job's overall state is derived from its layers when read, so no writer has to keep a
 summary consistent.
+
+Progress (a stage starting, its bytes, a fetch waiting on a lease) is most of a layer's
+writes, so it goes to its own field, written whole without reading the record first: one
+command. A reader lays it over the record when it is newer and the record has not
+finished; so a late progress write can never reopen a finished layer, which is what the
+record's read-then-write used to guard against.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pipeline.errors import UsageError
 # "cancelled": `layerwarm cancel` stopped the layer before its chain started.
 FINISHED = ("done", "failed", "cancelled")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+_PROGRESS = "|p"  # suffix of a layer's progress field in the layers hash
 ACTIVE = "layerwarm:jobs:active"
 RECENT = "layerwarm:jobs:recent"
 
@@ -73,11 +82,12 @@ class JobStore:
         with self.client.pipeline() as p:
             if layers:
                 now = time.time()
+                records = {f"{x['digest']}|{x['target']}": json.dumps(
+                    {**x, "state": "pending", "updated": now}) for x in layers}
+                # Progress fields exist from the start: a progress write then finds its
+                # field there, and one that makes it means the hash had expired.
                 p.hset(key + ":layers", mapping={
-                    f"{x['digest']}|{x['target']}": json.dumps(
-                        {**x, "state": "pending", "updated": now})
-                    for x in layers
-                })
+                    **records, **{k + _PROGRESS: "{}" for k in records}})
                 p.expire(key + ":layers", self.ttl)
             p.hset(key, mapping={"planned": "1", "image_failures": json.dumps(image_failures),
                                  "images": json.dumps(images or [])})
@@ -85,27 +95,30 @@ class JobStore:
             p.publish(self.events_channel(job_id), "planned")
             p.execute()
 
-    def update_layer(self, job_id: str, digest: str, target: str, *, fresh_for: float = 0,
-                     **fields: Any) -> None:
-        """Merge `fields` into one layer's state. Last writer wins, which is fine: each
-        layer of a job has one chain of tasks, and they run one after another.
+    def progress_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
+        """Say where a running layer is (its stage, bytes, host; a fetch waiting on a
+        lease): one HSET, no read. Shown while newer than the record and the layer is not
+        finished; `update_layer` records an end."""
+        if fields.get("state") in FINISHED:
+            raise ValueError(f"progress cannot finish a layer ({fields['state']})")
+        key = self._key(job_id) + ":layers"
+        made = self.client.hset(key, f"{digest}|{target}{_PROGRESS}",
+                                json.dumps({**fields, "updated": time.time()}))
+        if made:  # planned() makes every progress field: the hash had expired
+            self.client.expire(key, self.ttl)
 
-        `fresh_for`: a write that would change nothing but the time is left out while the
-        record is younger than this many seconds (a fetch waiting on a lease says so once,
-        not at every try; the sweeper only needs the record touched well within its
-        LAYERWARM_REQUEUE_AFTER)."""
+    def update_layer(self, job_id: str, digest: str, target: str, **fields: Any) -> None:
+        """Merge `fields` into one layer's record: its end (done, failed, cancelled) or
+        what the sweeper changed. Last writer wins, which is fine: each layer of a job
+        has one chain of tasks, and they run one after another."""
         key = self._key(job_id) + ":layers"
         field = f"{digest}|{target}"
         raw = self.client.hget(key, field)
         state = json.loads(raw) if raw else {"digest": digest, "target": target}
         was_finished = state.get("state") in FINISHED
         if was_finished and fields.get("state") not in FINISHED:
-            return  # a late progress write must not reopen a finished layer
-        now = time.time()
-        if raw and now - float(state.get("updated", 0)) < fresh_for \
-                and all(state.get(k) == v for k, v in fields.items()):
-            return
-        state.update(fields, updated=now)
+            return  # a late write must not reopen a finished layer
+        state.update(fields, updated=time.time())
         # One round trip, no MULTI/EXEC: the HSET and the PUBLISH need no isolation (a
         # follower reads the record after the message, and the HSET went first). The TTL
         # was set when the job was planned and an HSET keeps it; only a field created here
@@ -121,8 +134,14 @@ class JobStore:
 
     def layer_state(self, job_id: str, digest: str, target: str) -> str | None:
         """One layer's state (pending, fetching, ..., done, failed), or None if unknown."""
-        raw = self.client.hget(self._key(job_id) + ":layers", f"{digest}|{target}")
-        return json.loads(raw).get("state") if raw else None
+        field = f"{digest}|{target}"
+        raw, progress = self.client.hmget(self._key(job_id) + ":layers",
+                                          field, field + _PROGRESS)
+        return _as_shown(raw, progress).get("state") if raw else None
+
+    def layers(self, job_id: str) -> list[dict[str, Any]]:
+        """Every layer of the job as shown: its record, with its progress laid over it."""
+        return _shown(self.client.hgetall(self._key(job_id) + ":layers"))
 
     def images(self, job_id: str) -> list[dict[str, Any]]:
         """The images the job's plan resolved (see `planned`); [] if unknown or expired."""
@@ -146,7 +165,7 @@ class JobStore:
                 continue
             if self.client.hget(key, "planned") != b"1":
                 continue
-            layers = [json.loads(v) for v in self.client.hgetall(key + ":layers").values()]
+            layers = self.layers(job_id)
             if all(x.get("state") in FINISHED for x in layers):
                 self.client.zrem(ACTIVE, job_id)
                 continue
@@ -166,8 +185,7 @@ class JobStore:
             return None
         self.client.hset(key, "cancelled", "1")
         stopped = 0
-        for raw in self.client.hgetall(key + ":layers").values():
-            x = json.loads(raw)
+        for x in self.layers(job_id):
             if x.get("state", "pending") == "pending":
                 self.update_layer(job_id, x["digest"], x["target"], state="cancelled")
                 stopped += 1
@@ -198,8 +216,7 @@ class JobStore:
         meta = {k.decode(): v.decode() for k, v in self.client.hgetall(key).items()}
         if not meta:
             return None
-        raw_layers = self.client.hgetall(key + ":layers").values()
-        layers = sorted((json.loads(v) for v in raw_layers), key=lambda x: x.get("order", 0))
+        layers = sorted(self.layers(job_id), key=lambda x: x.get("order", 0))
         failures = json.loads(meta.get("image_failures", "[]"))
         return {
             "id": job_id,
@@ -213,6 +230,23 @@ class JobStore:
             "totals": _totals(layers, float(meta["created"])),
             "image_failures": failures,
         }
+
+
+def _as_shown(raw: bytes, progress: bytes | None) -> dict[str, Any]:
+    """A layer's record, with its progress laid over it if newer and not finished."""
+    record = json.loads(raw)
+    if progress and record.get("state") not in FINISHED:
+        live = json.loads(progress)
+        if float(live.get("updated", 0)) > float(record.get("updated", 0)):
+            record.update(live)
+    return record
+
+
+def _shown(fields: dict[bytes, bytes]) -> list[dict[str, Any]]:
+    """Every layer of a job's layers hash, as `_as_shown`."""
+    suffix = _PROGRESS.encode()
+    return [_as_shown(raw, fields.get(name + suffix)) for name, raw in fields.items()
+            if not name.endswith(suffix)]
 
 
 def _job_state(planned: bool, layers: list[dict], failures: list) -> str:

@@ -66,7 +66,7 @@ class JobProgress:
             # GET and a SET) is for tasks that last long enough to be watched in Flower.
             celery_state, self._last = bool(self._last), time.monotonic()
             stage, done, total = self._stage, self._done, self._total
-        self.jobs.update_layer(
+        self.jobs.progress_layer(
             self.job_id, str(layer.digest), self.target,
             state=stage, bytes_done=done, bytes_total=total, host=self.node, run=self.run,
             **({"lease": self.lease} if self.lease else {}),

@@ -155,8 +155,8 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             return _fetch(self, job_id, layer, target, token, started)
         except LeaseBusy as e:
             books = bookkeeping()
-            books.jobs.update_layer(job_id, layer["digest"], target, state="pending",
-                                    waiting=e.holder, fresh_for=REQUEUE_AFTER / 4)
+            books.jobs.progress_layer(job_id, layer["digest"], target, state="pending",
+                                      waiting=e.holder)
             if wait_until is None:
                 wait_until = time.monotonic() + books.leases.ttl_ms / 1000
             token = None  # the lease is another's: a token this fetch carried is spent
