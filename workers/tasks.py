@@ -317,7 +317,11 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 {**(self.request.kwargs or {}), "deferrals": deferrals + 1},
                 queue=node_cpu_queue(c.node), countdown=DEFER_SECONDS)
             return {"digest": str(spec.digest), "deferred": deferrals + 1}
-        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token)
+        # Quiet start: the fetch already wrote the layer's progress (host, run, lease);
+        # most layers decompress in well under the interval, so "decompressing" would be
+        # one more write that nobody sees before "done".
+        progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token,
+                               quiet_start=True)
         outcome = decompress_following(spec, disk, progress, c.settings.limits)
         if outcome is None:
             state = c.jobs.layer_state(job_id, str(spec.digest), target)
