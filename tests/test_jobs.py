@@ -226,3 +226,19 @@ def test_a_task_message_is_pushed_without_declaring_its_queue(redis_url: str) ->
         assert bound == [], "the send declared and bound its queue"
     finally:
         client.delete(queue)
+
+
+def test_a_cancel_flag_read_is_trusted_for_max_age_and_a_yes_for_good(redis_url: str) -> None:
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    other = JobStore(client, ttl=600)  # `layerwarm cancel`, in another process
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0}], [])
+        assert not jobs.cancelled(job_id, max_age=60)
+        assert other.cancel(job_id) == 1
+        assert not jobs.cancelled(job_id, max_age=60), "a 'no' read just now is trusted"
+        assert jobs.cancelled(job_id), "max_age 0: asked again"
+        client.hdel(f"layerwarm:job:{job_id}", "cancelled")
+        assert jobs.cancelled(job_id), "cancelled is final: not asked again"
+    finally:
+        _cleanup(client, job_id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from pipeline.errors import UsageError
 FINISHED = ("done", "failed", "cancelled")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _PROGRESS = "|p"  # suffix of a layer's progress field in the layers hash
+_CANCEL_READS_KEPT = 256  # jobs whose cancel flag a store remembers (`cancelled`)
 ACTIVE = "layerwarm:jobs:active"
 RECENT = "layerwarm:jobs:recent"
 
@@ -49,6 +51,8 @@ def check_job_id(job_id: str) -> str:
 class JobStore:
     def __init__(self, client: redis.Redis, ttl: float) -> None:
         self.client, self.ttl = client, int(ttl)
+        self._cancel_reads: dict[str, tuple[float, bool]] = {}  # job -> (monotonic, flag)
+        self._cancel_lock = threading.Lock()
 
     @staticmethod
     def _key(job_id: str) -> str:
@@ -191,8 +195,20 @@ class JobStore:
                 stopped += 1
         return stopped
 
-    def cancelled(self, job_id: str) -> bool:
-        return self.client.hget(self._key(job_id), "cancelled") == b"1"
+    def cancelled(self, job_id: str, max_age: float = 0) -> bool:
+        """Whether the job was cancelled. `max_age`: a "no" this store read less than
+        that many seconds ago is trusted (a "yes" is final, so it is kept)."""
+        now = time.monotonic()
+        with self._cancel_lock:
+            seen = self._cancel_reads.get(job_id)
+        if seen is not None and (seen[1] or now - seen[0] < max_age):
+            return seen[1]
+        flag = self.client.hget(self._key(job_id), "cancelled") == b"1"
+        with self._cancel_lock:
+            self._cancel_reads[job_id] = (now, flag)
+            if len(self._cancel_reads) > _CANCEL_READS_KEPT:  # the oldest job first
+                del self._cancel_reads[next(iter(self._cancel_reads))]
+        return flag
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` jobs still on record, newest first, each as `status` reads it.

@@ -77,6 +77,11 @@ TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
 LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
+# How long a fetch trusts its process's last reading of a job's cancel flag: a fleet job's
+# fetches start many a second, and each asked Redis (1.4 of S1's commands per
+# layer-target). A cancel reaches a fetch that starts at most this late; one that started
+# just before the cancel was never stopped either.
+CANCEL_RECHECK = 1.0
 PUBLISH_BACKOFF = (2.0, 300.0)  # a node's owed publish: first wait, longest wait (seconds)
 
 
@@ -262,7 +267,7 @@ def _skip_cancelled(job_id: str, layer: dict[str, Any], target: str,
     """A fetch of a cancelled job does not start: the layer is recorded cancelled and the
     lease a resent fetch carries is given back."""
     books = bookkeeping()
-    if not books.jobs.cancelled(job_id):
+    if not books.jobs.cancelled(job_id, max_age=CANCEL_RECHECK):
         return False
     if token:
         books.leases.release(Digest.parse(layer["digest"]), token)
