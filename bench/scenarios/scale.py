@@ -113,6 +113,20 @@ def _submit(fleet: Fleet, refs: Sequence[str], to: str) -> tuple[float, dict[str
     return r.seconds, json.loads(r.stdout)
 
 
+def _celery_share(tally: Counter[tuple[str, str]]) -> tuple[int, int]:
+    """From a MONITOR tally: the commands Celery and kombu send for themselves, and how
+    many task messages were pushed (LPUSH onto a layerwarm queue)."""
+    own = 0
+    for (cmd, key), n in tally.items():
+        if (key in ("unacked", "unacked_index") or key.startswith(("/1.celeryev", "celery-"))
+                or (cmd in ("brpop", "lpush") and key.startswith("layerwarm."))
+                or (cmd in ("multi", "exec") and not key)):
+            own += n
+    messages = sum(n for (cmd, key), n in tally.items()
+                   if cmd == "lpush" and key.startswith("layerwarm."))
+    return own, messages
+
+
 def _check_done(status: dict[str, Any], expected: int) -> None:
     if status.get("state") != "done" or status["totals"]["done"] != expected:
         raise AssertionError(f"job not done ({expected} expected): {json.dumps(status)[:2000]}")
@@ -202,6 +216,19 @@ class ScaleScenarios(BenchBase):
             row.notes.append(
                 "MONITOR, (command, key) most often: "
                 + "; ".join(f"{c.upper()} {k or '-'} ×{n}" for (c, k), n in keys)
+            )
+        if monitors and monitors[-1]:
+            celery, messages = _celery_share(monitors[-1])
+            least = (3 + len(hosts) - 1) * len(layers) + 1  # per layer, and the plan
+            row.notes.append(
+                f"Celery's and kombu's own share (MONITOR of the last run: deliver/ack "
+                f"pipelines, the unacked copy, BRPOP/LPUSH, task events, result backend): "
+                f"{celery / per:.1f} per layer per target, {celery / max(messages, 1):.1f} "
+                f"per task message; {messages} task messages, {messages / per:.2f} per layer "
+                f"per target (the least this design sends: fetch, decompress and publish on "
+                f"the fetching host, one fetch on the other, and the plan: "
+                f"{least / per:.2f}; the rest are fetches sent again while another host held "
+                f"the layer and no wait slot was free)"
             )
         capacity = self.redis_capacity()
         row.data.update(redis_capacity=capacity)
