@@ -60,7 +60,6 @@ _TRANSPORT = {
 }
 
 
-
 def _undeclared(*_route_args: object, **_route_kw: object) -> dict[str, object]:
     """Every task message goes out without declaring its queue (a task route, so every
     send takes it: apply_async, send_task, retries).

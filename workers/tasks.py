@@ -367,7 +367,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         c = context()
         spec, goal = layer_from_json(layer), goal_of(target)
         # A node target's record already says done (decompress wrote it before sending
-        # this): progress there would be refused by the job store, after a read each time.
+        # this): progress there would never show, and each write would cost a command.
         progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token) \
             if goal == "remote" else NO_PROGRESS
         if token:
