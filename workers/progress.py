@@ -1,7 +1,9 @@
-"""Stage progress from inside a task: into the job record and the task's Celery state.
+"""Stage progress from inside a task: into the job record's progress field and the task's
+Celery state.
 
-Writes are throttled (a task's first stage always writes; later stages and bytes at most
-every half second) so a fast layer does not turn into many Redis writes. Celery state
+Writes are throttled (a task's first stage writes at once unless started quiet; later
+stages and bytes at most every half second) so a fast layer does not turn into many Redis
+writes. Celery state
 `PROGRESS` with bytes done/total, written from the second write on (a task running for
 more than half a second), is what Flower shows for a running task.
 """

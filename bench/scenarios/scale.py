@@ -187,7 +187,7 @@ class ScaleScenarios(BenchBase):
         row.met = judged(values, "<=", 50)
         top = tops[len(tops) // 2].most_common(10)
         total = sum(tops[len(tops) // 2].values())
-        per = len(layers) * 2
+        per = len(layers) * len(hosts)
         row.data.update(per_layer_target=values, idle_rate=idle_rates, seconds=seconds_l,
                         commands=dict(tops[len(tops) // 2]))  # fmt: skip
         row.notes.append(
@@ -217,7 +217,6 @@ class ScaleScenarios(BenchBase):
                 "MONITOR, (command, key) most often: "
                 + "; ".join(f"{c.upper()} {k or '-'} ×{n}" for (c, k), n in keys)
             )
-        if monitors and monitors[-1]:
             celery, messages = _celery_share(monitors[-1])
             least = (3 + len(hosts) - 1) * len(layers) + 1  # per layer, and the plan
             row.notes.append(

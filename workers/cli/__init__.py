@@ -78,15 +78,22 @@ def _command(sub: Subparsers, name: str, func: Callable[[argparse.Namespace], in
              help: str) -> argparse.ArgumentParser:
     """A distributed command: it runs `func` and takes the broker's URL."""
     p = sub.add_parser(name, help=help)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--broker", metavar="URL",
-                   help="Redis URL (env LAYERWARM_BROKER_URL, default "
-                   "redis://127.0.0.1:6379/0). A password in it is visible to every "
-                   "user of this machine (ps); use the env or --broker-file for that")
-    g.add_argument("--broker-file", metavar="PATH",
-                   help="read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
+    secret_flags(p, "--broker", "URL",
+                 "Redis URL (env LAYERWARM_BROKER_URL, default redis://127.0.0.1:6379/0). A "
+                 "password in it is visible to every user of this machine (ps); use the env "
+                 "or --broker-file for that",
+                 "read the Redis URL from this file (env LAYERWARM_BROKER_URL_FILE)")
     p.set_defaults(func=func)
     return p
+
+
+def secret_flags(p: argparse.ArgumentParser, flag: str, metavar: str, value_help: str,
+                 file_help: str) -> None:
+    """`FLAG VALUE` or `FLAG-file PATH`, not both: a secret given by value is visible to
+    every user of the machine (ps), so each such flag has a twin that reads a file."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(flag, metavar=metavar, help=value_help)
+    g.add_argument(f"{flag}-file", metavar="PATH", help=file_help)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import os
 import sys
 
 from pipeline.cli.common import EXIT_FAILED
-from workers.cli import Subparsers, _broker_env, _command
+from workers.cli import Subparsers, _broker_env, _command, secret_flags
 from workers.credentials import FLOWER_AUTH_ENV, FLOWER_OWN_ENV, flower_logins
 
 
@@ -57,13 +57,10 @@ def register(sub: Subparsers) -> None:
     f.add_argument("--address", default="127.0.0.1",
                    help="address to serve on (127.0.0.1: this machine only)")
     f.add_argument("--port", type=int, default=5555)
-    fa = f.add_mutually_exclusive_group()
-    fa.add_argument("--basic-auth", metavar="USER:PASSWORD",
-                    help="protect the UI and API. Visible to every user of this machine "
-                    "(ps): prefer env LAYERWARM_FLOWER_BASIC_AUTH (or FLOWER_BASIC_AUTH) "
-                    "or --basic-auth-file")
-    fa.add_argument("--basic-auth-file", metavar="PATH",
-                    help="read USER:PASSWORD (one a line) from this file")
+    secret_flags(f, "--basic-auth", "USER:PASSWORD",
+                 "protect the UI and API. Visible to every user of this machine (ps): prefer "
+                 "env LAYERWARM_FLOWER_BASIC_AUTH (or FLOWER_BASIC_AUTH) or --basic-auth-file",
+                 "read USER:PASSWORD (one a line) from this file")
 
     b = _command(sub, "beat", cmd_beat,
                  "run the scheduler that has every node run gc (one per fleet)")
