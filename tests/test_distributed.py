@@ -43,6 +43,7 @@ from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
 from workers.routing import spread
+from workers.tasks import INLINE_DECOMPRESS_BYTES
 
 FLEET_DB = 7  # the module fleet's Redis database (flushed at start)
 KILL_DB = 8  # the kill -9 test's own fleet
@@ -213,8 +214,9 @@ def test_to_node_puts_layers_on_that_node_only(
 def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
     fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
 ) -> None:
-    shared = layer(1200, "gzip", 300_000)
+    shared = layer(1200, "gzip", 1_000_000)  # over 256 KiB: a fetch task of its own
     own = [layer(1201, "zstd"), layer(1202, "none"), layer(1203, "gzip")]
+    assert len(shared.blob) > INLINE_DECOMPRESS_BYTES, "one node fetches it, the others follow"
     images = [Image([shared, own[0]]), Image([shared, own[1], own[2]], format="docker")]
     refs = push(registry, registry_proxy, images)
     layers = [shared, *own]
@@ -241,6 +243,35 @@ def test_to_all_nodes_fetches_once_and_restores_the_rest_from_s3(
             assert path.is_file(), f"node {n} lacks {cache_name(lay)}"
             assert path.read_bytes() == lay.tar
     assert status["totals"]["layers"] == status["totals"]["done"] == 12
+    assert_everything_intact(fleet, tier)
+
+
+def test_to_all_nodes_a_layer_its_first_node_fails_is_fetched_by_the_others(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
+) -> None:
+    """With a shared tier, one node fetches each layer and the others' fetches are sent
+    when its chain ends. Ended by a failure, they go out all the same and fetch the
+    layer themselves: nothing waits for a layer that will never be shared."""
+    lay = layer(1210, "gzip", 1_000_000)  # not a tiny layer: those go in batches to all
+    assert len(lay.blob) > INLINE_DECOMPRESS_BYTES
+    refs = push(registry, registry_proxy, [Image([lay])])
+    registry_proxy.reset()
+    registry_proxy.fail(f"/blobs/{lay.digest}", status=404, times=1, method="GET")
+
+    p, status = submit_json(fleet, *refs, "--to", "all-nodes", "--timeout", "120")
+    assert p.returncode == 1, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    assert status["state"] == "failed"
+    by_state: dict[str, list[dict[str, Any]]] = {}
+    for entry in status["layers"]:
+        by_state.setdefault(entry["state"], []).append(entry)
+    assert sorted(by_state) == ["done", "failed"] and len(by_state["failed"]) == 1, status
+    (failed,) = by_state["failed"]
+    assert "not found" in failed["reason"], failed["reason"]
+    for entry in by_state["done"]:
+        assert_layer_done(entry, lay)
+        node = entry["target"].removeprefix("node:")
+        assert (fleet.cache_dir(node) / cache_name(lay)).read_bytes() == lay.tar
+    assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 2, "the 404, then one fetch"
     assert_everything_intact(fleet, tier)
 
 

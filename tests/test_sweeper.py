@@ -6,6 +6,7 @@ workers use (tests/faults/test_lost_chains.py runs the same through a real fleet
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -144,6 +145,38 @@ def test_a_node_targets_layer_waits_for_its_node_in_that_nodes_queue(books: Book
         client.delete(f"layerwarm:requeue:{job_id}:{LAYER['digest']}|{target}")
         _silence(client, job_id, target)
         assert sweep_once(jobs, after=30) == 0, "its fetch waits in the node's queue"
+    finally:
+        _forget(client, job_id)
+
+
+def test_a_follower_waits_for_the_target_it_follows_and_goes_with_it(books: Books) -> None:
+    """all-nodes with a shared tier: node:gone's fetch of the layer is sent when node:busy's
+    chain ends (workers/tasks.py `_owners`). Silent, it is not lost while node:busy is at
+    it; if node:busy's chain is lost, its fetch goes again carrying node:gone's; if
+    node:busy stops running, node:gone fetches the layer itself."""
+    jobs, client = books
+    job_id = uuid.uuid4().hex
+    jobs.create(job_id, ["127.0.0.1:5000/t/x:1"], "all-nodes", None)
+    jobs.planned(job_id, [{**LAYER, "target": "node:busy", "order": 0},
+                          {**LAYER, "target": "node:gone", "order": 1, "after": "node:busy"}],
+                 [])
+    try:
+        client.set("layerwarm:node:busy", json.dumps({"host": "h", "pid": 1, "run": "r1"}))
+        _silence(client, job_id, "node:gone")
+        assert sweep_once(jobs, after=30) == 0, "the target it follows is at it"
+
+        _silence(client, job_id, "node:busy", state="fetching", host="busy", run="r0")
+        assert sweep_once(jobs, after=30) == 1, "node busy restarted: its chain is lost"
+        (sent,) = _fetches_for(client, job_id, node_io_queue("busy"))
+        body = json.loads(base64.b64decode(json.loads(sent)["body"]))
+        assert body[1] == {"token": None, "then": ["node:gone"]}, body
+        assert not _fetches_for(client, job_id, node_io_queue("gone"))
+
+        client.delete("layerwarm:node:busy")
+        assert sweep_once(jobs, after=30) == 1, "node busy is not running: gone fetches it"
+        (sent,) = _fetches_for(client, job_id, node_io_queue("gone"))
+        assert json.loads(base64.b64decode(json.loads(sent)["body"]))[1] == {"token": None}
+        assert _record(client, job_id, "node:gone")["requeued"] == 1
     finally:
         _forget(client, job_id)
 

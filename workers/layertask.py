@@ -29,14 +29,19 @@ from pipeline.errors import LayerwarmError
 from pipeline.layer import LayerResult, LayerSpec, Progress, Source
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
-from workers.app import JOB_TTL, VISIBILITY_TIMEOUT, broker_url
+from workers.app import JOB_TTL, VISIBILITY_TIMEOUT, app, broker_url
 from workers.jobs import JobStore
 from workers.leases import Leases
 from workers.ratelimit import RedisRateLimiter
 from workers.redisconn import connect
-from workers.routing import Target, check_node
+from workers.routing import FOLLOWERS, Target, check_node
 
 log = logging.getLogger("layerwarm")
+# How long a task trusts its process's last reading of a job's cancel flag: a fleet job's
+# fetches start many a second, and each asked Redis (1.4 of S1's commands per
+# layer-target). A cancel reaches a fetch that starts at most this late; one that started
+# just before the cancel was never stopped either.
+CANCEL_RECHECK = 1.0
 
 
 class LeaseBusy(LayerwarmError):
@@ -195,9 +200,31 @@ class LayerTask(Task):
         log.info("layer %s done for %s from %s on %s", layer.digest, target, tier, c.node)
         return {"digest": str(layer.digest), "target": target, "tier": tier, "host": c.node}
 
+    def carried(self) -> dict[str, Any]:
+        """What this chain passes on to its next task besides the token: its followers."""
+        then = (self.request.kwargs or {}).get(FOLLOWERS)
+        return {FOLLOWERS: list(then)} if then else {}
+
+    def hand_on(self, job_id: str, layer: dict[str, Any]) -> None:
+        """This layer's chain ended here: send the fetch of each target that waited for it.
+
+        An all-nodes job with a shared tier sends one target's fetch per layer at first
+        (workers/tasks.py `plan`); the others follow once its chain ends, with the layer in
+        the shared tier (or, if it failed there, to try the registry themselves). Sent when
+        their lease holder is done, they never wait on it: no thread held, no message sent
+        again. A cancelled job's followers are already recorded cancelled.
+        """
+        then = self.carried().get(FOLLOWERS)
+        if not then or bookkeeping().jobs.cancelled(job_id, max_age=CANCEL_RECHECK):
+            return
+        for target in then:  # by name: the tasks module imports this one
+            app.send_task("layerwarm.fetch", (job_id, layer, target),
+                          queue=Target.parse(target).fetch_queue)
+
     def fail(self, job_id: str, layer: dict[str, Any], target: str, error: BaseException,
              token: str | None) -> None:
         """Fail the layer at once with its reason; a traceback in the log if it is not ours.
+        Its followers' fetches go out, to try the layer themselves.
 
         Uses only Redis, so it works however the task failed.
         """
@@ -215,4 +242,8 @@ class LayerTask(Task):
             log.error("layer %s failed (%s) and the job record could not say so: %s",
                       digest, describe_error(error), e)
         log.error("layer failed: %s: %s", digest, describe_error(error))
+        try:
+            self.hand_on(job_id, layer)
+        except Exception as e:  # noqa: BLE001 - broker away: the sweeper sends them
+            log.error("layer %s: its followers' fetches could not be sent: %s", digest, e)
 

@@ -5,7 +5,9 @@
     layerwarm.node.<N>.cpu     host N's CPU pool: decompress for N
 
 A layer's decompress and publish go to the queues of the host that fetched it, because
-its staging file is on that host's disk.
+its staging file is on that host's disk. When several targets share a tier, the other
+targets' fetches go out when the first one's chain ends: its messages carry them along
+under the FOLLOWERS keyword.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.errors import UsageError
 T = TypeVar("T")
 
 FLEET_QUEUE = "layerwarm.fleet"
+FOLLOWERS = "then"  # a layer task's keyword: the targets whose fetch follows its chain
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -66,12 +69,11 @@ def spread(items: Sequence[T], targets: Sequence[str]) -> list[tuple[T, str]]:
     `items` come in the order they should go (the plan's: largest first). Target j of n
     owns items j, j + n, j + 2n, ... and takes them first, then the others in order. With
     several node targets (all-nodes) each node's queue is consumed on its own, side by
-    side: in one shared order every node would reach each layer when the others do, and
-    all but the lease holder would wait on it (a fetch retried every second or two, a
-    message and a job-record write each time). Spread, each node fetches its share from
-    the registry and finds the rest in the remote tier, published by their owners while
-    it worked on its own. The pairs come target by target in turn (round robin), so each
-    queue gets its first messages first.
+    side: in one shared order every node would reach each layer when the others do. The
+    plan uses it where every target gets its fetch at once: tiny layers' batches, and
+    every layer when there is no shared tier (each node fetches from the registry). The
+    pairs come target by target in turn (round robin), so each queue gets its first
+    messages first.
     """
     n = len(targets)
     orders = [[*items[j::n], *(x for i, x in enumerate(items) if i % n != j)]

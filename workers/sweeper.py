@@ -14,7 +14,10 @@ default) is lost when
   took, and has not acknowledged, in the transport's `unacked` hash).
 
 Its fetch is then sent again, with the layer's lease token, so the new fetch carries on
-the lost one's lease instead of waiting for it to lapse. A layer for a node that is not
+the lost one's lease instead of waiting for it to lapse, and with the targets that follow
+it (an all-nodes job's other nodes, whose fetches its chain sends when it ends). A
+follower is not lost while the target it follows is still at it: it is if that target's
+node is not running, and then fetches the layer itself. A layer for a node that is not
 running waits in that node's queue, shown as such, like every other message sent to it.
 Every stage is idempotent by content address, so a spare fetch costs time, never
 correctness; a Redis key per layer makes one worker, not all of them, send it.
@@ -32,9 +35,9 @@ from typing import Any
 import redis
 
 from workers.app import app
-from workers.jobs import JobStore
+from workers.jobs import FINISHED, JobStore
 from workers.nodeclaim import current_run
-from workers.routing import Target, node_cpu_queue, node_io_queue
+from workers.routing import FOLLOWERS, Target, node_cpu_queue, node_io_queue
 
 log = logging.getLogger("layerwarm")
 LAYER_FIELDS = ("digest", "diff_id", "media_type", "size", "sources")
@@ -46,10 +49,18 @@ UNACKED = "unacked"
 class _Round:
     """What one sweep reads from Redis, each thing once and only when a layer needs it."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs, self.client = jobs, jobs.client
         self._runs: dict[str, str | None] = {}
         self._unacked: list[bytes] | None = None
+        self._layers: dict[str, list[dict[str, Any]]] = {}
+
+    def others(self, job_id: str, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """The records of the job's other targets for the same layer."""
+        if job_id not in self._layers:
+            self._layers[job_id] = self.jobs.layers(job_id)
+        return [x for x in self._layers[job_id]
+                if x["digest"] == rec["digest"] and x["target"] != rec["target"]]
 
     def run_of(self, node: str) -> str | None:
         if node not in self._runs:
@@ -68,6 +79,14 @@ class _Round:
 def why_lost(sweep: _Round, job_id: str, rec: dict[str, Any]) -> str | None:
     """Why this silent layer's chain is lost, or None while something may carry it on."""
     host, run = rec.get("host"), rec.get("run")
+    if rec.get("after") and not host:  # waits for another target's chain to send its fetch
+        first = next((x for x in sweep.others(job_id, rec) if x["target"] == rec["after"]),
+                     None)
+        if first is not None and first.get("state") not in FINISHED:
+            node = Target.parse(rec["after"]).node
+            if node is not None and sweep.run_of(node) is None:
+                return f"node {node}, which was to fetch it first, is not running"
+            return None  # if that chain is lost, its own sweep sends it again, with this
     if host and run:
         now = sweep.run_of(host)
         if now is None:
@@ -86,7 +105,7 @@ def sweep_once(jobs: JobStore, after: float) -> int:
     """Send the fetch of every lost layer silent for `after` seconds again; return how
     many. Each is sent once per `after`: the claim key, then its fresh record, say so."""
     count = 0
-    sweep = _Round(jobs.client)
+    sweep = _Round(jobs)
     for job_id, rec in jobs.stalled(after):
         why = why_lost(sweep, job_id, rec)
         if why is None:
@@ -102,8 +121,11 @@ def sweep_once(jobs: JobStore, after: float) -> int:
                           host=None, run=None, waiting=waiting,
                           requeued=int(rec.get("requeued", 0)) + 1)
         layer = {k: rec[k] for k in LAYER_FIELDS}
+        then = [x["target"] for x in sweep.others(job_id, rec)
+                if x.get("after") == rec["target"] and x.get("state") not in FINISHED]
         app.send_task("layerwarm.fetch", (job_id, layer, rec["target"]),
-                      {"token": rec.get("lease")}, queue=target.fetch_queue)
+                      {"token": rec.get("lease"), **({FOLLOWERS: then} if then else {})},
+                      queue=target.fetch_queue)
         log.warning("layer %s of job %s, %s for %.0fs: %s; fetch sent again%s",
                     rec["digest"], job_id, rec.get("state"), after, why,
                     f", waiting for {waiting}" if waiting else "")

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that run one step of the lookup chain and record the outcome.
 
     layerwarm.plan        resolve refs, dedupe layers, fan out one fetch per layer and target
-                          (tiny layers: one fetch_batch per 20, running fetch for each)
+                          (tiny layers: one fetch_batch per 20, running fetch for each);
+                          with a shared tier and several targets, one target's fetch per
+                          layer, whose chain sends the others' when it ends (`_owners`)
     layerwarm.fetch       the chain (pipeline/chain.py) for the target's goal: the tiers in
                           order; on a miss, registry -> staging, sending the decompress task
                           as the download starts (a layer of at most 256 KiB is decompressed,
@@ -16,10 +18,10 @@ The order of the tiers, what is written back, verification and retries all live 
 pipeline/: a task decodes its arguments, makes one call, and records what happened. A
 registry error has been retried by the one retry policy (pipeline/retry.py) before it
 gets here: a task never retries it again. A fetch waits only while another worker holds
-the layer's lease (in its thread, woken by the release; by retrying when no wait slot is
-free or the wait ran out), and a node's publish is tried again while the remote tier
-does not answer (the node is warm meanwhile); any other error fails the layer at once,
-with its reason in the job record.
+the layer's lease (jobs that overlap: in its thread, woken by the release; by retrying
+when no wait slot is free or the wait ran out), and a node's publish is tried again
+while the remote tier does not answer (the node is warm meanwhile); any other error
+fails the layer at once, with its reason in the job record.
 
 Arguments are small JSON: job id, the layer's digests/type/size/source repos, the target,
 a lease token. Never bytes, never credentials: workers read their own Docker config.
@@ -55,6 +57,7 @@ from pipeline.runner import describe_error
 from pipeline.tiers.remote import RemoteTier
 from workers.app import GC_INTERVAL, REQUEUE_AFTER, app
 from workers.layertask import (
+    CANCEL_RECHECK,
     LayerTask,
     LeaseBusy,
     bookkeeping,
@@ -66,7 +69,7 @@ from workers.layertask import (
 )
 from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
-from workers.routing import Target, node_cpu_queue, node_io_queue, spread
+from workers.routing import FOLLOWERS, Target, node_cpu_queue, node_io_queue, spread
 from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
@@ -77,11 +80,6 @@ TINY_BATCH = 20  # tiny layers per fetch_batch task
 DEFER_SECONDS = 0.2  # a decompress put back behind ready work comes round again after this
 MAX_DEFERRALS = 50   # ... at most this many times (10 s), then it follows its download
 LEASE_WAIT = (1.0, 3.0)  # seconds (uniform) before asking again for a busy lease
-# How long a fetch trusts its process's last reading of a job's cancel flag: a fleet job's
-# fetches start many a second, and each asked Redis (1.4 of S1's commands per
-# layer-target). A cancel reaches a fetch that starts at most this late; one that started
-# just before the cancel was never stopped either.
-CANCEL_RECHECK = 1.0
 PUBLISH_BACKOFF = (2.0, 300.0)  # a node's owed publish: first wait, longest wait (seconds)
 
 
@@ -109,29 +107,44 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
             job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
     layers_json = [layer_to_json(x) for x in result.layers]
-    work = [(layer, t) for layer in layers_json for t in targets]
+    # Largest first: the fleet queue then hands the big ones out first and the small ones
+    # to whichever host frees up first, which spreads the bytes (and so the decompression
+    # each host must do itself) evenly across hosts.
+    ordered = sorted(layers_json, key=lambda x: -int(x["size"]))
+    big = [x for x in ordered if int(x["size"]) > INLINE_DECOMPRESS_BYTES]
+    owners = _owners(big, targets) if c.env.remote is not None else {}
+    records = []
+    for i, (layer, t) in enumerate((x, t) for x in layers_json for t in targets):
+        first = owners.get(layer["digest"], t)  # "after": the target this one follows
+        records.append({**layer, "target": t, "order": i,
+                        **({"after": first} if first != t else {})})
     c.jobs.planned(
         job_id,
-        [{**layer, "target": t, "order": i} for i, (layer, t) in enumerate(work)],
+        records,
         [{"ref": f.ref, "error": f.error} for f in result.failures],
         [{"manifest_digest": str(x.manifest_digest), "ref": str(x.ref),
           "platform": str(x.platform) if x.platform else None,
           "layers": [str(y.digest) for y in x.layers]} for x in result.images],
     )
 
-    # Tiny layers travel in batches (one task, one after another); the others one a task,
-    # largest first: the fleet queue then hands the big ones out first and the small ones
-    # to whichever host frees up first, which spreads the bytes (and so the decompression
-    # each host must do itself) evenly across hosts. Several node targets each start on
-    # their own share of the layers (routing.spread), so they do not wait on each other.
+    # Tiny layers travel in batches (one task, one after another); the others one a task.
+    # With a shared tier, a layer's owner fetches it and the other targets follow once it
+    # is there (`_owners`); without one, several node targets each start on their own
+    # share of the layers (routing.spread), so they do not reach the same layer at once.
     tiny: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
-    for layer, t in spread(sorted(layers_json, key=lambda x: -int(x["size"])), targets):
-        if int(layer["size"]) > INLINE_DECOMPRESS_BYTES:
+    for layer in big if owners else ():
+        first = owners[layer["digest"]]
+        sends.append(functools.partial(
+            fetch.apply_async, (job_id, layer, first),
+            {FOLLOWERS: [t for t in targets if t != first]},
+            queue=Target.parse(first).fetch_queue))
+    for layer, t in spread(ordered, targets):
+        if int(layer["size"]) <= INLINE_DECOMPRESS_BYTES:
+            tiny.setdefault(t, []).append(layer)
+        elif not owners:
             sends.append(functools.partial(fetch.apply_async, (job_id, layer, t),
                                            queue=Target.parse(t).fetch_queue))
-        else:
-            tiny.setdefault(t, []).append(layer)
     for t, layers in tiny.items():
         sends += [functools.partial(fetch_batch.apply_async,
                                     (job_id, layers[i:i + TINY_BATCH], t),
@@ -142,6 +155,21 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
         list(p.map(lambda send: send(), sends))
     return {"layers": len(result.layers), "tasks": len(sends),
             "failed_refs": len(result.failures)}
+
+
+def _owners(layers: list[dict[str, Any]], targets: list[str]) -> dict[str, str]:
+    """Which target fetches each layer first, when several share a tier: the others'
+    fetches follow once its chain ends (`LayerTask.hand_on`), finding the layer there.
+
+    Sent all at once, every target but the lease holder found the layer busy: its fetch
+    held a thread waiting on the lease, or, with no wait slot free, went back in the queue
+    and came round again (a message and a job-record write each time), a cost that grows
+    with the number of hosts. Owners take the layers in turn, largest first, so each host
+    starts on an even share of the bytes (as `spread` orders them). One target: no owner.
+    """
+    if len(targets) < 2:
+        return {}
+    return {x["digest"]: targets[i % len(targets)] for i, x in enumerate(layers)}
 
 
 @app.task(name="layerwarm.fetch", bind=True, base=LayerTask, max_retries=None,
@@ -169,7 +197,7 @@ def fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                     books.leases, Digest.parse(layer["digest"]), wait_until):
                 raise self.retry(countdown=random.uniform(*LEASE_WAIT), exc=e,
                                  queue=Target.parse(target).fetch_queue,
-                                 kwargs={"token": None}) from e
+                                 kwargs={"token": None, **self.carried()}) from e
 
 
 def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
@@ -200,7 +228,8 @@ def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 return stages.decompress(layer_, c.env.disk, staging, progress_,
                                          c.settings.limits)
             # Sent first, so the decompression follows the download as it arrives.
-            decompress.apply_async((job_id, layer, target), {"token": token, "started": started},
+            decompress.apply_async((job_id, layer, target),
+                                   {"token": token, "started": started, **self.carried()},
                                    queue=node_cpu_queue(c.node))
             stages.fetch(c.env.client, layer_, c.env.disk, progress_)
             return None
@@ -217,11 +246,14 @@ def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         elif goal == "disk" and c.env.remote is not None \
                 and c.chain(_no_registry).wants_publish(spec, "disk"):
             # The remote tier did not answer: the node has the layer, the shared copy
-            # follows when the remote tier is back.
+            # follows when the remote tier is back. The publish carries the followers on.
             extra["publish"] = "pending"
-            publish.apply_async((job_id, layer, target), queue=node_io_queue(c.node),
-                                countdown=PUBLISH_BACKOFF[0])
-        return self.done(job_id, spec, target, result.source or "registry", **extra)
+            publish.apply_async((job_id, layer, target), self.carried(),
+                                queue=node_io_queue(c.node), countdown=PUBLISH_BACKOFF[0])
+        outcome = self.done(job_id, spec, target, result.source or "registry", **extra)
+        if extra.get("publish") != "pending":
+            self.hand_on(job_id, layer)
+        return outcome
     except (LeaseBusy, Retry):
         raise
     except Exception as e:
@@ -334,7 +366,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 log.info("layer %s: the fetch left no blob to decompress", spec.digest)
                 return {"digest": str(spec.digest), "fetch_failed": True}
             log.warning("layer %s: its staged blob is gone; fetching it again", spec.digest)
-            fetch.apply_async((job_id, layer, target), {"token": token},
+            fetch.apply_async((job_id, layer, target), {"token": token, **self.carried()},
                               queue=node_io_queue(c.node))
             return {"digest": str(spec.digest), "refetch": True}
         size, made = outcome
@@ -345,12 +377,14 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if c.chain(_no_registry).wants_publish(spec, "registry", goal):
             if goal == "disk":  # the node has the layer: its job is done; the shared copy follows
                 self.done(job_id, spec, target, "registry", publish="pending")
-            publish.apply_async((job_id, layer, target), {"token": token},
+            publish.apply_async((job_id, layer, target), {"token": token, **self.carried()},
                                 queue=node_io_queue(c.node))
             return {"digest": str(spec.digest), "publish_on": c.node}
         if token:
             c.leases.release(spec.digest, token)
-        return self.done(job_id, spec, target, "registry")
+        outcome = self.done(job_id, spec, target, "registry")
+        self.hand_on(job_id, layer)
+        return outcome
     except Retry:
         raise
     except Exception as e:
@@ -377,7 +411,7 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
                 # Another worker may be at it now: not ours to publish. The fetch, sent
                 # again, finds the layer in the remote tier, or takes the lease anew.
                 log.warning("layer %s: %s; sending its fetch again", spec.digest, e)
-                fetch.apply_async((job_id, layer, target),
+                fetch.apply_async((job_id, layer, target), self.carried(),
                                   queue=Target.parse(target).fetch_queue)
                 return {"digest": str(spec.digest), "lease_lost": True}
         chain = c.chain(_no_registry)
@@ -388,16 +422,22 @@ def publish(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         if token:
             c.leases.release(spec.digest, token)
         if goal == "remote":
-            return self.done(job_id, spec, target, "registry", publish="done")
+            outcome = self.done(job_id, spec, target, "registry", publish="done")
+            self.hand_on(job_id, layer)
+            return outcome
         if chain.wants_publish(spec, "disk"):
             # A node's layer whose remote tier did not answer: the node is warm; the
-            # shared copy is tried again, patiently, for as long as it takes.
+            # shared copy is tried again, patiently, for as long as it takes. Its
+            # followers do not wait for that: they try the registry themselves, now (the
+            # retry carries none, so they are sent once).
             c.jobs.update_layer(job_id, str(spec.digest), target, state="done",
                                 publish="pending")
+            self.hand_on(job_id, layer)
             low, high = PUBLISH_BACKOFF
             raise self.retry(countdown=min(high, low * 2 ** attempt) * random.uniform(0.5, 1),
                              queue=node_io_queue(c.node), kwargs={"attempt": attempt + 1})
         c.jobs.update_layer(job_id, str(spec.digest), target, state="done", publish="done")
+        self.hand_on(job_id, layer)
         return {"digest": str(spec.digest), "published_by": c.node}
     except Retry:
         raise

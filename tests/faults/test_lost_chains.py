@@ -122,6 +122,53 @@ def test_a_fleet_layer_whose_node_died_is_fetched_by_another_node(
     assert f"node {victim}, which had it, is not running; fetch sent again" in log, report
 
 
+def _entry_for(fleet: Fleet, job_id: str, node: str | None, *states: str) -> dict:
+    """The job's entry for the layer on `node` (None: any node) once it is in `states`."""
+    deadline = time.monotonic() + FINISH_WITHIN
+    while True:
+        status = job_status(fleet.broker_url, job_id) or {"layers": []}
+        for entry in status["layers"]:
+            if entry["state"] in states and node in (None, entry["target"][len("node:"):]):
+                return entry
+        assert time.monotonic() < deadline, f"no layer {states} on {node}: {status}\n" \
+                                            f"{fleet.logs()}"
+        time.sleep(0.2)
+
+
+def test_an_all_nodes_layer_whose_first_node_died_is_fetched_by_the_other(
+    healthy: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
+) -> None:
+    """`--to all-nodes` with a shared tier: one node fetches the layer and the other's
+    fetch is sent when that one's chain ends. Killed mid-download, it never ends: the
+    sweeper sees the node it waits for is not running and the other node fetches the
+    layer itself; the killed node gets it when it is back."""
+    fleet = healthy
+    big = layer(6400, "gzip", 6_000_000)
+    refs = push(registry, registry_proxy, [Image([big])])
+    hold = registry_proxy.hold(f"/blobs/{big.digest}", HELD)
+    try:
+        job_id = fleet.submit_id(*refs, "--to", "all-nodes")
+        hold.wait(timeout=120)
+        first = _entry_for(fleet, job_id, None, "fetching")
+        victim = node_of(fleet, first["host"])
+        survivor = next(n for n in fleet.nodes if n != victim)
+        assert _entry_for(fleet, job_id, survivor, "pending"), "the other node waits its turn"
+        kill_node(fleet, victim)
+    finally:
+        hold.release()
+
+    _entry_for(fleet, job_id, survivor, "done")
+    report = f"\nkilled node {victim} mid-download\n{fleet.logs()}"
+    assert (fleet.cache_dir(survivor) / cache_name(big)).read_bytes() == big.tar, report
+    log = fleet.nodes[survivor].log_path.read_text(errors="replace")
+    assert f"node {victim}, which was to fetch it first, is not running" in log, report
+    fleet.restart(victim)
+    final = wait_state(fleet, job_id)
+    assert final["state"] == "done", f"{final}{report}"
+    assert (fleet.cache_dir(victim) / cache_name(big)).read_bytes() == big.tar, report
+    assert tier.objects()[cache_name(big)] == big.tar, report
+
+
 def test_a_node_targets_layer_waits_for_its_node_and_goes_on_when_it_is_back(
     healthy: Fleet, registry: RegistryServer, registry_proxy: Proxy
 ) -> None:
