@@ -113,17 +113,20 @@ def _submit(fleet: Fleet, refs: Sequence[str], to: str) -> tuple[float, dict[str
     return r.seconds, json.loads(r.stdout)
 
 
-def _celery_share(tally: Counter[tuple[str, str]]) -> tuple[int, int]:
-    """From a MONITOR tally: the commands Celery and kombu send for themselves, and how
-    many task messages were pushed (LPUSH onto a layerwarm queue)."""
+def _celery_share(tally: Counter[tuple[str, str]]) -> tuple[int, Counter[str]]:
+    """From a MONITOR tally: the commands Celery and kombu send for themselves, and the
+    task messages pushed (LPUSH onto a layerwarm queue) by kind of queue: "io" (a host's
+    fetches and publishes), "cpu" (its decompresses), "fleet" (the plan)."""
     own = 0
     for (cmd, key), n in tally.items():
         if (key in ("unacked", "unacked_index") or key.startswith(("/1.celeryev", "celery-"))
                 or (cmd in ("brpop", "lpush") and key.startswith("layerwarm."))
                 or (cmd in ("multi", "exec") and not key)):
             own += n
-    messages = sum(n for (cmd, key), n in tally.items()
-                   if cmd == "lpush" and key.startswith("layerwarm."))
+    messages: Counter[str] = Counter()
+    for (cmd, key), n in tally.items():
+        if cmd == "lpush" and key.startswith("layerwarm."):
+            messages[key.rsplit(".", 1)[-1]] += n
     return own, messages
 
 
@@ -138,6 +141,8 @@ class ScaleScenarios(BenchBase):
     # ------------------------------------------------------------------ S1
     def s_redis_per_layer(self) -> Row:
         import redis
+
+        from workers.tasks import INLINE_DECOMPRESS_BYTES, TINY_BATCH
 
         names = self.w.fleet["gzip"]
         layers = self.w.unique_layers(names)
@@ -217,17 +222,23 @@ class ScaleScenarios(BenchBase):
                 "MONITOR, (command, key) most often: "
                 + "; ".join(f"{c.upper()} {k or '-'} ×{n}" for (c, k), n in keys)
             )
-            celery, messages = _celery_share(monitors[-1])
-            least = (3 + len(hosts) - 1) * len(layers) + 1  # per layer, and the plan
+            celery, by_queue = _celery_share(monitors[-1])
+            messages = sum(by_queue.values())
+            big = sum(1 for x in layers if x.size > INLINE_DECOMPRESS_BYTES)
+            tiny = len(layers) - big
+            # Per layer over 256 KiB: fetch, decompress and publish on the host that
+            # fetches it, a fetch on each other; tiny layers: a batch of 20 per host.
+            least_io = (2 + len(hosts) - 1) * big + len(hosts) * -(-tiny // TINY_BATCH)
             row.notes.append(
                 f"Celery's and kombu's own share (MONITOR of the last run: deliver/ack "
                 f"pipelines, the unacked copy, BRPOP/LPUSH, task events, result backend): "
                 f"{celery / per:.1f} per layer per target, {celery / max(messages, 1):.1f} "
                 f"per task message; {messages} task messages, {messages / per:.2f} per layer "
-                f"per target (the least this design sends: fetch, decompress and publish on "
-                f"the fetching host, one fetch on the other, and the plan: "
-                f"{least / per:.2f}; the rest are fetches sent again while another host held "
-                f"the layer and no wait slot was free)"
+                f"per target: {by_queue['io']} to hosts' IO queues (fetches, publishes; the "
+                f"fewest for these layers {least_io}: one host fetches and publishes a layer "
+                f"and the other's fetch follows; tiny ones in batches), {by_queue['cpu']} to "
+                f"CPU queues (decompresses; {big} layers over 256 KiB: more when one was put "
+                f"back behind a blob already staged), {by_queue['fleet']} plan"
             )
         capacity = self.redis_capacity()
         row.data.update(redis_capacity=capacity)
