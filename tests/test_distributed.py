@@ -407,6 +407,21 @@ def test_nodes_lists_every_live_host(fleet: Fleet) -> None:
     assert sorted(json.loads(p.stdout)) == sorted(NODES)
 
 
+def test_nodes_are_the_claimed_hosts_that_answer(fleet: Fleet) -> None:
+    """The hosts asked are those holding a node claim; a claim whose host does not answer
+    (a hung host, until its claim lapses) is not a live node."""
+    import redis
+
+    client = redis.Redis.from_url(fleet.broker_url)
+    client.set("layerwarm:node:ghost", json.dumps({"host": "elsewhere", "pid": 1}), ex=60)
+    try:
+        p = fleet.run("nodes", "--json", timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert sorted(json.loads(p.stdout)) == sorted(NODES), p.stdout
+    finally:
+        client.delete("layerwarm:node:ghost")
+
+
 def test_status_of_unknown_job_is_one_clear_line(fleet: Fleet) -> None:
     job_id = f"nonexistent-{uuid.uuid4().hex}"
     for extra in ([], ["--json"]):

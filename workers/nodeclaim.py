@@ -53,6 +53,19 @@ return false
 """
 
 
+_PREFIX = "layerwarm:node:"
+
+
+def claim_key(node: str) -> str:
+    return _PREFIX + node
+
+
+def claimed_nodes(client: redis.Redis) -> list[str]:
+    """The names every live host holds now (a lapsed claim is gone from Redis)."""
+    return sorted(key.decode()[len(_PREFIX):]
+                  for key in client.scan_iter(match=_PREFIX + "*", count=1000))
+
+
 class NodeTaken(UsageError):
     """Another live `layerwarm worker` holds this node name."""
 
@@ -74,7 +87,7 @@ class NodeClaim:
         self.client = client
         self.node = node
         self.ttl_ms = max(1000, int(ttl * 1000))
-        self.key = f"layerwarm:node:{node}"
+        self.key = claim_key(node)
         self.host = socket.gethostname()
         self.run = uuid.uuid4().hex
         self.value = json.dumps({"host": self.host, "pid": os.getpid(), "since": time.time(),
@@ -131,7 +144,7 @@ class NodeClaim:
 def current_run(client: redis.Redis, node: str) -> str | None:
     """The run of the host that holds `node` now: None when no live host does, "" when
     its claim names no run."""
-    raw = client.get(f"layerwarm:node:{node}")
+    raw = client.get(claim_key(node))
     return None if raw is None else str(_holder(raw).get("run") or "")
 
 

@@ -50,10 +50,25 @@ def _broker_env(args: argparse.Namespace) -> None:
 
 
 def live_nodes(timeout: float = 1.5) -> list[str]:
-    """Worker hosts whose IO worker answers a ping."""
-    from workers.app import app
+    """Worker hosts whose IO worker answers a ping.
 
-    replies = app.control.ping(timeout=timeout) or []
+    Only the hosts holding a node claim (workers/nodeclaim.py: every `layerwarm worker`
+    does while it runs) are asked, by name, and the wait ends once they have all
+    answered: a broadcast ping waited out its whole timeout for answers that might still
+    come, and every `submit` paid that 1.5 s before sending its job. A host that does not
+    answer still costs the timeout."""
+    from workers.app import app, broker_url
+    from workers.nodeclaim import claimed_nodes
+    from workers.redisconn import connect
+
+    client = connect(broker_url())
+    try:
+        asked = [f"io@{n}" for n in claimed_nodes(client)]
+    finally:
+        client.close()
+    if not asked:
+        return []
+    replies = app.control.ping(asked, timeout=timeout, limit=len(asked)) or []
     names = {name for reply in replies for name in reply}
     return sorted(n.split("@", 1)[1] for n in names if n.startswith("io@"))
 
