@@ -9,6 +9,7 @@ parts, ``io_parallel`` threads (layerwarm's --io-threads for a fleet) for the I/
                 zstd the faster of ``zstandard`` (layerwarm's) and ``zstd -dcq -T1``
     sha256      ``hashlib.sha256`` over the tar bytes (the decompressed blobs, read from a
                 file in the page cache); the digest is checked against the diff_id
+    blob sha256 ``hashlib.sha256`` over the blobs (the download's check against the digest)
     transfer    ``curl -s -o /dev/null`` of each blob from the loopback registry (page cache
                 dropped first when the scenario is cold, as the registry then reads disk)
     write       the tar's size written to a file in the scratch dir, then fsync
@@ -19,6 +20,12 @@ pass slowed by other load says nothing about that), the start-up likewise.
 floor = the largest of those parts (they can overlap, nothing makes one of them go away)
 plus interpreter start-up (``python3 -c pass``, cold when the scenario is) where the
 scenario starts a process.
+
+shared = the parts that each keep a core busy (decompress, both sha256s, write with its
+fsync; not transfer, which waits on the registry), added up as core-seconds and spread
+perfectly over the machine's cores, plus the start-up: what this machine cannot go under
+when the parts overlap as well as they possibly can. It is at least the floor wherever
+the cores are fewer than the parts.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from bench.measure import drop_caches, run
 from bench.workload import BuiltLayer
 
 CHUNK = 1 << 20
+CORE_PARTS = ("decompress", "sha256", "blob sha256", "write")  # each keeps a core busy
 
 
 @dataclass
@@ -48,10 +56,18 @@ class Floor:
     cold: bool = False  # the start-up and transfer ran on a cold page cache
     repeats: int = 1
     io_parallel: int = 1  # threads for transfer and write
+    cores: int = 1  # the machine's
 
     @property
     def seconds(self) -> float:
         return max(self.parts.values()) + self.start
+
+    @property
+    def shared(self) -> float:
+        """See the module's docstring: the busy parts' core-seconds over all the cores."""
+        busy = sum(v * min(self.io_parallel if k == "write" else self.parallel, self.cores)
+                   for k, v in self.parts.items() if k in CORE_PARTS)
+        return max(self.seconds, busy / self.cores + self.start)
 
     def note(self) -> str:
         parts = ", ".join(f"{k} {v:.2f} s" + (f" ({self.how[k]})" if k in self.how else "")
@@ -64,7 +80,8 @@ class Floor:
                if self.parallel > 1 else "one thread")
         par += f", each the fastest of {self.repeats} passes"
         return (f"floor {self.seconds:.2f} s = largest part ({biggest}){start}; parts, "
-                f"{par}: {parts}")
+                f"{par}: {parts}; shared: the busy parts (all but transfer) spread over "
+                f"{self.cores} cores{' + start-up' if self.start else ''} {self.shared:.2f} s")
 
 
 def _inflate(path: str, compression: str, out: str | None = None) -> int:
@@ -171,6 +188,11 @@ def measure(
             for lay, dig in zip(layers, digests, strict=True):
                 if dig != lay.diff_id:
                     raise AssertionError(f"floor: sha256 of {lay.digest}'s tar is not its diff_id")
+            parts["blob sha256"], digests = _wall(procs, _sha256, paths)
+            for _ in range(repeats - 1):
+                parts["blob sha256"] = min(parts["blob sha256"], _wall(procs, _sha256, paths)[0])
+            if digests != [x.digest for x in layers]:
+                raise AssertionError("floor: sha256 of a blob is not its digest")
         for t in tars:
             os.unlink(t)
         with ThreadPoolExecutor(io_parallel) as threads:
@@ -199,7 +221,8 @@ def measure(
                 started = min(started, run([sys.executable, "-c", "pass"]).seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return Floor(parts, started, parallel, how, cold, repeats, io_parallel)
+    return Floor(parts, started, parallel, how, cold, repeats, io_parallel,
+                 os.cpu_count() or 1)
 
 
 def _noop_arg(_: int) -> None:

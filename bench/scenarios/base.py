@@ -238,7 +238,7 @@ class BenchBase:
         row.ratio = spread(ratios)
         row.target = f"{'≤' if op == '<=' else '≥'} {limit:.2f}"
         row.met = judged(ratios, op, limit)
-        row.data.update(layerwarm=lws, peer=peers, ratios=ratios)
+        row.data.update(layerwarm=lws, peer=peers, ratios=ratios, peer_limit=limit)
         if len(ratios) > 1:
             row.notes.append(
                 "per-run ratios " + ", ".join(f"{x:.2f}" for x in ratios)
@@ -282,6 +282,19 @@ class BenchBase:
         if limit is not None:
             row.target += f" and ≤ {limit:.2f} × floor"
             row.met = bool(row.met) and judged(values, "<=", limit)
+        # The time the targets allow, against the shared bound: a target under it asks
+        # for more than this machine's cores can do, however the work is arranged.
+        allowed = {f"{limit:.2f} × floor": limit * floor.seconds} if limit is not None else {}
+        if "peer_limit" in row.data:
+            allowed[f"{row.data['peer_limit']:.2f} × peer"] = (
+                row.data["peer_limit"] * median(row.data["peer"]))
+        if allowed:
+            row.data.update(shared=floor.shared, allowed=allowed)
+            row.notes.append(
+                "time the targets allow here: "
+                + ", ".join(f"{k} = {v:.2f} s" for k, v in allowed.items())
+                + f"; shared bound {floor.shared:.2f} s; layerwarm (median) "
+                f"{median(row.data['layerwarm']):.2f} s")
         return row
 
     def delete_prefix(self, prefix: str) -> None:
