@@ -9,7 +9,8 @@ It builds a deterministic workload (``bench.workload``) into a local ``docker-re
 the same run, side by side, and prints: scenario, layerwarm time, peer time, ratio
 (layerwarm / peer), ÷ floor (layerwarm / what this machine cannot go under, ``bench.floor``:
 the largest of decompression, sha256, loopback transfer and write, + interpreter start-up),
-target (Nxfl: N × floor), met?
+target (Nxfl: N × floor), met? A row with a floor also notes its shared bound (the parts
+that keep a core busy, spread over all the cores) and the seconds its targets allow.
 
     1  cold `warm` of the big gzip image      skopeo copy + pigz -dc          <= 0.50, 1.3xfl
     1c same                                    containerd `ctr images pull`    <= 0.20
