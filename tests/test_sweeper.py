@@ -176,7 +176,11 @@ def test_a_follower_waits_for_the_target_it_follows_and_goes_with_it(books: Book
         assert sweep_once(jobs, after=30) == 1, "node busy is not running: gone fetches it"
         (sent,) = _fetches_for(client, job_id, node_io_queue("gone"))
         assert json.loads(base64.b64decode(json.loads(sent)["body"]))[1] == {"token": None}
-        assert _record(client, job_id, "node:gone")["requeued"] == 1
+        rec = _record(client, job_id, "node:gone")
+        assert (rec["requeued"], rec["after"]) == (1, None), "it follows nobody now"
+        client.delete(f"layerwarm:requeue:{job_id}:{LAYER['digest']}|node:gone")
+        _silence(client, job_id, "node:gone")
+        assert sweep_once(jobs, after=30) == 0, "its own fetch waits in its node's queue"
     finally:
         _forget(client, job_id)
 

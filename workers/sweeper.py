@@ -117,8 +117,9 @@ def sweep_once(jobs: JobStore, after: float) -> int:
         waiting = None
         if target.node is not None and sweep.run_of(target.node) is None:
             waiting = f"node {target.node} (not running)"
+        # A follower sent here has its own fetch now: it follows nobody any more.
         jobs.update_layer(job_id, rec["digest"], rec["target"], state="pending",
-                          host=None, run=None, waiting=waiting,
+                          host=None, run=None, waiting=waiting, after=None,
                           requeued=int(rec.get("requeued", 0)) + 1)
         layer = {k: rec[k] for k in LAYER_FIELDS}
         then = [x["target"] for x in sweep.others(job_id, rec)
