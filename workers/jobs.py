@@ -152,8 +152,11 @@ class JobStore:
         raw = self.client.hget(self._key(job_id), "images")
         return json.loads(raw) if raw else []
 
-    def stalled(self, older_than: float) -> list[tuple[str, dict[str, Any]]]:
-        """Unfinished layers of active jobs whose record nobody touched for `older_than` s.
+    def stalled(self, older_than: float
+                ) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+        """Unfinished layers of active jobs whose record nobody touched for `older_than` s,
+        each with every layer record of its job (read here anyway: the sweeper looks up
+        the other targets of a layer in them).
 
         A running stage writes progress every half second and a waiting one retries every
         few; silence for that long means the message that should carry the layer on was
@@ -173,7 +176,7 @@ class JobStore:
             if all(x.get("state") in FINISHED for x in layers):
                 self.client.zrem(ACTIVE, job_id)
                 continue
-            out += [(job_id, x) for x in layers if x.get("state") not in FINISHED
+            out += [(job_id, x, layers) for x in layers if x.get("state") not in FINISHED
                     and now - float(x.get("updated", 0)) > older_than]
         return out
 

@@ -49,18 +49,10 @@ UNACKED = "unacked"
 class _Round:
     """What one sweep reads from Redis, each thing once and only when a layer needs it."""
 
-    def __init__(self, jobs: JobStore) -> None:
-        self.jobs, self.client = jobs, jobs.client
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self._runs: dict[str, str | None] = {}
         self._unacked: list[bytes] | None = None
-        self._layers: dict[str, list[dict[str, Any]]] = {}
-
-    def others(self, job_id: str, rec: dict[str, Any]) -> list[dict[str, Any]]:
-        """The records of the job's other targets for the same layer."""
-        if job_id not in self._layers:
-            self._layers[job_id] = self.jobs.layers(job_id)
-        return [x for x in self._layers[job_id]
-                if x["digest"] == rec["digest"] and x["target"] != rec["target"]]
 
     def run_of(self, node: str) -> str | None:
         if node not in self._runs:
@@ -76,12 +68,18 @@ class _Round:
         return any(job in m and (layer in m or b"fetch_batch" in m) for m in self._unacked)
 
 
-def why_lost(sweep: _Round, job_id: str, rec: dict[str, Any]) -> str | None:
-    """Why this silent layer's chain is lost, or None while something may carry it on."""
+def _others(layers: list[dict[str, Any]], rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Of a job's layer records, those of the other targets for `rec`'s layer."""
+    return [x for x in layers if x["digest"] == rec["digest"] and x["target"] != rec["target"]]
+
+
+def why_lost(sweep: _Round, job_id: str, rec: dict[str, Any],
+             layers: list[dict[str, Any]]) -> str | None:
+    """Why this silent layer's chain is lost, or None while something may carry it on;
+    `layers`: every layer record of its job."""
     host, run = rec.get("host"), rec.get("run")
     if rec.get("after") and not host:  # waits for another target's chain to send its fetch
-        first = next((x for x in sweep.others(job_id, rec) if x["target"] == rec["after"]),
-                     None)
+        first = next((x for x in _others(layers, rec) if x["target"] == rec["after"]), None)
         if first is not None and first.get("state") not in FINISHED:
             node = Target.parse(rec["after"]).node
             if node is not None and sweep.run_of(node) is None:
@@ -105,9 +103,9 @@ def sweep_once(jobs: JobStore, after: float) -> int:
     """Send the fetch of every lost layer silent for `after` seconds again; return how
     many. Each is sent once per `after`: the claim key, then its fresh record, say so."""
     count = 0
-    sweep = _Round(jobs)
-    for job_id, rec in jobs.stalled(after):
-        why = why_lost(sweep, job_id, rec)
+    sweep = _Round(jobs.client)
+    for job_id, rec, layers in jobs.stalled(after):
+        why = why_lost(sweep, job_id, rec, layers)
         if why is None:
             continue
         claim = f"layerwarm:requeue:{job_id}:{rec['digest']}|{rec['target']}"
@@ -122,7 +120,7 @@ def sweep_once(jobs: JobStore, after: float) -> int:
                           host=None, run=None, waiting=waiting, after=None,
                           requeued=int(rec.get("requeued", 0)) + 1)
         layer = {k: rec[k] for k in LAYER_FIELDS}
-        then = [x["target"] for x in sweep.others(job_id, rec)
+        then = [x["target"] for x in _others(layers, rec)
                 if x.get("after") == rec["target"] and x.get("state") not in FINISHED]
         app.send_task("layerwarm.fetch", (job_id, layer, rec["target"]),
                       {"token": rec.get("lease"), **({FOLLOWERS: then} if then else {})},

@@ -127,13 +127,26 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
           "layers": [str(y.digest) for y in x.layers]} for x in result.images],
     )
 
-    # Tiny layers travel in batches (one task, one after another); the others one a task.
-    # With a shared tier, a layer's owner fetches it and the other targets follow once it
-    # is there (`_owners`); without one, several node targets each start on their own
-    # share of the layers (routing.spread), so they do not reach the same layer at once.
+    sends = _sends(job_id, ordered, targets, owners)
+    # Each send is a Redis round trip or two; a job of thousands of layers sends side by side.
+    with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-send") as p:
+        list(p.map(lambda send: send(), sends))
+    return {"layers": len(result.layers), "tasks": len(sends),
+            "failed_refs": len(result.failures)}
+
+
+def _sends(job_id: str, ordered: list[dict[str, Any]], targets: list[str],
+           owners: dict[str, str]) -> list[Callable[[], Any]]:
+    """The job's first messages, unsent, for its layers (largest first) and targets.
+
+    Tiny layers travel in batches (one task, one after another); the others one a task.
+    With a shared tier, a layer's owner fetches it and the other targets follow once it
+    is there (`_owners`); without one, several node targets each start on their own
+    share of the layers (routing.spread), so they do not reach the same layer at once.
+    """
     tiny: dict[str, list[dict[str, Any]]] = {}
     sends: list[Callable[[], Any]] = []
-    for layer in big if owners else ():
+    for layer in (x for x in ordered if x["digest"] in owners):  # over 256 KiB
         first = owners[layer["digest"]]
         sends.append(functools.partial(
             fetch.apply_async, (job_id, layer, first),
@@ -150,11 +163,7 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
                                     (job_id, layers[i:i + TINY_BATCH], t),
                                     queue=Target.parse(t).fetch_queue)
                   for i in range(0, len(layers), TINY_BATCH)]
-    # Each send is a Redis round trip or two; a job of thousands of layers sends side by side.
-    with ThreadPoolExecutor(c.settings.io_threads, thread_name_prefix="layerwarm-send") as p:
-        list(p.map(lambda send: send(), sends))
-    return {"layers": len(result.layers), "tasks": len(sends),
-            "failed_refs": len(result.failures)}
+    return sends
 
 
 def _owners(layers: list[dict[str, Any]], targets: list[str]) -> dict[str, str]:

@@ -118,13 +118,12 @@ def _celery_share(tally: Counter[tuple[str, str]]) -> tuple[int, Counter[str]]:
     task messages pushed (LPUSH onto a layerwarm queue) by kind of queue: "io" (a host's
     fetches and publishes), "cpu" (its decompresses), "fleet" (the plan)."""
     own = 0
+    messages: Counter[str] = Counter()
     for (cmd, key), n in tally.items():
         if (key in ("unacked", "unacked_index") or key.startswith(("/1.celeryev", "celery-"))
                 or (cmd in ("brpop", "lpush") and key.startswith("layerwarm."))
                 or (cmd in ("multi", "exec") and not key)):
             own += n
-    messages: Counter[str] = Counter()
-    for (cmd, key), n in tally.items():
         if cmd == "lpush" and key.startswith("layerwarm."):
             messages[key.rsplit(".", 1)[-1]] += n
     return own, messages
