@@ -73,7 +73,7 @@ def _undeclared(*_route_args: object, **_route_kw: object) -> dict[str, object]:
     return {"declare": []}
 
 
-app = Celery("layerwarm", include=["workers.tasks"])
+app = Celery("layerwarm", include=["workers.tasks", "workers.lifecycle"])
 app.conf.update(
     broker_url=broker_url(),
     result_backend=broker_url(),

@@ -29,12 +29,9 @@ a lease token. Never bytes, never credentials: workers read their own Docker con
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -43,9 +40,8 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry
-from celery.signals import worker_init, worker_ready
 
-from pipeline import codecs, gc, sinks, stages, stats
+from pipeline import gc, stages, stats
 from pipeline.digest import Digest
 from pipeline.errors import LayerwarmError, PermanentError
 from pipeline.following import better_later, decompress_following
@@ -54,8 +50,7 @@ from pipeline.manifest import Platform
 from pipeline.plan import resolve_all
 from pipeline.reference import Reference
 from pipeline.runner import describe_error
-from pipeline.tiers.remote import RemoteTier
-from workers.app import GC_INTERVAL, REQUEUE_AFTER, app
+from workers.app import GC_INTERVAL, app
 from workers.layertask import (
     CANCEL_RECHECK,
     LayerTask,
@@ -70,7 +65,6 @@ from workers.layertask import (
 from workers.leases import LeaseLost, Leases
 from workers.progress import JobProgress
 from workers.routing import FOLLOWERS, Target, node_cpu_queue, node_io_queue, spread
-from workers.sweeper import start_sweeper
 
 log = logging.getLogger("layerwarm")
 # Layers up to this compressed size are decompressed (and written back) by the fetch task
@@ -288,13 +282,13 @@ class _WaitSlots:
         self.free = threading.BoundedSemaphore(max(0, pool_threads - max(1, pool_threads // 4)))
 
 
-_WAIT_SLOTS = _WaitSlots()
+WAIT_SLOTS = _WaitSlots()
 
 
 def _lease_wait(leases: Leases, digest: Digest, until: float) -> bool:
     """Wait (till `until`, monotonic) for a busy lease's release; False: no slot was free,
     or the holder still has it (the fetch then goes back in the queue, as it used to)."""
-    slots = _WAIT_SLOTS.free
+    slots = WAIT_SLOTS.free
     if not slots.acquire(blocking=False):
         return False
     try:
@@ -477,54 +471,3 @@ def gc_all_nodes() -> dict[str, Any]:
         # A gc that waited a whole interval in a queue is superseded by the next one.
         gc_node.apply_async(queue=node_io_queue(node), expires=GC_INTERVAL)
     return {"nodes": nodes}
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
-
-
-@worker_init.connect
-def _stop_with_supervisor(**_: Any) -> None:
-    """A Celery worker of `layerwarm worker` gets SIGTERM (a warm shutdown: it finishes
-    its running tasks) when its supervisor dies, even by SIGKILL. Otherwise it would go on
-    taking the node's messages while the node's claim lapses and another host takes the
-    name, and the layers it then carries would be written under a run nobody owns."""
-    supervisor = os.environ.get("LAYERWARM_SUPERVISOR_PID")
-    if not supervisor or os.uname().sysname != "Linux":
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(supervisor):  # it died before the line above ran
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-@worker_ready.connect
-def _ready(sender: Any = None, **_: Any) -> None:
-    """Before the first task: build the context and load what the stages load on first
-    use (codecs, writeback, the remote tier's client), so a job does not wait on it (in
-    a fleet of two hosts that was four processes importing boto3 in a job's first second).
-    Both start the lease renewer: a node's leases stay held while any of its workers
-    lives, across the hand-offs between stages. IO workers also start the sweeper."""
-    bookkeeping().leases.start_renewer()
-    try:
-        c = context()
-    except (LayerwarmError, OSError) as e:  # every task will fail its layer with this
-        log.error("this worker cannot work: %s", describe_error(e))
-        return
-    codecs.preload()
-    sinks.preload()
-    if str(getattr(sender, "hostname", "")).startswith("io@"):
-        start_sweeper(c.jobs, after=REQUEUE_AFTER)
-        threads = getattr(getattr(sender, "controller", None), "concurrency", None)
-        if isinstance(threads, int):
-            _WAIT_SLOTS.size(threads)
-        if c.env.remote is not None:
-            # On a thread: an unreachable endpoint takes its timeouts, and the worker must
-            # take tasks meanwhile (a task needing the client waits for it, or makes it).
-            threading.Thread(target=_connect, args=(c.env.remote,), daemon=True,
-                             name="layerwarm-connect").start()
-
-
-def _connect(remote: RemoteTier) -> None:
-    try:
-        remote.connect()
-    except LayerwarmError as e:  # the tasks meet it again, and handle it there
-        log.warning("remote tier %s: %s", remote.url, describe_error(e))
