@@ -127,7 +127,7 @@ class Settings:
     cache_dir: Path
     remote_url: str | None = None
     insecure_registries: tuple[str, ...] = ()
-    authfile: Path | None = None  # --authfile; otherwise registry/auth.py's default places
+    authfile: Path | None = None  # --authfile; otherwise registry/credentials.py's default places
     io_threads: int = IO_THREADS
     cpu_threads: int = field(default_factory=_cores)
     limits: Limits = field(default_factory=Limits)

@@ -84,8 +84,8 @@ class Environment:
             rate_limiter = LocalRateLimiter(settings.registry_rate)
 
         def client() -> RegistryClient:
-            from pipeline.registry.auth import CredentialSources
             from pipeline.registry.client import RegistryClient
+            from pipeline.registry.credentials import CredentialSources
 
             return RegistryClient(
                 insecure_registries=settings.insecure_registries,

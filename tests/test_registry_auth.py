@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.registry.auth import Authenticator, Credentials, DockerConfig, parse_challenges
+from pipeline.registry.auth import Authenticator, parse_challenges
 from pipeline.registry.client import RegistryClient, parse_retry_after, plain_http_allowed
+from pipeline.registry.credentials import Credentials, DockerConfig
 
 
 def b64(text: str) -> str:

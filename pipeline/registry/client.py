@@ -42,7 +42,8 @@ from pipeline.errors import (
 from pipeline.manifest import MANIFEST_TYPES
 from pipeline.ratelimit import RateLimiter, Unlimited
 from pipeline.reference import Reference
-from pipeline.registry.auth import Authenticator, CredentialSources, DockerConfig
+from pipeline.registry.auth import Authenticator
+from pipeline.registry.credentials import CredentialSources, DockerConfig
 from pipeline.registry.deadline import Deadline, WatchedAdapter, current
 from pipeline.registry.transport import Answer, Transport
 from pipeline.retry import DEFAULT_POLICY, RetryPolicy

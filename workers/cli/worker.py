@@ -37,13 +37,13 @@ RESTART_WINDOW = 60.0
 def _registry_env(args: argparse.Namespace, env: dict[str, str]) -> None:
     """The worker's registry flags, for its Celery workers: they read settings from `env`.
 
-    `--authfile` becomes REGISTRY_AUTH_FILE (where pipeline/registry/auth.py looks next), read
+    `--authfile` becomes REGISTRY_AUTH_FILE (where registry/credentials.py looks next), read
     once here so a wrong path is said before the host starts, not once per layer;
     `--insecure-registry` adds to LAYERWARM_INSECURE_REGISTRIES, as it does for `warm`.
     """
     from pathlib import Path
 
-    from pipeline.registry.auth import DockerConfig
+    from pipeline.registry.credentials import DockerConfig
 
     if args.authfile:
         path = Path(args.authfile).absolute()
@@ -85,7 +85,7 @@ def _preflight(env: dict[str, str]) -> Settings:
     and failed every task sent to it while its jobs waited."""
     from pipeline.config import Settings
     from pipeline.errors import RemoteTierUnavailable, Unauthorized
-    from pipeline.registry.auth import CredentialSources
+    from pipeline.registry.credentials import CredentialSources
     from pipeline.tiers.disk import DiskTier
     from pipeline.tiers.remote import open_remote
 
