@@ -11,6 +11,9 @@ the same run, side by side, and prints: scenario, layerwarm time, peer time, rat
 the largest of decompression, sha256, loopback transfer and write, + interpreter start-up),
 target (Nxfl: N × floor), met? A row with a floor also notes its shared bound (the parts
 that keep a core busy, spread over all the cores) and the seconds its targets allow.
+Rows 1, 2, 4 and 8 note where the cores went while the timed command ran
+(``bench.measure.CpuUse``: its own CPU, the registry's and moto_server's, the machine's
+share of busy): whether a ratio is held by a machine with no core left to give.
 
     1  cold `warm` of the big gzip image      skopeo copy + pigz -dc          <= 0.50, 1.3xfl
     1c same                                    containerd `ctr images pull`    <= 0.20

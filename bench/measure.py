@@ -1,9 +1,12 @@
-"""Run real commands and measure them: wall time, exit status, peak RSS; drop page caches.
+"""Run real commands and measure them: wall time, exit status, peak RSS, CPU; drop page
+caches.
 
 ``run`` starts a child with ``subprocess.Popen`` and reaps it with ``os.wait4``. Its
 ``maxrss`` is the child's own high-water mark (``VmHWM``), polled from /proc while it
 runs: Linux carries the *parent's* peak into a child's ``ru_maxrss`` across fork and
-exec, so wait4's figure would report the harness's size, not the command's.
+exec, so wait4's figure would report the harness's size, not the command's. Its ``cpu``
+says where the machine's cores went while it ran (``CpuUse``): a ratio that will not move
+is often a machine with no core left, and this shows it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,43 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 class CommandFailed(RuntimeError):
     """A measured command exited non-zero; the message holds its output."""
+
+
+@dataclass
+class CpuUse:
+    """Core-seconds spent while a command ran: by the command (user + sys of it and the
+    children it waited for), by the whole machine (/proc/stat: all but idle and iowait),
+    and by each watched process (a server it talks to: registry, moto_server)."""
+
+    own: float = 0.0
+    machine: float = 0.0
+    watched: dict[str, float] = field(default_factory=dict)
+
+
+def machine_busy() -> float:
+    """Core-seconds the machine has been busy since boot (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _HZ
+
+
+def process_cpu(pid: int) -> float:
+    """Core-seconds (user + sys) a running process has used; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _HZ
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -31,6 +65,7 @@ class RunResult:
     stdout: str
     stderr: str
     maxrss_kib: int
+    cpu: CpuUse = field(default_factory=CpuUse)
 
     def check(self) -> RunResult:
         if self.returncode != 0:
@@ -74,11 +109,16 @@ def run(
     timeout: float = 3600,
     stdout_path: Path | None = None,
     check: bool = True,
+    watch: Mapping[str, int] | None = None,
 ) -> RunResult:
-    """Run ``argv`` to completion; ``stdout_path`` sends stdout to that file instead."""
+    """Run ``argv`` to completion; ``stdout_path`` sends stdout to that file instead;
+    ``watch``: name -> pid of processes whose CPU during the run goes into ``cpu``."""
+    watch = dict(watch or {})
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out_tmp:
         out = open(stdout_path, "wb") if stdout_path is not None else out_tmp
         try:
+            before = {name: process_cpu(pid) for name, pid in watch.items()}
+            busy = machine_busy()
             started = time.perf_counter()
             proc = subprocess.Popen(
                 list(argv), env=dict(env) if env is not None else None, cwd=cwd,
@@ -88,11 +128,13 @@ def run(
             timer.start()
             hwm = _HighWater(proc.pid)
             try:
-                _pid, status, _usage = os.wait4(proc.pid, 0)
+                _pid, status, usage = os.wait4(proc.pid, 0)
             finally:
                 timer.cancel()
                 hwm.stop()
             seconds = time.perf_counter() - started
+            cpu = CpuUse(usage.ru_utime + usage.ru_stime, machine_busy() - busy,
+                         {name: process_cpu(pid) - before[name] for name, pid in watch.items()})
             proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
             if stdout_path is not None:
@@ -104,7 +146,7 @@ def run(
             stdout = out_tmp.read().decode(errors="replace")
         result = RunResult(
             list(argv), seconds, proc.returncode, stdout, err.read().decode(errors="replace"),
-            hwm.kib,
+            hwm.kib, cpu,
         )
     return result.check() if check else result
 

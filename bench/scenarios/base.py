@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor as floors
-from bench.measure import CommandFailed, RunResult, can_drop_caches, drop_caches, median, run
+from bench.measure import (
+    CommandFailed,
+    CpuUse,
+    RunResult,
+    can_drop_caches,
+    drop_caches,
+    median,
+    run,
+)
 from bench.services import RedisServer
 from bench.workload import BuiltLayer, Workload, _log
 from pipeline.digest import digest_of_file
@@ -154,11 +162,35 @@ class BenchBase:
         if remote:
             argv += ["--remote", remote]
             extra = self.s3.env() if remote.startswith("s3://") else {}
-        r = run(argv, env=layerwarm_env(cache, extra), cwd=REPO_ROOT, timeout=TIMEOUT)
+        r = run(argv, env=layerwarm_env(cache, extra), cwd=REPO_ROOT, timeout=TIMEOUT,
+                watch=self.servers())
         report = json.loads(r.stdout)
         if not report.get("ok"):
             raise CommandFailed(f"layerwarm warm reported failures: {r.stdout[-3000:]}")
         return r, report
+
+    def servers(self) -> dict[str, int]:
+        """The servers running now, by name -> pid, whose CPU a timed command counts."""
+        found = {"registry": self.reg.pid, "moto_server": self._s3.pid if self._s3 else None}
+        return {name: pid for name, pid in found.items() if pid is not None}
+
+    def cpu_note(self, sides: Sequence[tuple[str, Sequence[RunResult]]]) -> str:
+        """Where the cores went while each side's timed command ran, medians over runs:
+        the command's own CPU, each server's, and the whole machine's share of busy."""
+        parts = []
+        for label, results in sides:
+            uses: list[CpuUse] = [r.cpu for r in results]
+            busy = median([u.machine / (r.seconds * self.nproc) for u, r in zip(uses, results,
+                                                                            strict=True)])
+            servers = sorted({name for u in uses for name in u.watched})
+            each = ", ".join(f"{name} {median([u.watched.get(name, 0.0) for u in uses]):.2f}"
+                             for name in servers)
+            parts.append(f"{label}: its own {median([u.own for u in uses]):.2f} core-s"
+                         + (f", {each}" if each else "")
+                         + f"; the machine {median([u.machine for u in uses]):.2f} core-s, "
+                         f"{busy:.0%} of its {self.nproc} cores")
+        return ("CPU while the timed command ran (medians; own = user + sys of the command "
+                "and its children): " + " | ".join(parts))
 
     def check_entries(self, cache: Path, layers: Sequence[BuiltLayer]) -> None:
         """Every layer is a committed entry of the expected size (layerwarm checked the

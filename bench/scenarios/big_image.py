@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.measure import median, run
+from bench.measure import RunResult, median, run
 from bench.scenarios.base import REPO_ROOT, TIMEOUT, BenchBase, Row
 from bench.workload import BuiltLayer, MiB
 
@@ -42,6 +42,7 @@ class BigImageScenarios(BenchBase):
             f"docker:// → oci: then `{tool}` of the layer blob to a file"
         )
         parts: list[tuple[float, float, float]] = []
+        runs: list[RunResult] = []
 
         def lw(i: int) -> float:
             cache = self.dir(f"s{num}-lw")
@@ -50,6 +51,7 @@ class BigImageScenarios(BenchBase):
             self.check_entries(cache, layers)
             self.rss_kib.setdefault(comp, []).append(r.maxrss_kib)
             self.rm(cache)
+            runs.append(r)
             return r.seconds
 
         def peer(i: int) -> float:
@@ -80,6 +82,7 @@ class BigImageScenarios(BenchBase):
             f"peer split: skopeo copy {sk:.2f} s + {tool} {un:.2f} s "
             f"(+ {sy:.2f} s to fsync its output, not counted)"
         )
+        row.notes.append(self.cpu_note([("`layerwarm warm`", runs)]))
         row.notes.append(f"peak RSS of `layerwarm warm`: "
                          f"{max(self.rss_kib[comp]) / 1024:.0f} MiB")
         return row

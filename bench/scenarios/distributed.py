@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.measure import CommandFailed, median, run
+from bench.measure import CommandFailed, RunResult, median, run
 from bench.scenarios.base import (
     BUCKET,
     IO_THREADS,
@@ -41,7 +41,7 @@ class DistributedScenarios(BenchBase):
 
     def through_celery(
         self, names: Sequence[str], tag: str, tier: str = "s3"
-    ) -> tuple[float, dict[str, Any]]:
+    ) -> tuple[RunResult, dict[str, Any]]:
         io, cpu = self.fleet_split()
         root = self.dir(f"{tag}-fleet")
         remote, clear = self.shared_tier(f"{tag}/celery", tier)
@@ -54,7 +54,7 @@ class DistributedScenarios(BenchBase):
             self.cold_start()
             r = run(cli_cmd("submit", "--to", "remote", "--wait", "--json",
                             *self.refs(names)), env=fleet.env(), cwd=REPO_ROOT,
-                    timeout=TIMEOUT, check=False)  # fmt: skip
+                    timeout=TIMEOUT, check=False, watch=self.servers())  # fmt: skip
             if r.returncode != 0:
                 raise CommandFailed(f"submit --wait exited {r.returncode}: "
                                     f"{r.stderr[-3000:]}\n{fleet.logs()}")
@@ -63,11 +63,11 @@ class DistributedScenarios(BenchBase):
             fleet.stop()
             self.rm(root)
             clear()
-        return r.seconds, status
+        return r, status
 
     def embedded(
         self, names: Sequence[str], tag: str, tier: str = "s3"
-    ) -> tuple[float, dict[str, Any]]:
+    ) -> tuple[RunResult, dict[str, Any]]:
         cache = self.dir(f"{tag}-embedded")
         remote, clear = self.shared_tier(f"{tag}/embedded", tier)
         try:
@@ -76,7 +76,7 @@ class DistributedScenarios(BenchBase):
         finally:
             self.rm(cache)
             clear()
-        return r.seconds, rep
+        return r, rep
 
     def moto_rate(self, n: int = 300) -> float:
         """HEAD + PUT of small objects per second that moto_server answers, 16 at a time."""
@@ -114,17 +114,26 @@ class DistributedScenarios(BenchBase):
             "starts with empty disks and an empty prefix; worker start-up is not timed"
         )
 
+        celery_runs: list[RunResult] = []
+        embedded_runs: list[RunResult] = []
+
         def lw(i: int) -> float:
-            seconds, status = self.through_celery(names, f"s8-{i}")
+            r, status = self.through_celery(names, f"s8-{i}")
             if status.get("state") != "done" or status["totals"]["done"] != len(layers):
                 raise AssertionError(f"job not done: {json.dumps(status)[:2000]}")
-            return seconds
+            celery_runs.append(r)
+            return r.seconds
 
         def peer(i: int) -> float:
-            seconds, rep = self.embedded(names, f"s8-{i}")
-            return seconds
+            r, _ = self.embedded(names, f"s8-{i}")
+            embedded_runs.append(r)
+            return r.seconds
 
-        return self.ratio_row(row, self.paired(lw, peer), "<=", 1.25)
+        self.ratio_row(row, self.paired(lw, peer), "<=", 1.25)
+        # The workers are not the command's children: their CPU is in "the machine".
+        row.notes.append(self.cpu_note([("Celery (`submit --wait`)", celery_runs),
+                                        ("embedded (`warm --remote`)", embedded_runs)]))
+        return row
     def s10(self) -> Row:
         # Scenario 10 does not use S3; moto_server keeps working on what scenarios 7 and 8
         # left in it (it was seen at half a core here), so stop it before timing.
@@ -136,11 +145,12 @@ class DistributedScenarios(BenchBase):
         row = Row(10, f"{n} tiny layers through Celery (2 workers)")
         rates, emb_rates = [], []
         for i in range(self.runs):
-            seconds, status = self.through_celery(names, f"s10-{i}", tier="file")
+            r, status = self.through_celery(names, f"s10-{i}", tier="file")
             if status.get("state") != "done" or status["totals"]["done"] != n:
                 raise AssertionError(f"job not done: {json.dumps(status)[:2000]}")
+            seconds = r.seconds
             rates.append(n / seconds)
-            e_seconds, _ = self.embedded(names, f"s10-{i}", tier="file")
+            e_seconds = self.embedded(names, f"s10-{i}", tier="file")[0].seconds
             emb_rates.append(n / e_seconds)
             _log(f"  run {i + 1}: celery {n / seconds:.1f} layers/s, "
                  f"embedded {n / e_seconds:.1f} layers/s")

@@ -7,7 +7,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.measure import median, run
+from bench.measure import RunResult, median, run
 from bench.scenarios.base import TIMEOUT, BenchBase, Row, check_target
 from bench.workload import MiB
 
@@ -26,6 +26,7 @@ class FleetScenarios(BenchBase):
             f"layer to a file, {self.nproc} at a time (nproc)"
         )
         parts: list[tuple[float, float]] = []
+        runs: list[RunResult] = []
 
         def lw(i: int) -> float:
             self.rm(self.fleet_cache)
@@ -37,6 +38,7 @@ class FleetScenarios(BenchBase):
                                      f"{rep['totals']}")
             self.check_entries(cache, layers)
             self.fleet_cache = cache  # kept for scenario 6
+            runs.append(r)
             return r.seconds
 
         def peer(i: int) -> float:
@@ -59,6 +61,7 @@ class FleetScenarios(BenchBase):
         self.floor_ratio(row, self.floor(names, cold=True, parallel=self.nproc))
         sk, un = (median([p[k] for p in parts]) for k in range(2))
         row.notes.append(f"peer split: skopeo copies {sk:.2f} s + pigz {un:.2f} s")
+        row.notes.append(self.cpu_note([("`layerwarm warm`", runs)]))
         if self.skopeo_retries:
             row.notes.append(f"{self.skopeo_retries} skopeo copies failed on the layout's "
                              "index.json race (EOF) and were run again, within the peer's time")

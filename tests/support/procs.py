@@ -60,6 +60,11 @@ class ServerProcess:
         """The server's environment (None: this process's)."""
         return None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs (the bench counts its CPU)."""
+        return self._proc.pid if self._proc is not None else None
+
     def prepare(self, workdir: Path, port: int) -> None:
         """Write config files into ``workdir`` before the process starts."""
 
