@@ -84,7 +84,7 @@ def machine_facts() -> list[tuple[str, str]]:
     return [
         ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("CPU", f"{cpu}, nproc {os.cpu_count()}, SHA-NI {'yes' if sha_ni else 'no'}"),
-        ("memory", mem),
+        ("memory", mem + _free_page_reporting()),
         ("kernel", platform.release()),
         ("Python", f"{sys.version.split()[0]} (zlib {zlib.ZLIB_RUNTIME_VERSION}, "
                    f"zstandard {_py_version('zstandard')}, isal {_py_version('isal')}, "
@@ -96,6 +96,27 @@ def machine_facts() -> list[tuple[str, str]]:
                   f"docker-registry {_version(['docker-registry', '--version'])}, "
                   f"redis-server {_version(['redis-server', '--version'])}"),
     ]  # fmt: skip
+
+
+_VIRTIO_BALLOON = "0x0005"
+_BALLOON_F_REPORTING = 5  # VIRTIO_BALLOON_F_REPORTING: the guest reports freed pages
+
+
+def _free_page_reporting() -> str:
+    """A note when this is a VM that hands freed pages back to its host (virtio-balloon
+    free page reporting): memory freed and used again then costs the host a fault, seen
+    here as kernel time that varies from run to run (page faults, page-cache writes)."""
+    for dev in Path("/sys/bus/virtio/devices").glob("*"):
+        try:
+            if (dev / "device").read_text().strip() != _VIRTIO_BALLOON:
+                continue
+            features = (dev / "features").read_text().strip()
+        except OSError:
+            continue
+        if len(features) > _BALLOON_F_REPORTING and features[_BALLOON_F_REPORTING] == "1":
+            return ("; a VM whose freed pages go back to its host (virtio-balloon free page "
+                    "reporting): reusing them costs kernel time that varies run to run")
+    return ""
 
 
 def code_version() -> str:
