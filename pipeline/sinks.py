@@ -8,59 +8,15 @@ bounded, so memory stays flat whatever the layer's size.
 
 from __future__ import annotations
 
-import errno
-import functools
-import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
 from pipeline.digest import Verifier
+from pipeline.directio import DirectWriter
 
 _DONE = object()
-SYNC_EVERY = 32 << 20  # start writeback as we go, so the final fsync has little left
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-# Looked up at the first writeback, not at import: a warm whose layers are all on disk
-# writes nothing. From the symbols the process already has (dlopen(NULL): the C library
-# is loaded in every CPython), not by `ctypes.util.find_library("c")`, which imports
-# subprocess and runs `ldconfig -p` in a child: ~20 ms on the write thread, in the middle
-# of a cold warm's first layer, while the decompressor waited on the full queue.
-@functools.cache
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    import ctypes
-
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
-
-
-def preload() -> None:
-    """Look up sync_file_range now (see `_load_sync_file_range`), for a long-running worker."""
-    _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk, without waiting.
-
-    The entry's final fsync then finds most pages already clean, so writing the disk
-    overlaps with producing the data instead of following it.
-    """
-    sync_file_range = _load_sync_file_range()
-    if sync_file_range is None:
-        os.fdatasync(fd)  # no async writeback here: a blocking sync at least bounds the tail
-    elif sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
-        import ctypes  # loaded already, by _load_sync_file_range
-
-        err = ctypes.get_errno()
-        if err not in (errno.ESPIPE, errno.EINVAL):  # a pipe or device: nothing to write back
-            raise OSError(err, os.strerror(err))
 
 
 class _Stage:
@@ -81,23 +37,21 @@ class _Stage:
 
 
 class HashingWriter:
-    """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread."""
+    """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread.
+
+    The writing goes past the page cache where the file system allows it
+    (pipeline/directio.py); `direct_bytes` says how much did."""
 
     def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
-        self._out, self._unsynced, self._offset = out, 0, out.tell()
+        self._file = DirectWriter(out)
         self._stages = [
             _Stage("layerwarm-hash", verifier.update, depth),
-            _Stage("layerwarm-write", self._write, depth),
+            _Stage("layerwarm-write", self._file.write, depth),
         ]
 
-    def _write(self, chunk: bytes) -> None:
-        self._out.write(chunk)
-        self._unsynced += len(chunk)
-        if self._unsynced >= SYNC_EVERY:
-            self._out.flush()
-            start_writeback(self._out.fileno(), self._offset, self._unsynced)
-            self._offset += self._unsynced
-            self._unsynced = 0
+    @property
+    def direct_bytes(self) -> int:
+        return self._file.direct_bytes
 
     def put(self, chunk: bytes) -> None:
         self._raise()
@@ -110,7 +64,12 @@ class HashingWriter:
             stage.queue.put(_DONE)
         for stage in self._stages:
             stage.thread.join()
-        self._raise()
+        try:
+            self._raise()
+        except BaseException:
+            self._file.abort()
+            raise
+        self._file.close()
 
     def _raise(self) -> None:
         for stage in self._stages:
