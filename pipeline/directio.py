@@ -74,13 +74,17 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 class DirectWriter:
     """Appends to `out` from its current offset; `close` writes what is left and leaves
-    `out` positioned at the end. `direct_bytes`: how many went past the page cache."""
+    `out` positioned at the end. `direct_bytes`: how many went past the page cache (none
+    for a file under WRITE_AT)."""
 
     def __init__(self, out: BinaryIO) -> None:
         out.flush()
         self._out, self._fd, self._pos = out, out.fileno(), out.tell()
         self._flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        self._direct = self._pos % BLOCK == 0 and self._set_direct(True)
+        # O_DIRECT goes on at the first full write: a file smaller than that is written
+        # buffered, in one write at `close`, where a direct write's wait for the device
+        # would cost more than the copy it saves.
+        self._direct, self._may_go_direct = False, self._pos % BLOCK == 0
         self.direct_bytes = 0
         self._unsynced = 0  # written buffered since the last start_writeback
         self._buf = mmap.mmap(-1, BUFFER)
@@ -100,7 +104,7 @@ class DirectWriter:
             raise
         return on
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         data = memoryview(chunk)
         while data:
             n = min(len(data), BUFFER - self._fill)
@@ -108,15 +112,19 @@ class DirectWriter:
             self._fill += n
             data = data[n:]
             if self._fill >= WRITE_AT:
+                if self._may_go_direct:
+                    self._may_go_direct = False
+                    self._direct = self._set_direct(True)
                 self._write_out(self._fill - self._fill % BLOCK)
 
     def close(self) -> None:
-        """Write the aligned part of what is buffered directly, the rest buffered."""
+        """Write what is buffered: its aligned part directly if the file went direct, the
+        rest (or all of a small file) buffered."""
         try:
-            aligned = self._fill - self._fill % BLOCK
-            if aligned:
-                self._write_out(aligned)
             if self._direct:
+                aligned = self._fill - self._fill % BLOCK
+                if aligned:
+                    self._write_out(aligned)
                 self._direct = self._set_direct(False)  # the tail cannot be aligned
             if self._fill:
                 self._write_out(self._fill)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
 from pipeline.digest import Verified, Verifier, hash_file
+from pipeline.directio import DirectWriter
 from pipeline.errors import (
     DigestMismatch,
     LimitExceeded,
@@ -429,13 +430,19 @@ def restore(
     verifier = Verifier(layer.diff_id, size=size, what=where)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
         index = IndexBuild(layer)
+        out = DirectWriter(ingest.file)  # past the page cache, as a decompressed entry is
 
         def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
             verifier.update(chunk)  # raises past `size`, before the chunk is written
-            ingest.file.write(chunk)
+            out.write(chunk)
             index.feed(chunk)
 
-        remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
+        try:
+            remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
+        except BaseException:
+            out.abort()
+            raise
+        out.close()
         tar = verifier.verify()
         ingest.commit(layer, tar, FromRemote(remote.url))
     index.store(disk)

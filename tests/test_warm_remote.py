@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -196,3 +197,38 @@ def test_a_remote_tier_refusing_the_read_falls_back_to_the_registry(
         assert store.count("PUT", f"/{name}") == puts, "nothing published over it"
     assert registry_proxy.count("GET", f"/blobs/{lay.digest}") == 1
     assert (cache_dir / name).read_bytes() == lay.tar
+
+
+def test_entries_from_the_registry_and_from_the_remote_are_left_out_of_the_page_cache(
+    registry: RegistryServer, tmp_path: Path, remote
+) -> None:
+    """A layer of several MiB is written past the page cache (pipeline/directio.py) both
+    when decompressed from its blob and when restored from the remote tier: the node's
+    hot pages stay where they are. The bytes are the layer's all the same."""
+    url, env, _objects, _prefix = remote
+    lay = Layer(random_tar(73, 6_000_000), "gzip")
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image([lay]))
+    ref = f"{registry.host}/{r}:1"
+    cache_dir = tmp_path / "cache"
+    entry = cache_dir / ("sha256_" + lay.digest.removeprefix("sha256:"))
+
+    def resident() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(entry)], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    p = run_layerwarm("warm", ref, cache_dir=cache_dir, env=env)  # decompressed here
+    assert p.returncode == 0, p.stderr
+    assert resident() <= 4096, "the decompressed entry is in the page cache"
+    assert entry.read_bytes() == lay.tar
+    shutil.rmtree(cache_dir)
+    # With the remote tier: publishing reads the entry (into the cache); then restore it.
+    for source in ("registry", "remote"):
+        p = run_layerwarm("warm", "--json", "--remote", url, ref, cache_dir=cache_dir, env=env)
+        assert p.returncode == 0, p.stderr
+        assert [x["source"] for x in json.loads(p.stdout)["layers"]] == [source]
+        if source == "registry":
+            shutil.rmtree(cache_dir)
+    assert resident() <= 4096, "the restored entry is in the page cache"
+    assert entry.read_bytes() == lay.tar
