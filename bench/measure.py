@@ -26,6 +26,9 @@ class CommandFailed(RuntimeError):
     """A measured command exited non-zero; the message holds its output."""
 
 
+_HZ = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
+
+
 @dataclass
 class CpuUse:
     """Core-seconds spent while a command ran: by the command (user + sys of it and the
@@ -53,8 +56,6 @@ def process_cpu(pid: int) -> float:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _HZ
 
-
-_HZ = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

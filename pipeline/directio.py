@@ -22,6 +22,7 @@ import functools
 import mmap
 import os
 from collections.abc import Callable
+from types import TracebackType
 from typing import BinaryIO
 
 BLOCK = 4096  # covers devices with 512-byte and 4 KiB logical blocks
@@ -139,6 +140,17 @@ class DirectWriter:
                 self._direct = self._set_direct(False)
         finally:
             self._release()
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """`close` when the block succeeded, `abort` when it raised."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def _release(self) -> None:
         if not self._buf.closed:

@@ -40,7 +40,7 @@ class HashingWriter:
     """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread.
 
     The writing goes past the page cache where the file system allows it
-    (pipeline/directio.py); `direct_bytes` says how much did."""
+    (pipeline/directio.py)."""
 
     def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
         self._file = DirectWriter(out)
@@ -48,10 +48,6 @@ class HashingWriter:
             _Stage("layerwarm-hash", verifier.update, depth),
             _Stage("layerwarm-write", self._file.write, depth),
         ]
-
-    @property
-    def direct_bytes(self) -> int:
-        return self._file.direct_bytes
 
     def put(self, chunk: bytes) -> None:
         self._raise()
@@ -64,12 +60,8 @@ class HashingWriter:
             stage.queue.put(_DONE)
         for stage in self._stages:
             stage.thread.join()
-        try:
+        with self._file:  # the rest written out, or given back if either thread failed
             self._raise()
-        except BaseException:
-            self._file.abort()
-            raise
-        self._file.close()
 
     def _raise(self) -> None:
         for stage in self._stages:

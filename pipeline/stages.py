@@ -430,19 +430,15 @@ def restore(
     verifier = Verifier(layer.diff_id, size=size, what=where)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
         index = IndexBuild(layer)
-        out = DirectWriter(ingest.file)  # past the page cache, as a decompressed entry is
+        # Past the page cache, as a decompressed entry is.
+        with DirectWriter(ingest.file) as out:
 
-        def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
-            verifier.update(chunk)  # raises past `size`, before the chunk is written
-            out.write(chunk)
-            index.feed(chunk)
+            def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
+                verifier.update(chunk)  # raises past `size`, before the chunk is written
+                out.write(chunk)
+                index.feed(chunk)
 
-        try:
             remote.stream(layer.digest, write, lambda n: progress.advance(layer, n))
-        except BaseException:
-            out.abort()
-            raise
-        out.close()
         tar = verifier.verify()
         ingest.commit(layer, tar, FromRemote(remote.url))
     index.store(disk)
