@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pipeline.digest import Verifier
-from pipeline.directio import DirectWriter
+from pipeline.writebehind import WriteBehind
 
 _DONE = object()
 
@@ -39,11 +39,11 @@ class _Stage:
 class HashingWriter:
     """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread.
 
-    The writing goes past the page cache where the file system allows it
-    (pipeline/directio.py)."""
+    The file is written to disk as it grows and left out of the page cache
+    (pipeline/writebehind.py)."""
 
     def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
-        self._file = DirectWriter(out)
+        self._file = WriteBehind(out)
         self._stages = [
             _Stage("layerwarm-hash", verifier.update, depth),
             _Stage("layerwarm-write", self._file.write, depth),
@@ -60,7 +60,7 @@ class HashingWriter:
             stage.queue.put(_DONE)
         for stage in self._stages:
             stage.thread.join()
-        with self._file:  # the rest written out, or given back if either thread failed
+        with self._file:  # the rest written out, unless either thread failed
             self._raise()
 
     def _raise(self) -> None:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, BinaryIO
 from pipeline.codecs import CHUNK, Readable, compression_for, iter_decompressed
 from pipeline.config import Limits
 from pipeline.digest import Verified, Verifier, hash_file
-from pipeline.directio import DirectWriter
 from pipeline.errors import (
     DigestMismatch,
     LimitExceeded,
@@ -49,6 +48,7 @@ from pipeline.nofollow import drop_stray, open_file, regular
 from pipeline.reference import Reference
 from pipeline.sinks import HashingWriter, InlineWriter
 from pipeline.tiers.disk import DiskTier
+from pipeline.writebehind import WriteBehind
 
 if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not load it,
     # and reading an image from the cache needs no HTTP client
@@ -430,8 +430,8 @@ def restore(
     verifier = Verifier(layer.diff_id, size=size, what=where)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
         index = IndexBuild(layer)
-        # Past the page cache, as a decompressed entry is.
-        with DirectWriter(ingest.file) as out:
+        # To disk as it comes and out of the page cache, as a decompressed entry is.
+        with WriteBehind(ingest.file) as out:
 
             def write(chunk: bytes | memoryview) -> None:  # hashed as it is copied: one pass
                 verifier.update(chunk)  # raises past `size`, before the chunk is written

@@ -202,7 +202,7 @@ def test_a_remote_tier_refusing_the_read_falls_back_to_the_registry(
 def test_entries_from_the_registry_and_from_the_remote_are_left_out_of_the_page_cache(
     registry: RegistryServer, tmp_path: Path, remote
 ) -> None:
-    """A layer of several MiB is written past the page cache (pipeline/directio.py) both
+    """A layer of several MiB is left out of the page cache (pipeline/writebehind.py) both
     when decompressed from its blob and when restored from the remote tier: the node's
     hot pages stay where they are. The bytes are the layer's all the same."""
     url, env, _objects, _prefix = remote

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready
 
-from pipeline import codecs, directio
+from pipeline import codecs, writebehind
 from pipeline.errors import LayerwarmError, describe_error
 from pipeline.tiers.remote import RemoteTier
 from workers.app import REQUEUE_AFTER
@@ -57,7 +57,7 @@ def _ready(sender: Any = None, **_: Any) -> None:
         log.error("this worker cannot work: %s", describe_error(e))
         return
     codecs.preload()
-    directio.preload()
+    writebehind.preload()
     if str(getattr(sender, "hostname", "")).startswith("io@"):
         start_sweeper(c.jobs, after=REQUEUE_AFTER)
         threads = getattr(getattr(sender, "controller", None), "concurrency", None)

@@ -1,0 +1,111 @@
+"""Entries written to disk as they grow and left out of the page cache
+(pipeline/writebehind.py): the same bytes as a plain write whatever the sizes, the page
+cache holding at most a few windows while the file grows and none of it after `close`."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from pipeline import writebehind
+from pipeline.writebehind import WINDOW, WriteBehind
+
+
+def _data(size: int) -> bytes:
+    return (os.urandom(4099) * (size // 4099 + 1))[:size]
+
+
+def _open(path: Path) -> BinaryIO:
+    # As the disk tier opens an entry's temp file (tiers/disk.py: Ingest).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def _write(path: Path, data: bytes, chunk: int) -> None:
+    with _open(path) as out:
+        with WriteBehind(out) as w:
+            for i in range(0, len(data), chunk):
+                w.write(data[i:i + chunk])
+        assert out.tell() == len(data)
+
+
+def _resident(path: Path) -> int:
+    """Bytes of the file in the page cache, as util-linux's fincore counts them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, WINDOW - 1, WINDOW, WINDOW + 1,
+                                  3 * WINDOW, 4 * WINDOW + 12345])
+@pytest.mark.parametrize("chunk", [7919, 1 << 20, 2 * WINDOW + 5])  # the last: windows at once
+def test_the_file_holds_exactly_the_bytes_written(tmp_path: Path, size: int, chunk: int) -> None:
+    data = _data(size)
+    _write(tmp_path / "entry", data, chunk)
+    assert (tmp_path / "entry").read_bytes() == data
+
+
+def test_a_file_that_does_not_start_at_zero_keeps_what_was_before(tmp_path: Path) -> None:
+    path = tmp_path / "entry"
+    data = _data(3 * WINDOW + 3)
+    with _open(path) as out:
+        out.write(b"0123456789")
+        with WriteBehind(out) as w:
+            w.write(data)
+        out.write(b"!")  # close left the file positioned at its end
+    assert path.read_bytes() == b"0123456789" + data + b"!"
+
+
+def test_the_page_cache_holds_a_few_windows_while_writing_and_none_after(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "entry"
+    with _open(path) as out:
+        w = WriteBehind(out)
+        for _ in range(10):
+            w.write(_data(WINDOW))
+            # Written and dropped up to two windows behind the last one sent.
+            assert _resident(path) <= 3 * WINDOW
+        w.close()
+    assert _resident(path) == 0
+    assert path.stat().st_size == 10 * WINDOW
+
+
+def test_without_sync_file_range_the_writes_are_plain_buffered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writebehind, "_load_sync_file_range", lambda: None)
+    path = tmp_path / "entry"
+    data = _data(3 * WINDOW + 5)
+    _write(path, data, 1 << 20)
+    assert path.read_bytes() == data
+    assert _resident(path) > 2 * WINDOW  # nothing dropped: the fsync does all the work
+
+
+def test_a_device_is_written_without_writeback(tmp_path: Path) -> None:
+    # Scenario 3 of the bench decompresses into /dev/null.
+    with open("/dev/null", "wb") as out:
+        with WriteBehind(out) as w:
+            for _ in range(4):
+                w.write(_data(WINDOW))
+
+
+def test_a_failed_writeback_is_an_error_naming_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        ctypes.set_errno(errno.EIO)  # what ctypes.get_errno then reads, as after a C call
+        return -1
+
+    monkeypatch.setattr(writebehind, "_load_sync_file_range", lambda: failing)
+    with _open(tmp_path / "entry") as out:
+        w = WriteBehind(out)
+        with pytest.raises(OSError, match="writing to disk: Input/output error") as e:
+            w.write(_data(WINDOW))
+    assert e.value.errno == errno.EIO
