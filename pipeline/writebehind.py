@@ -7,8 +7,15 @@ So the writes are buffered, and as each WINDOW of the file fills, the kernel is 
 start writing it to disk (sync_file_range WRITE: its writeback sends large requests, many
 at a time). Two windows later, that window is written: waiting for it costs nothing, and
 its now clean pages are dropped from the cache (fadvise DONTNEED), so the pages the next
-windows take are ones just freed. `close` does the same for the rest, and the caller's
-fsync is left with only the disk's own cache to flush.
+windows take are ones just freed. `close` does the same for the rest.
+
+That leaves the disk's own cache, which the caller's fsync flushes: on the bench machine
+~0.4 s after a 500 MiB entry, with both cores idle. So every FLUSH_EVERY bytes, a thread
+of its own flushes it (fdatasync) while the writing goes on, and the fsync has only the
+last part left. Cold warms, medians of 6 interleaved with and without: the big gzip
+image 1.98 -> 1.60 s, the big zstd image 1.75 -> 1.54 s, the 12-image fleet (one layer
+over 64 MiB) 2.47 -> 2.46 s. A background flush's error is raised by `close`: the fsync
+that follows on the same open file would not report it again.
 
 This replaced writing past the cache with O_DIRECT, one MiB at a time: one request in
 flight made the write the slowest stage on a disk slower than the decompression, and
@@ -22,11 +29,13 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import BinaryIO
 
-WINDOW = 8 << 20
+WINDOW = 8 << 20  # 2, 8 and 32 MiB measured alike
+FLUSH_EVERY = 64 << 20  # 64 and 128 MiB measured alike on the big layer
 # <linux/fs.h>
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 _WRITTEN = _WAIT_BEFORE | _WRITE | _WAIT_AFTER  # returns once the range is on the disk
@@ -58,14 +67,17 @@ def preload() -> None:
 
 class WriteBehind:
     """Appends to `out` from its current offset; `close` (or leaving the `with` block
-    without an error) writes the rest to disk, drops the file from the page cache and
-    leaves `out` positioned at its end."""
+    without an error) writes the rest to disk, drops the file from the page cache, waits
+    for a background flush to end and leaves `out` positioned at its end."""
 
     def __init__(self, out: BinaryIO) -> None:
         out.flush()
         self._out, self._fd = out, out.fileno()
         self._start = self._pos = self._sent = out.tell()  # _sent: writeback asked up to
         self._sync = _load_sync_file_range()
+        self._flushed = self._pos  # the background flush was started with the file this long
+        self._flusher: threading.Thread | None = None
+        self._flush_error: OSError | None = None
 
     def write(self, chunk: bytes | memoryview) -> None:
         data = memoryview(chunk)
@@ -79,10 +91,19 @@ class WriteBehind:
             written = self._sent - 3 * WINDOW  # two windows behind the one just sent
             if written >= self._start:
                 self._drop(written, WINDOW)
+        if (self._sync is not None and self._pos - self._flushed >= FLUSH_EVERY
+                and not self._flushing()):
+            self._flushed = self._pos
+            self._flusher = threading.Thread(target=self._flush, name="layerwarm-flush",
+                                             daemon=True)
+            self._flusher.start()
 
     def close(self) -> None:
-        if self._sync is not None and self._pos > self._start:
-            self._drop(self._start, self._pos - self._start)
+        try:
+            if self._sync is not None and self._pos > self._start:
+                self._drop(self._start, self._pos - self._start)
+        finally:
+            self._join_flush()
         self._out.seek(self._pos)
 
     def __enter__(self) -> WriteBehind:
@@ -90,9 +111,33 @@ class WriteBehind:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        """`close` when the block succeeded; when it raised, the file is being dropped."""
+        """`close` when the block succeeded; when it raised, the file is being dropped, once
+        the background flush no longer uses its descriptor."""
         if exc_type is None:
             self.close()
+        elif self._flusher is not None:
+            self._flusher.join()  # its error, if any, matters less than the block's own
+
+    def _flushing(self) -> bool:
+        """Whether a background flush still runs (the last one's error is raised here)."""
+        if self._flusher is not None and self._flusher.is_alive():
+            return True
+        self._join_flush()
+        return False
+
+    def _flush(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:  # raised on the writing thread, by _join_flush
+            self._flush_error = e
+
+    def _join_flush(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        if (e := self._flush_error) is not None:
+            self._flush_error = None
+            raise OSError(e.errno, f"writing to disk: {e.strerror}")
 
     def _drop(self, offset: int, nbytes: int) -> None:
         """Wait until the range is on the disk, then give its clean pages back."""

@@ -1,6 +1,7 @@
 """Entries written to disk as they grow and left out of the page cache
 (pipeline/writebehind.py): the same bytes as a plain write whatever the sizes, the page
-cache holding at most a few windows while the file grows and none of it after `close`."""
+cache holding at most a few windows while the file grows and none of it after `close`,
+errors of the writeback and of the background flush raised to the writer."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import ctypes
 import errno
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
 from pipeline import writebehind
-from pipeline.writebehind import WINDOW, WriteBehind
+from pipeline.writebehind import FLUSH_EVERY, WINDOW, WriteBehind
 
 
 def _data(size: int) -> bytes:
@@ -88,12 +91,13 @@ def test_without_sync_file_range_the_writes_are_plain_buffered_ones(
     assert _resident(path) > 2 * WINDOW  # nothing dropped: the fsync does all the work
 
 
-def test_a_device_is_written_without_writeback(tmp_path: Path) -> None:
+def test_a_device_is_written_without_writeback_or_flushes(tmp_path: Path) -> None:
     # Scenario 3 of the bench decompresses into /dev/null.
+    chunk = _data(WINDOW)
     with open("/dev/null", "wb") as out:
         with WriteBehind(out) as w:
-            for _ in range(4):
-                w.write(_data(WINDOW))
+            for _ in range(FLUSH_EVERY // WINDOW + 2):
+                w.write(chunk)
 
 
 def test_a_failed_writeback_is_an_error_naming_the_disk(
@@ -109,3 +113,49 @@ def test_a_failed_writeback_is_an_error_naming_the_disk(
         with pytest.raises(OSError, match="writing to disk: Input/output error") as e:
             w.write(_data(WINDOW))
     assert e.value.errno == errno.EIO
+
+
+def _flushes_failing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writebehind.os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_a_failed_background_flush_is_raised_by_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fsync that follows on the same open file would not report it again.
+    calls = _flushes_failing(monkeypatch)
+    with _open(tmp_path / "entry") as out:
+        w = WriteBehind(out)
+        w.write(_data(FLUSH_EVERY))
+        with pytest.raises(OSError, match="writing to disk: Input/output error"):
+            w.close()
+    assert calls, "no background flush ran"
+
+
+def test_a_failing_block_raises_its_own_error_once_the_flush_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller closes (and drops) the file next: the flush must be done with its fd.
+    release, ended = threading.Event(), []
+
+    def fdatasync(fd: int) -> None:
+        release.wait()
+        time.sleep(0.05)  # still flushing when a writer that did not wait would go on
+        ended.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writebehind.os, "fdatasync", fdatasync)
+    with _open(tmp_path / "entry") as out:
+        with pytest.raises(ValueError, match="the decompressor's"):
+            with WriteBehind(out) as w:
+                w.write(_data(FLUSH_EVERY))
+                release.set()
+                raise ValueError("the decompressor's")
+        assert ended == [out.fileno()]
