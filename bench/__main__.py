@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = report.machine_facts()
     code_before = report.code_version()
     load_before = report.load_average()
+    ticks_before = report.cpu_ticks()
     t0 = time.monotonic()
     workload = build(scale, args.seed, cache_dir, jobs=2)
     build_s = time.monotonic() - t0
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pip-installed layerwarm is; the machine sets PYTHONDONTWRITEBYTECODE=1"),
         ("load average", f"{load_before} at start, {report.load_average()} at end "
                          "(1, 5 and 15 minute averages; they include this run's own processes)"),
+        ("CPU stolen", report.stolen_note(ticks_before, report.cpu_ticks())),
     ]  # fmt: skip
     if args.out:
         command = "python3 -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -133,6 +133,27 @@ def code_version() -> str:
     return head + (" + uncommitted changes in pipeline/ or workers/" if dirty else "")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's CPU time so far, in clock ticks: (stolen by the hypervisor, all)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: counted in user]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_note(before: tuple[int, int], after: tuple[int, int]) -> str:
+    """What share of the machine's CPU time went to other guests between two readings."""
+    total = after[1] - before[1]
+    if total <= 0:
+        return "?"
+    share = 100 * (after[0] - before[0]) / total
+    return (f"{share:.1f} % of the machine's CPU time during the run (steal in /proc/stat): "
+            "time the hypervisor gave to other guests, a slower and noisier machine "
+            "for every figure here")
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
