@@ -57,7 +57,6 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _HZ
 
 
-
 @dataclass
 class RunResult:
     argv: list[str]

@@ -115,7 +115,10 @@ def test_a_failed_writeback_is_an_error_naming_the_disk(
     assert e.value.errno == errno.EIO
 
 
-def _flushes_failing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def test_a_failed_background_flush_is_raised_by_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fsync that follows on the same open file would not report it again.
     calls: list[int] = []
 
     def fdatasync(fd: int) -> None:
@@ -123,14 +126,6 @@ def _flushes_failing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(writebehind.os, "fdatasync", fdatasync)
-    return calls
-
-
-def test_a_failed_background_flush_is_raised_by_close(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The fsync that follows on the same open file would not report it again.
-    calls = _flushes_failing(monkeypatch)
     with _open(tmp_path / "entry") as out:
         w = WriteBehind(out)
         w.write(_data(FLUSH_EVERY))
