@@ -6,12 +6,13 @@ a fleet of many tags over few images costs one request per unique document.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from pipeline.config import MAX_INDEX_CHILDREN, Settings
@@ -75,17 +76,19 @@ class ImageFailure:
     error: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    images: list[ResolvedImage] = field(default_factory=list)
-    failures: list[ImageFailure] = field(default_factory=list)
+    images: tuple[ResolvedImage, ...] = ()
+    failures: tuple[ImageFailure, ...] = ()
 
-    @property
+    @functools.cached_property
     def layers(self) -> list[LayerSpec]:
         """Unique layers over all images, first-seen order, each with every repo that has it.
 
-        Linear in the layers listed: a layer in many images of many repositories (a fleet)
-        gathers its sources in one ordered set, not by comparing tuples at each image."""
+        Worked out once per plan (a warm reads it several times, and for a fleet of 10,000
+        refs each pass costs about 0.1 s). Linear in the layers listed: a layer in many
+        images of many repositories gathers its sources in one ordered set, not by comparing
+        tuples at each image."""
         first: dict[Digest, LayerSpec] = {}
         sources: dict[Digest, dict[Reference, None]] = {}
         for image in self.images:
@@ -264,10 +267,11 @@ def resolve_all(
             log.debug("resolving %s failed unexpectedly", ref, exc_info=True)
             return ImageFailure(str(ref), describe_error(e))  # ... and still says what it is
 
-    plan = Plan()
+    images: list[ResolvedImage] = []
+    failures: list[ImageFailure] = []
     for outcome in executor.map(one, list(dict.fromkeys(refs))):
         if isinstance(outcome, ImageFailure):
-            plan.failures.append(outcome)
+            failures.append(outcome)
         else:
-            plan.images.extend(outcome)
-    return plan
+            images.extend(outcome)
+    return Plan(tuple(images), tuple(failures))

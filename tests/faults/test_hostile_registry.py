@@ -131,7 +131,7 @@ def test_an_unexpected_error_fails_only_its_reference(caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.DEBUG, logger="layerwarm"), ThreadPoolExecutor(2) as pool:
         plan = resolve_all(Buggy(), [good, bad], None, pool)  # type: ignore[arg-type]
-    assert plan.failures == [ImageFailure(str(bad), "unexpected KeyError: 'schemaVersion'")]
+    assert list(plan.failures) == [ImageFailure(str(bad), "unexpected KeyError: 'schemaVersion'")]
     logged = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
     assert logged and str(bad) in logged[0].getMessage()
 
