@@ -10,7 +10,9 @@ the same run, side by side, and prints: scenario, layerwarm time, peer time, rat
 (layerwarm / peer), ÷ floor (layerwarm / what this machine cannot go under, ``bench.floor``:
 the largest of decompression, sha256, loopback transfer and write, + interpreter start-up),
 target (Nxfl: N × floor), met? A row with a floor also notes its shared bound (the parts
-that keep a core busy, spread over all the cores) and the seconds its targets allow.
+that keep a core busy, spread over all the cores), the same with the start-up of a process
+that imports requests (the registry client's HTTP library) in place of the bare
+interpreter's, and the seconds its targets allow.
 Rows 1, 2, 4 and 8 note where the cores went while the timed command ran
 (``bench.measure.CpuUse``: its own CPU, the registry's and moto_server's, the machine's
 share of busy): whether a ratio is held by a machine with no core left to give.

@@ -21,6 +21,12 @@ floor = the largest of those parts (they can overlap, nothing makes one of them 
 plus interpreter start-up (``python3 -c pass``, cold when the scenario is) where the
 scenario starts a process.
 
+Where it starts one, the start-up of a process that imports requests, the HTTP library the
+project's owner fixed for talking to registries (``python3 -c 'import requests'``, cold
+when the scenario is), is measured too and noted with the shared bound it makes: no
+layerwarm process that asks a registry anything starts sooner. The floor itself keeps the
+bare interpreter, as issue 16 defines it.
+
 shared = the parts that each keep a core busy (decompress, both sha256s, write with its
 fsync; not transfer, which waits on the registry), added up as core-seconds and spread
 perfectly over the machine's cores, plus the start-up: what this machine cannot go under
@@ -57,6 +63,7 @@ class Floor:
     repeats: int = 1
     io_parallel: int = 1  # threads for transfer and write
     cores: int = 1  # the machine's
+    client_start: float = 0.0  # start-up of `python3 -c 'import requests'`, with `start`
 
     @property
     def seconds(self) -> float:
@@ -69,6 +76,12 @@ class Floor:
                    for k, v in self.parts.items() if k in CORE_PARTS)
         return max(self.seconds, busy / self.cores + self.start)
 
+    @property
+    def client_shared(self) -> float:
+        """The shared bound with the start-up of a process that imports requests instead
+        of the bare interpreter's (0 where no start-up was measured)."""
+        return self.shared - self.start + self.client_start if self.client_start else 0.0
+
     def note(self) -> str:
         parts = ", ".join(f"{k} {v:.2f} s" + (f" ({self.how[k]})" if k in self.how else "")
                           for k, v in self.parts.items())  # fmt: skip
@@ -79,9 +92,13 @@ class Floor:
                f"{self.io_parallel} at a time (layerwarm's --io-threads)"
                if self.parallel > 1 else "one thread")
         par += f", each the fastest of {self.repeats} passes"
+        client = (f"; a process that imports requests (the registry client's HTTP library) "
+                  f"starts in {self.client_start:.2f} s, which makes the shared bound "
+                  f"{self.client_shared:.2f} s" if self.client_start else "")
         return (f"floor {self.seconds:.2f} s = largest part ({biggest}){start}; parts, "
                 f"{par}: {parts}; shared: the busy parts (all but transfer) spread over "
-                f"{self.cores} cores{' + start-up' if self.start else ''} {self.shared:.2f} s")
+                f"{self.cores} cores{' + start-up' if self.start else ''} {self.shared:.2f} s"
+                + client)
 
 
 def _inflate(path: str, compression: str, out: str | None = None) -> int:
@@ -212,17 +229,20 @@ def measure(
                     parts["transfer"] = min(parts["transfer"], _wall(
                         threads, lambda u: run(["curl", "-sf", "-o", os.devnull, u]), urls)[0])
                 how["transfer"] = "curl, registry's page cache " + ("cold" if cold else "warm")
-        started = 0.0
+        started = client = 0.0
         if start:
-            started = float("inf")
+            started = client = float("inf")
             for _ in range(repeats):
                 if cold:
                     drop_caches()
                 started = min(started, run([sys.executable, "-c", "pass"]).seconds)
+                if cold:
+                    drop_caches()
+                client = min(client, run([sys.executable, "-c", "import requests"]).seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Floor(parts, started, parallel, how, cold, repeats, io_parallel,
-                 os.cpu_count() or 1)
+                 os.cpu_count() or 1, client)
 
 
 def _noop_arg(_: int) -> None:

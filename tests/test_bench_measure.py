@@ -33,3 +33,14 @@ def test_process_cpu_of_a_process_that_is_gone_is_zero() -> None:
     p.wait()
     assert process_cpu(p.pid) == 0.0
     assert process_cpu(os.getpid()) > 0.0
+
+
+def test_the_shared_bound_with_requests_start_up_replaces_the_bare_interpreters() -> None:
+    from bench.floor import Floor
+
+    floor = Floor({"decompress": 0.6, "sha256": 0.4, "blob sha256": 0.1, "write": 0.3,
+                   "transfer": 0.2}, start=0.05, cores=2, client_start=0.25)
+    assert round(floor.shared, 3) == 0.75  # (0.6 + 0.4 + 0.1 + 0.3) / 2 + 0.05
+    assert round(floor.client_shared, 3) == 0.95  # the same, + 0.25 instead of 0.05
+    assert "starts in 0.25 s, which makes the shared bound 0.95 s" in floor.note()
+    assert Floor({"decompress": 1.0}, start=0.05).client_shared == 0.0  # not measured

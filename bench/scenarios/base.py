@@ -321,11 +321,14 @@ class BenchBase:
             allowed[f"{row.data['peer_limit']:.2f} × peer"] = (
                 row.data["peer_limit"] * median(row.data["peer"]))
         if allowed:
-            row.data.update(shared=floor.shared, allowed=allowed)
+            row.data.update(shared=floor.shared, allowed=allowed,
+                            client_shared=floor.client_shared)
+            client = (f" ({floor.client_shared:.2f} s with requests' start-up)"
+                      if floor.client_shared else "")
             row.notes.append(
                 "time the targets allow here: "
                 + ", ".join(f"{k} = {v:.2f} s" for k, v in allowed.items())
-                + f"; shared bound {floor.shared:.2f} s; layerwarm (median) "
+                + f"; shared bound {floor.shared:.2f} s{client}; layerwarm (median) "
                 f"{median(row.data['layerwarm']):.2f} s")
         return row
 
