@@ -45,7 +45,8 @@ from pipeline.errors import (
     VerificationError,
 )
 from pipeline.layer import FromBlob, LayerSpec, Origin, Shared, origin_text
-from pipeline.metadata import Metadata, read_only_medium
+from pipeline.metadata import Metadata
+from pipeline.metadb import read_only_medium
 from pipeline.nofollow import drop_stray, open_file, real_dir, regular
 
 log = logging.getLogger("layerwarm")
