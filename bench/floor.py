@@ -21,11 +21,11 @@ floor = the largest of those parts (they can overlap, nothing makes one of them 
 plus interpreter start-up (``python3 -c pass``, cold when the scenario is) where the
 scenario starts a process.
 
-Where it starts one, the start-up of a process that imports requests, the HTTP library the
-project's owner fixed for talking to registries (``python3 -c 'import requests'``, cold
-when the scenario is), is measured too and noted with the shared bound it makes: no
-layerwarm process that asks a registry anything starts sooner. The floor itself keeps the
-bare interpreter, as issue 16 defines it.
+Where that process asks the registry (a scenario with a transfer part), the start-up of a
+process that imports requests, the HTTP library the project's owner fixed for talking to
+registries (``python3 -c 'import requests'``, cold when the scenario is), is measured too
+and noted with the shared bound it makes: no layerwarm process that asks a registry
+anything starts sooner. The floor itself keeps the bare interpreter, as issue 16 defines it.
 
 shared = the parts that each keep a core busy (decompress, both sha256s, write with its
 fsync; not transfer, which waits on the registry), added up as core-seconds and spread
@@ -63,7 +63,7 @@ class Floor:
     repeats: int = 1
     io_parallel: int = 1  # threads for transfer and write
     cores: int = 1  # the machine's
-    client_start: float = 0.0  # start-up of `python3 -c 'import requests'`, with `start`
+    client_start: float = 0.0  # start-up of `python3 -c 'import requests'`, with a transfer
 
     @property
     def seconds(self) -> float:
@@ -236,9 +236,11 @@ def measure(
                 if cold:
                     drop_caches()
                 started = min(started, run([sys.executable, "-c", "pass"]).seconds)
-                if cold:
-                    drop_caches()
-                client = min(client, run([sys.executable, "-c", "import requests"]).seconds)
+                if transfer:  # the scenario's process asks the registry
+                    if cold:
+                        drop_caches()
+                    client = min(client, run([sys.executable, "-c", "import requests"]).seconds)
+        client = client if start and transfer else 0.0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Floor(parts, started, parallel, how, cold, repeats, io_parallel,
