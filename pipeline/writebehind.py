@@ -137,7 +137,7 @@ class WriteBehind:
             self._flusher = None
         if (e := self._flush_error) is not None:
             self._flush_error = None
-            raise OSError(e.errno, f"writing to disk: {e.strerror}")
+            raise _disk_error(e.errno)
 
     def _drop(self, offset: int, nbytes: int) -> None:
         """Wait until the range is on the disk, then give its clean pages back."""
@@ -152,5 +152,10 @@ class WriteBehind:
 
             err = ctypes.get_errno()
             if err not in _NOT_A_FILE:
-                raise OSError(err, f"writing to disk: {os.strerror(err)}")
+                raise _disk_error(err)
             self._sync = None  # not a file: there is nothing to write back or drop
+
+
+def _disk_error(err: int) -> OSError:
+    """A failure of the writeback or of a flush, as the writer raises it."""
+    return OSError(err, f"writing to disk: {os.strerror(err)}")
