@@ -22,10 +22,8 @@ from tests.support.fleet import (
     Fleet,
     Node,
     S3Tier,
-    _Pid,
     broker_url_for,
     cache_name,
-    descendants,
     flush_db,
     push,
     run_cli,
@@ -33,6 +31,7 @@ from tests.support.fleet import (
     wait_layer,
 )
 from tests.support.images import Image, Layer, random_tar
+from tests.support.proctree import Pid, descendants
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
@@ -78,7 +77,7 @@ def test_a_dead_workers_name_can_be_taken_again_at_once(fleet: Fleet) -> None:
     restart on the same host does not wait for the registration to expire."""
     node = fleet.nodes["a"]
     assert node.proc is not None
-    tree = [_Pid(pid) for pid in [node.proc.pid, *descendants(node.proc.pid)]]
+    tree = [Pid(pid) for pid in [node.proc.pid, *descendants(node.proc.pid)]]
     for p in tree:  # the whole host at once, as a crashed machine
         p.signal(signal.SIGKILL)
     node.proc.wait()

@@ -23,8 +23,9 @@ import pytest
 import requests
 
 from tests.support.cli import layerwarm_env
-from tests.support.fleet import REPO_ROOT, _Pid, cli_cmd, cmdline, descendants, run_cli
+from tests.support.fleet import REPO_ROOT, cli_cmd, run_cli
 from tests.support.procs import free_port
+from tests.support.proctree import Pid, cmdline, descendants
 
 REDIS_PASSWORD = "redis-pw-7Qx2"
 FLOWER_USER, FLOWER_PASSWORD = "admin", "flower-pw-9Kd4"
@@ -104,7 +105,7 @@ class Started:
         return {pid: cmdline(pid) for pid in pids}
 
     def stop(self) -> None:
-        tracked = [_Pid(pid) for pid in descendants(self.proc.pid)]
+        tracked = [Pid(pid) for pid in descendants(self.proc.pid)]
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

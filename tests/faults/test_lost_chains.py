@@ -27,10 +27,8 @@ from tests.support.faults import S3Proxy
 from tests.support.fleet import (
     Fleet,
     S3Tier,
-    _Pid,
     by_digest,
     cache_name,
-    descendants,
     job_status,
     node_of,
     push,
@@ -38,6 +36,7 @@ from tests.support.fleet import (
     wait_layer,
 )
 from tests.support.images import Image
+from tests.support.proctree import Pid, descendants
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
@@ -86,7 +85,7 @@ def kill_node(fleet: Fleet, node: str) -> None:
     assert proc is not None
     tree = [proc.pid, *descendants(proc.pid)]
     for pid in tree:
-        _Pid(pid).signal(signal.SIGKILL)
+        Pid(pid).signal(signal.SIGKILL)
     proc.wait(timeout=30)
 
 
@@ -230,9 +229,9 @@ def test_the_celery_workers_of_a_supervisor_killed_by_sigkill_stop(healthy: Flee
     fleet = healthy
     proc = fleet.nodes["b"].proc
     assert proc is not None
-    workers = [_Pid(pid) for pid in descendants(proc.pid)]
+    workers = [Pid(pid) for pid in descendants(proc.pid)]
     assert len(workers) >= 2, "the node runs an io@ and a cpu@ worker"
-    _Pid(proc.pid).signal(signal.SIGKILL)
+    Pid(proc.pid).signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 60
     while alive := [w.pid for w in workers if w.alive()]:

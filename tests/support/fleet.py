@@ -8,10 +8,11 @@ dedicated to the fleet and flushed when it starts, so runs never see each other'
 Also here: ``run_cli`` for the `layerwarm` commands of distributed mode (``submit``,
 ``status``, ``nodes``, ``flower``); process faults on a node (find, freeze or SIGKILL its
 ``io@``/``cpu@`` worker the way a crashed machine would, wait for the node to exit, start
-it again); ``ThrottledProxy``, the test proxy with a bandwidth limit per path; and what
-the fleet tests share (tests/test_distributed.py, tests/faults/test_fleet_faults.py):
-``start_fleet`` / ``running_fleet`` to build one, ``S3Tier`` and ``Known`` to check every
-cache entry and S3 object byte for byte, ``push``, ``by_digest`` and ``node_of``.
+it again), with the process tree read by tests/support/proctree.py; ``ThrottledProxy``,
+the test proxy with a bandwidth limit per path; and what the fleet tests share
+(tests/test_distributed.py, tests/faults/test_fleet_faults.py): ``start_fleet`` /
+``running_fleet`` to build one, ``S3Tier`` and ``Known`` to check every cache entry and
+S3 object byte for byte, ``push``, ``by_digest`` and ``node_of``.
 
 A startup failure raises ``FleetError`` with the workers' logs; ``start_fleet`` turns it
 into a test failure (the one place here that needs pytest).
@@ -20,7 +21,6 @@ into a test failure (the one place here that needs pytest).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -36,6 +36,7 @@ from typing import Any, Self
 
 from tests.support.cli import layerwarm_env
 from tests.support.images import Image, Layer
+from tests.support.proctree import Pid, cmdline, descendants
 from tests.support.proxy import Proxy, _Handler
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
@@ -67,68 +68,6 @@ def flush_db(broker_url: str) -> None:
         client.flushdb()
     finally:
         client.close()
-
-
-# ---------------------------------------------------------------- process tree (/proc)
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, start time in clock ticks) of ``pid``, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return int(fields[1]), int(fields[19])
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-def descendants(root: int) -> list[int]:
-    """Every live descendant of ``root``, parents before children (breadth first)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _stat(int(entry.name))
-            if st is not None:
-                children.setdefault(st[0], []).append(int(entry.name))
-    out: list[int] = []
-    queue = list(children.get(root, []))
-    while queue:
-        pid = queue.pop(0)
-        out.append(pid)
-        queue += children.get(pid, [])
-    return out
-
-
-class _Pid:
-    """A pid plus its start time, so a recycled pid is never signalled by mistake."""
-
-    def __init__(self, pid: int) -> None:
-        st = _stat(pid)
-        self.pid = pid
-        self.start = st[1] if st else -1
-
-    def alive(self) -> bool:
-        st = _stat(self.pid)
-        if st is None or st[1] != self.start:
-            return False
-        try:  # a zombie has a stat file but no longer runs
-            return Path(f"/proc/{self.pid}/status").read_text().find("State:\tZ") < 0
-        except OSError:
-            return False
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
 
 # ---------------------------------------------------------------- the CLI
@@ -269,7 +208,7 @@ class Fleet:
         # Any orphaned Celery worker of the old supervisor would take the same names.
         if node.proc is not None:
             for pid in descendants(node.proc.pid):
-                _Pid(pid).signal(signal.SIGKILL)
+                Pid(pid).signal(signal.SIGKILL)
         with open(node.log_path, "ab") as log:
             log.write(f"\n----- restarted at {time.strftime('%H:%M:%S')} -----\n".encode())
         self._spawn(name)
@@ -328,11 +267,11 @@ class Fleet:
 
     def stop(self, grace: float = 15) -> None:
         """SIGTERM every node (and then SIGKILL whatever of its process tree is left)."""
-        tracked: list[_Pid] = []
+        tracked: list[Pid] = []
         for node in self.nodes.values():
             if node.proc is None:
                 continue
-            tracked += [_Pid(pid) for pid in descendants(node.proc.pid)]
+            tracked += [Pid(pid) for pid in descendants(node.proc.pid)]
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -368,10 +307,10 @@ class Fleet:
             raise FleetError(f"no {kind}@{node} process under pid {proc.pid}:\n{lines}")
         return matching[0]  # breadth first: the topmost one is the worker itself
 
-    def worker_tree(self, node: str, kind: str = "io") -> list[_Pid]:
+    def worker_tree(self, node: str, kind: str = "io") -> list[Pid]:
         """The ``<kind>@<node>`` worker and its pool processes, parents first."""
         pid = self.worker_pid(node, kind)
-        return [_Pid(pid)] + [_Pid(p) for p in descendants(pid)]
+        return [Pid(pid)] + [Pid(p) for p in descendants(pid)]
 
     def kill9(self, node: str, kind: str = "io") -> list[int]:
         """SIGKILL the ``<kind>@<node>`` worker and its pool processes, like a crashed host.
