@@ -26,18 +26,13 @@ from tests.support.cli import entries, run_layerwarm
 from tests.support.fleet import (
     REPO_ROOT,
     Fleet,
-    Known,
-    S3Tier,
     ThrottledProxy,
     broker_url_for,
-    by_digest,
-    cache_name,
     cli_cmd,
-    node_of,
     push,
     running_fleet,
-    wait_layer,
 )
+from tests.support.fleetcheck import Known, S3Tier, by_digest, cache_name, node_of, wait_layer
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer

@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, run_layerwarm
-from tests.support.fleet import S3Tier, broker_url_for, running_fleet
+from tests.support.fleet import broker_url_for, running_fleet
+from tests.support.fleetcheck import S3Tier
 from tests.support.images import Image, Layer, random_tar
 from tests.support.procs import free_port
 from tests.support.registry import RegistryServer

@@ -27,7 +27,8 @@ import pytest
 import requests
 
 from tests.support.cli import layerwarm_env
-from tests.support.fleet import FleetError, Known, S3Tier, broker_url_for, flush_db, run_cli
+from tests.support.fleet import FleetError, broker_url_for, flush_db, run_cli
+from tests.support.fleetcheck import Known, S3Tier
 from tests.support.images import Image, Layer, random_tar
 from tests.support.podman import REPO_ROOT, Podman, PodmanError
 from tests.support.procs import free_port

@@ -18,18 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import layerwarm_env
-from tests.support.fleet import (
-    Fleet,
-    Node,
-    S3Tier,
-    broker_url_for,
-    cache_name,
-    flush_db,
-    push,
-    run_cli,
-    running_fleet,
-    wait_layer,
-)
+from tests.support.fleet import Fleet, Node, broker_url_for, flush_db, push, run_cli, running_fleet
+from tests.support.fleetcheck import S3Tier, cache_name, wait_layer
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proctree import Pid, descendants
 from tests.support.proxy import Proxy

@@ -19,14 +19,8 @@ import pytest
 
 from tests.faults.test_chain_gates import HELD, TrailingLayer, wait_for_output
 from tests.support.cli import run_layerwarm
-from tests.support.fleet import (
-    Fleet,
-    S3Tier,
-    broker_url_for,
-    cache_name,
-    push,
-    running_fleet,
-)
+from tests.support.fleet import Fleet, broker_url_for, push, running_fleet
+from tests.support.fleetcheck import S3Tier, cache_name
 from tests.support.images import Image, Layer, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer

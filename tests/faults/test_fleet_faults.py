@@ -30,8 +30,8 @@ import pytest
 
 from tests.support.cli import entries, run_layerwarm
 from tests.support.faults import RedisServer, S3Proxy, layer_states, max_in_window
-from tests.support.fleet import (
-    Fleet,
+from tests.support.fleet import Fleet, push, running_fleet
+from tests.support.fleetcheck import (
     Known,
     S3Tier,
     by_digest,
@@ -39,8 +39,6 @@ from tests.support.fleet import (
     job_status,
     leftovers,
     node_of,
-    push,
-    running_fleet,
     wait_layer,
 )
 from tests.support.images import Image, Layer, random_tar

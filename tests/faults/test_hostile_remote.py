@@ -25,7 +25,8 @@ import pytest
 
 from tests.faults import test_disk_faults
 from tests.support.cli import entries, leftovers, run_layerwarm
-from tests.support.fleet import Fleet, S3Tier, broker_url_for, push, running_fleet
+from tests.support.fleet import Fleet, broker_url_for, push, running_fleet
+from tests.support.fleetcheck import S3Tier
 from tests.support.hostile_remote import (
     Victim,
     get_object,

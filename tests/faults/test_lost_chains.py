@@ -24,17 +24,8 @@ from tests.faults.test_fleet_faults import (
     submit_mid_download,
 )
 from tests.support.faults import S3Proxy
-from tests.support.fleet import (
-    Fleet,
-    S3Tier,
-    by_digest,
-    cache_name,
-    job_status,
-    node_of,
-    push,
-    running_fleet,
-    wait_layer,
-)
+from tests.support.fleet import Fleet, push, running_fleet
+from tests.support.fleetcheck import S3Tier, by_digest, cache_name, job_status, node_of, wait_layer
 from tests.support.images import Image
 from tests.support.proctree import Pid, descendants
 from tests.support.proxy import Proxy

@@ -11,7 +11,7 @@
 
 Process faults on a fleet's nodes (kill -9 of a worker, restart of a node) are methods of
 ``tests.support.fleet.Fleet``; ``Known``, ``cache_name``, ``s3_objects`` and ``job_status`` live
-there too and are imported here for the tests that take them from this module.
+in tests/support/fleetcheck.py and are imported here for the tests that take them from here.
 
 Plain Python, no pytest.
 """
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from tests.support.fleet import Known, cache_name, job_status, s3_objects
+from tests.support.fleetcheck import Known, cache_name, job_status, s3_objects
 from tests.support.procs import ServiceError, free_port, require_binary
 from tests.support.proxy import Hold, Proxy, _Handler
 
