@@ -33,11 +33,14 @@ _HZ = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
 class CpuUse:
     """Core-seconds spent while a command ran: by the command (user + sys of it and the
     children it waited for), by the whole machine (/proc/stat: all but idle and iowait),
-    and by each watched process (a server it talks to: registry, moto_server)."""
+    and by each watched process (a server it talks to: registry, moto_server), with the
+    kernel's part of that (sys) apart: on a VM a server's page faults can cost more than
+    its own code, and vary run to run."""
 
     own: float = 0.0
     machine: float = 0.0
     watched: dict[str, float] = field(default_factory=dict)
+    watched_kernel: dict[str, float] = field(default_factory=dict)
 
 
 def machine_busy() -> float:
@@ -47,14 +50,19 @@ def machine_busy() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _HZ
 
 
-def process_cpu(pid: int) -> float:
-    """Core-seconds (user + sys) a running process has used; 0 once it is gone."""
+def process_times(pid: int) -> tuple[float, float]:
+    """Core-seconds (user, sys) a running process has used; zeros once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _HZ
+        return 0.0, 0.0
+    return int(fields[11]) / _HZ, int(fields[12]) / _HZ
+
+
+def process_cpu(pid: int) -> float:
+    """Core-seconds (user + sys) a running process has used; 0 once it is gone."""
+    return sum(process_times(pid))
 
 
 @dataclass
@@ -117,7 +125,7 @@ def run(
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out_tmp:
         out = open(stdout_path, "wb") if stdout_path is not None else out_tmp
         try:
-            before = {name: process_cpu(pid) for name, pid in watch.items()}
+            before = {name: process_times(pid) for name, pid in watch.items()}
             busy = machine_busy()
             started = time.perf_counter()
             proc = subprocess.Popen(
@@ -133,8 +141,12 @@ def run(
                 timer.cancel()
                 hwm.stop()
             seconds = time.perf_counter() - started
+            spent = {name: [b - a for a, b in zip(before[name], process_times(pid),
+                                                  strict=True)]
+                     for name, pid in watch.items()}
             cpu = CpuUse(usage.ru_utime + usage.ru_stime, machine_busy() - busy,
-                         {name: process_cpu(pid) - before[name] for name, pid in watch.items()})
+                         {name: user + sys for name, (user, sys) in spent.items()},
+                         {name: sys for name, (_user, sys) in spent.items()})
             proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
             if stdout_path is not None:

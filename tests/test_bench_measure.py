@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from bench.measure import process_cpu, run
+from bench.measure import process_cpu, process_times, run
 
 # Spins until its own CPU clock reaches 0.3 s, however busy the machine is.
 BURN = "import time\nwhile time.process_time() < 0.3: pass"
@@ -26,12 +27,42 @@ def test_run_counts_the_commands_cpu_and_the_machines() -> None:
     assert r.cpu.machine >= r.cpu.own - 0.05
     assert r.cpu.watched == {"sleeper": r.cpu.watched["sleeper"]}
     assert r.cpu.watched["sleeper"] < 0.1  # asleep throughout
+    assert 0.0 <= r.cpu.watched_kernel["sleeper"] <= r.cpu.watched["sleeper"]
+
+
+# Waits for the file `go`, then reads /dev/zero (kernel time: the copies) until its own
+# system clock has 0.3 s more, writes the file `done` and sleeps.
+KERNEL_BURN = """
+import os, sys, time
+go, done = sys.argv[1:]
+while not os.path.exists(go): time.sleep(0.01)
+fd, start = os.open("/dev/zero", os.O_RDONLY), os.times().system
+while os.times().system - start < 0.3: os.read(fd, 1 << 20)
+open(done, "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_watched_servers_kernel_time_is_counted_apart(tmp_path: Path) -> None:
+    go, done = tmp_path / "go", tmp_path / "done"
+    server = subprocess.Popen([sys.executable, "-c", KERNEL_BURN, str(go), str(done)])
+    # The command starts the burn and waits for its end: the burn falls inside the run.
+    command = (f"import pathlib, time; pathlib.Path({str(go)!r}).touch()\n"
+               f"while not pathlib.Path({str(done)!r}).exists(): time.sleep(0.01)")
+    try:
+        r = run([sys.executable, "-c", command], watch={"server": server.pid})
+    finally:
+        server.kill()
+        server.wait()
+    assert r.cpu.watched_kernel["server"] >= 0.3 - 0.02  # less a clock tick or two
+    assert r.cpu.watched["server"] >= r.cpu.watched_kernel["server"]
 
 
 def test_process_cpu_of_a_process_that_is_gone_is_zero() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert process_cpu(p.pid) == 0.0
+    assert process_times(p.pid) == (0.0, 0.0)
     assert process_cpu(os.getpid()) > 0.0
 
 

@@ -183,14 +183,17 @@ class BenchBase:
             busy = median([u.machine / (r.seconds * self.nproc) for u, r in zip(uses, results,
                                                                             strict=True)])
             servers = sorted({name for u in uses for name in u.watched})
-            each = ", ".join(f"{name} {median([u.watched.get(name, 0.0) for u in uses]):.2f}"
-                             for name in servers)
+            each = ", ".join(
+                f"{name} {median([u.watched.get(name, 0.0) for u in uses]):.2f} (kernel "
+                f"{median([u.watched_kernel.get(name, 0.0) for u in uses]):.2f})"
+                for name in servers)
             parts.append(f"{label}: its own {median([u.own for u in uses]):.2f} core-s"
                          + (f", {each}" if each else "")
                          + f"; the machine {median([u.machine for u in uses]):.2f} core-s, "
                          f"{busy:.0%} of its {self.nproc} cores")
         return ("CPU while the timed command ran (medians; own = user + sys of the command "
-                "and its children): " + " | ".join(parts))
+                "and its children; a server's kernel part, sys, in brackets): "
+                + " | ".join(parts))
 
     def check_entries(self, cache: Path, layers: Sequence[BuiltLayer]) -> None:
         """Every layer is a committed entry of the expected size (layerwarm checked the

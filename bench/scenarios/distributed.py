@@ -133,6 +133,7 @@ class DistributedScenarios(BenchBase):
         # The workers are not the command's children: their CPU is in "the machine".
         row.notes.append(self.cpu_note([("Celery (`submit --wait`)", celery_runs),
                                         ("embedded (`warm --remote`)", embedded_runs)]))
+        row.notes.append(_moto_kernel_note(celery_runs, embedded_runs))
         return row
     def s10(self) -> Row:
         # Scenario 10 does not use S3; moto_server keeps working on what scenarios 7 and 8
@@ -175,3 +176,24 @@ class DistributedScenarios(BenchBase):
             f"target whatever layerwarm does"
         )
         return row
+
+
+def _moto_kernel_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
+    """How much of the two sides' difference is moto_server's kernel time: both sides send
+    it the same objects, but its page faults cost the kernel more or less from run to run
+    on this VM, and it holds the last, largest upload."""
+    def kernel(runs: Sequence[RunResult]) -> list[float]:
+        return [r.cpu.watched_kernel.get("moto_server", 0.0) for r in runs]
+
+    def user(runs: Sequence[RunResult]) -> float:
+        return median([r.cpu.watched.get("moto_server", 0.0) - k
+                       for r, k in zip(runs, kernel(runs), strict=True)])
+
+    wall = median([r.seconds for r in celery]) - median([r.seconds for r in embedded])
+    moto = median(kernel(celery)) - median(kernel(embedded))
+    pairs = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(kernel(celery), kernel(embedded),
+                                                         strict=True))
+    return (f"moto_server's kernel time (sys) per run, Celery/embedded: {pairs} s; its user "
+            f"time {user(celery):.2f}/{user(embedded):.2f} s (medians); the kernel medians "
+            f"differ by {moto:.2f} s, the sides' median times by {wall:.2f} s (the S3 "
+            "server's page faults; a real S3 is not on the workers' cores)")
