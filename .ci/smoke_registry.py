@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 
-from tests.support.fleet import cache_name  # noqa: E402
+from tests.support.fleetcheck import cache_name  # noqa: E402
 from tests.support.images import File, Image, Layer, make_tar  # noqa: E402
 from tests.support.registry import RegistryServer  # noqa: E402
 

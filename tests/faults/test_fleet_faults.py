@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cli import entries, run_layerwarm
+from tests.support.cli import entries, leftovers, run_layerwarm
 from tests.support.faults import RedisServer, S3Proxy, layer_states, max_in_window
 from tests.support.fleet import Fleet, push, running_fleet
 from tests.support.fleetcheck import (
@@ -37,7 +37,6 @@ from tests.support.fleetcheck import (
     by_digest,
     cache_name,
     job_status,
-    leftovers,
     node_of,
     wait_layer,
 )

@@ -1,7 +1,7 @@
 """What the fleet tests check, read straight from where the fleet leaves it: every cache
 entry and S3 object byte for byte against the layers a test pushed (``Known``, ``S3Tier``),
-a job's record in Redis (``job_status``, ``by_digest``, ``wait_layer``, ``node_of``), and
-what a stage left unfinished in a cache (``leftovers``).
+and a job's record in Redis (``job_status``, ``by_digest``, ``wait_layer``, ``node_of``).
+What a stage left unfinished in a cache is tests/support/cli.py's ``leftovers``.
 
 The fleet itself (its processes, faults on its nodes) is tests/support/fleet.py.
 """
@@ -170,10 +170,3 @@ def node_of(fleet: Fleet, host: str | None) -> str:
     node = re.sub(r"^(io|cpu)@", "", host)
     assert node in fleet.nodes, f"status host {host!r} is none of the nodes {sorted(fleet.nodes)}"
     return node
-
-
-def leftovers(cache_dir: Path) -> list[str]:
-    """Files in the cache's ``.staging/`` and ``.tmp/``: what a fetch or a decompression
-    left unfinished."""
-    return sorted(f"{sub}/{p.name}" for sub in (".staging", ".tmp")
-                  if (cache_dir / sub).is_dir() for p in (cache_dir / sub).iterdir())
