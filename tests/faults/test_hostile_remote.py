@@ -26,13 +26,12 @@ import pytest
 from tests.faults import test_disk_faults
 from tests.support.cli import entries, leftovers, run_layerwarm
 from tests.support.fleet import Fleet, broker_url_for, push, running_fleet
-from tests.support.fleetcheck import S3Tier
+from tests.support.fleetcheck import S3Tier, cache_name
 from tests.support.hostile_remote import (
     Victim,
     get_object,
     lines_naming,
     metadata_for,
-    name_of,
     plant_file,
     put_object,
     read_tier,
@@ -74,7 +73,7 @@ def _from_registry(p: subprocess.CompletedProcess[str], lay: Layer, cache_dir: P
     [x] = json.loads(p.stdout)["layers"]
     assert x["source"] == "registry", x
     assert proxy.count("GET", f"/blobs/{lay.digest}") == 1
-    assert (cache_dir / name_of(lay)).read_bytes() == lay.tar
+    assert (cache_dir / cache_name(lay)).read_bytes() == lay.tar
     assert leftovers(cache_dir) == []
 
 
@@ -102,14 +101,14 @@ def test_a_file_tier_entry_that_is_not_a_regular_file_is_refused(
     lay, ref = _image(registry, registry_proxy, 7100)
     shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
     victim = Victim.make(tmp_path / "outside", "secret", b"root only\n" * 1000)
-    entry = shared / name_of(lay)
+    entry = shared / cache_name(lay)
     if kind == "fifo":
         plant_file(entry, "fifo")
     else:
         plant_file(entry, "link", target=victim.path if kind == "link-to-private"
                    else Path("/dev/zero"))
     # Its sidecar vouches for it with the layer's own metadata.
-    plant_file(shared / ".meta" / f"{name_of(lay)}.json", "file",
+    plant_file(shared / ".meta" / f"{cache_name(lay)}.json", "file",
                data=sidecar_bytes(metadata_for(lay, len(victim.data))))
 
     p = _warm(ref, shared.as_uri(), cache_dir)
@@ -130,8 +129,8 @@ def test_a_file_tier_sidecar_that_is_not_a_small_regular_file_is_refused(
     shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
     honest = sidecar_bytes(metadata_for(lay))
     victim = Victim.make(tmp_path / "outside", "private.json", honest)
-    plant_file(shared / name_of(lay), "file", data=lay.tar)
-    sidecar = shared / ".meta" / f"{name_of(lay)}.json"
+    plant_file(shared / cache_name(lay), "file", data=lay.tar)
+    sidecar = shared / ".meta" / f"{cache_name(lay)}.json"
     if kind == "link-to-private":
         plant_file(sidecar, "link", target=victim.path)
     elif kind == "link-to-dev-zero":
@@ -170,8 +169,8 @@ def test_a_file_tier_whose_directories_are_links_is_not_written_through(
     assert len(errors) == 1 and f"error: layer {lay.digest}: " in errors[0], p.stderr
     assert "not a directory" in errors[0] and str(shared / ".tmp") in errors[0], errors
     assert sorted(os.listdir(elsewhere)) == ["keep"] and victim.untouched()
-    assert not (shared / name_of(lay)).exists()
-    assert (cache_dir / name_of(lay)).read_bytes() == lay.tar
+    assert not (shared / cache_name(lay)).exists()
+    assert (cache_dir / cache_name(lay)).read_bytes() == lay.tar
     _verify_clean(cache_dir)
 
 
@@ -192,7 +191,7 @@ def test_a_remote_object_too_big_for_the_disk_falls_back_to_the_registry(
     disagrees with the object's size: not this layer)."""
     lay, ref = _image(registry, registry_proxy, 7400)
     bucket = s3.create_bucket(f"big-{uuid.uuid4().hex[:8]}")
-    url, key = f"s3://{bucket}/p", f"p/{name_of(lay)}"
+    url, key = f"s3://{bucket}/p", f"p/{cache_name(lay)}"
     forged = metadata_for(lay, GARBAGE if claims == "its-own-size" else None)
     put_object(s3.client(), bucket, key, random.Random(7401).randbytes(GARBAGE), forged)
     cache_dir = small_fs / "cache"
@@ -200,7 +199,7 @@ def test_a_remote_object_too_big_for_the_disk_falls_back_to_the_registry(
     p = _warm(ref, url, cache_dir, s3.env())
     _from_registry(p, lay, cache_dir, registry_proxy)
     says = "no space left" if claims == "its-own-size" else "uncompressed-size"
-    _one_warning(p.stderr, f"{url}/{name_of(lay)}", says)
+    _one_warning(p.stderr, f"{url}/{cache_name(lay)}", says)
     assert get_object(s3.client(), bucket, key) == (lay.tar, metadata_for(lay)), \
         "the bad object is replaced by the verified layer"
     _verify_clean(cache_dir, s3.env(), "--remote", url)
@@ -249,7 +248,7 @@ def test_a_fleet_target_hit_checks_the_object_before_calling_it_done(
     [ref] = push(registry, registry_proxy, [Image([lay])])
     forged = {"none": {}, "diff-id-only": {"diff-id": lay.diff_id},
               "wrong-compressed-size": {**metadata_for(lay, 4096), "compressed-size": "4096"}}
-    key = f"{tier.prefix}/{name_of(lay)}"
+    key = f"{tier.prefix}/{cache_name(lay)}"
     put_object(tier.s3.client(), tier.bucket, key, random.Random(7600).randbytes(4096),
                forged[metadata])
 
@@ -271,8 +270,8 @@ def test_verify_remote_removes_an_entry_whose_sidecar_is_a_link(
     lay, _ = _image(registry, registry_proxy, 7700)
     shared, cache_dir = tmp_path / "shared", tmp_path / "cache"
     victim = Victim.make(tmp_path / "outside", "private.json", sidecar_bytes(metadata_for(lay)))
-    plant_file(shared / name_of(lay), "file", data=lay.tar)
-    sidecar = shared / ".meta" / f"{name_of(lay)}.json"
+    plant_file(shared / cache_name(lay), "file", data=lay.tar)
+    sidecar = shared / ".meta" / f"{cache_name(lay)}.json"
     plant_file(sidecar, "link", target=victim.path)
 
     p = run_layerwarm("verify", "--remote", shared.as_uri(), cache_dir=cache_dir)
@@ -280,6 +279,6 @@ def test_verify_remote_removes_an_entry_whose_sidecar_is_a_link(
     assert "Traceback" not in p.stderr, p.stderr
     [line] = [x for x in p.stdout.splitlines() if x.startswith("bad")]
     assert lay.digest in line and "symbolic link" in line and "(removed)" in line, line
-    assert not os.path.lexists(shared / name_of(lay)) and not os.path.lexists(sidecar)
+    assert not os.path.lexists(shared / cache_name(lay)) and not os.path.lexists(sidecar)
     assert victim.untouched()
     _verify_clean(cache_dir, None, "--remote", shared.as_uri())

@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.cli import layerwarm_cmd, layerwarm_env
+from tests.support.fleetcheck import cache_name
 from tests.support.images import Layer
 
 MEMORY_CAP = 2 << 30  # bytes of address space for one CLI run
-
-
-def name_of(lay: Layer) -> str:
-    return "sha256_" + lay.digest.removeprefix("sha256:")
 
 
 def metadata_for(lay: Layer, uncompressed_size: int | None = None) -> dict[str, str]:
@@ -82,7 +79,7 @@ def sidecar_bytes(metadata: Mapping[str, str], pad: int = 0) -> bytes:
 
 def read_tier(root: Path, lay: Layer) -> tuple[bytes, dict[str, str]]:
     """The file tier's entry and sidecar for `lay`, both required to be regular files."""
-    entry, sidecar = root / name_of(lay), root / ".meta" / f"{name_of(lay)}.json"
+    entry, sidecar = root / cache_name(lay), root / ".meta" / f"{cache_name(lay)}.json"
     for p in (entry, sidecar):
         assert stat.S_ISREG(os.lstat(p).st_mode), f"{p} is not a regular file"
     return entry.read_bytes(), json.loads(sidecar.read_text())
