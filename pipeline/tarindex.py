@@ -362,10 +362,9 @@ class TarIndexer:
             pos = end
         return records
 
-    def _entry(self, block: bytes, f: tuple[bytes, ...], kind: int, size: int,
-               offset: int, mv: memoryview, at: int) -> int:
-        # Called once per entry: kept lean (a layer of small files spends most of its
-        # indexing time here, not hashing).
+    def _take_extensions(self) -> tuple[dict[str, bytes], bytes | None, bytes | None]:
+        """The extension headers waiting for this entry (PAX, global PAX under it, GNU long
+        name and link), taken: the next entry starts with none."""
         pax = self._pax
         if self._global:
             pax = {**self._global, **pax}
@@ -377,7 +376,14 @@ class TarIndexer:
         if gnu_name is not None or gnu_link is not None:
             self._gnu_name = self._gnu_link = None
         self._ext_bytes = 0
+        return pax, gnu_name, gnu_link
 
+    def _name_and_kind(self, f: tuple[bytes, ...], kind: int, size: int, offset: int,
+                       pax: dict[str, bytes], gnu_name: bytes | None,
+                       ) -> tuple[bytes, int, int, str]:
+        """The entry's name as the tar gives it (PAX path, GNU long name, ustar prefix +
+        name), its type flag and size after PAX, and its kind; BadTar for a kind the
+        index cannot describe."""
         raw_name = pax.get("path") if pax else None
         if raw_name is None:
             raw_name = gnu_name
@@ -394,10 +400,14 @@ class TarIndexer:
         kind_name = _KINDS.get(kind)
         if kind_name is None:  # PAX sparse files: the real name, not GNUSparseFile.<pid>/
             raise self._unsupported(pax.get("GNU.sparse.name", raw_name), kind, offset)
-        has_data = kind_name == "file"
+        return raw_name, kind, size, kind_name
 
-        # Every path of the entry is checked before anything else is decoded: a hostile
-        # entry is left out whole, its data skipped.
+    def _paths(self, f: tuple[bytes, ...], raw_name: bytes, kind_name: str,
+               pax: dict[str, bytes], gnu_link: bytes | None,
+               ) -> tuple[str, str, str, str | None]:
+        """(path, kind as indexed, link target, why it is refused or None). Every path of
+        the entry is checked before anything else is decoded: a hostile entry is left out
+        whole, its data skipped."""
         path, why = _normalise(raw_name, kind_name == "dir")
         kind_out = kind_name
         if why is None and ".wh." in path:
@@ -413,18 +423,13 @@ class TarIndexer:
                     why = f"hardlink target {raw_link.decode('utf-8', 'replace')!r}: {why}"
             elif why is None:
                 link, why = _symlink(raw_link)
-        aufs = why is _AUFS and kind_out == "file"
-        if why is not None:
-            self._refuse(raw_name, offset, why)
-            if not aufs:
-                self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
-                return 0
-        if link and link in self._aufs:
-            # A hardlink into aufs's link store (.wh..wh.plnk) is the file kept there,
-            # under this name: as docker's unpacker makes it, since the store is left out.
-            self._entries.append(replace(self._aufs[link], path=path))
-            return 0
+        return path, kind_out, link, why
 
+    def _fields(self, block: bytes, f: tuple[bytes, ...], offset: int,
+                pax: dict[str, bytes], raw_name: bytes,
+                ) -> tuple[int, int, int, float, str, str, dict[str, bytes]]:
+        """(mode, uid, gid, mtime, uname, gname, xattrs): the header's fields, with PAX's
+        values over them."""
         try:  # the usual octal fields; anything else is read again, slowly, by _number
             mode, uid = int(f[1].rstrip(_NS) or b"0", 8), int(f[2].rstrip(_NS) or b"0", 8)
             gid, mtime = int(f[3].rstrip(_NS) or b"0", 8), int(f[5].rstrip(_NS) or b"0", 8)
@@ -451,7 +456,31 @@ class TarIndexer:
             if "gname" in pax:
                 gname = pax["gname"].decode("utf-8", "replace")
             xattrs = self._xattrs(pax, raw_name, offset)
+        return mode, uid, gid, mtime, uname, gname, xattrs
 
+    def _entry(self, block: bytes, f: tuple[bytes, ...], kind: int, size: int,
+               offset: int, mv: memoryview, at: int) -> int:
+        # Called once per entry: kept lean (a layer of small files spends most of its
+        # indexing time here, not hashing): a few steps, each a method, none per byte.
+        pax, gnu_name, gnu_link = self._take_extensions()
+        raw_name, kind, size, kind_name = self._name_and_kind(f, kind, size, offset, pax,
+                                                              gnu_name)
+        has_data = kind_name == "file"
+        path, kind_out, link, why = self._paths(f, raw_name, kind_name, pax, gnu_link)
+        aufs = why is _AUFS and kind_out == "file"
+        if why is not None:
+            self._refuse(raw_name, offset, why)
+            if not aufs:
+                self._skip(size if has_data else 0, -size % BLOCK if has_data else 0)
+                return 0
+        if link and link in self._aufs:
+            # A hardlink into aufs's link store (.wh..wh.plnk) is the file kept there,
+            # under this name: as docker's unpacker makes it, since the store is left out.
+            self._entries.append(replace(self._aufs[link], path=path))
+            return 0
+
+        mode, uid, gid, mtime, uname, gname, xattrs = self._fields(block, f, offset, pax,
+                                                                   raw_name)
         if kind_out != "file":
             devmajor = devminor = 0
             if kind_name == "char" or kind_name == "block":
