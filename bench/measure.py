@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +59,17 @@ def process_times(pid: int) -> tuple[float, float]:
     except OSError:
         return 0.0, 0.0
     return int(fields[11]) / _HZ, int(fields[12]) / _HZ
+
+
+def group_times(before: Mapping[int, tuple[float, float]]) -> tuple[float, float]:
+    """Core-seconds (user, sys) a group of processes has used since `before` (pid ->
+    `process_times` then), summed; a process gone since counts nothing, not less."""
+    user = kernel = 0.0
+    for pid, (u0, k0) in before.items():
+        u1, k1 = process_times(pid)
+        if (u1, k1) != (0.0, 0.0):
+            user, kernel = user + u1 - u0, kernel + k1 - k0
+    return user, kernel
 
 
 def process_cpu(pid: int) -> float:
@@ -117,15 +129,18 @@ def run(
     timeout: float = 3600,
     stdout_path: Path | None = None,
     check: bool = True,
-    watch: Mapping[str, int] | None = None,
+    watch: Mapping[str, int | Sequence[int]] | None = None,
 ) -> RunResult:
     """Run ``argv`` to completion; ``stdout_path`` sends stdout to that file instead;
-    ``watch``: name -> pid of processes whose CPU during the run goes into ``cpu``."""
-    watch = dict(watch or {})
+    ``watch``: name -> pid (or pids, counted together) of processes whose CPU during the
+    run goes into ``cpu``."""
+    watch = {name: [pids] if isinstance(pids, int) else list(pids)
+             for name, pids in (watch or {}).items()}
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out_tmp:
         out = open(stdout_path, "wb") if stdout_path is not None else out_tmp
         try:
-            before = {name: process_times(pid) for name, pid in watch.items()}
+            before = {name: {pid: process_times(pid) for pid in pids}
+                      for name, pids in watch.items()}
             busy = machine_busy()
             started = time.perf_counter()
             proc = subprocess.Popen(
@@ -141,9 +156,7 @@ def run(
                 timer.cancel()
                 hwm.stop()
             seconds = time.perf_counter() - started
-            spent = {name: [b - a for a, b in zip(before[name], process_times(pid),
-                                                  strict=True)]
-                     for name, pid in watch.items()}
+            spent = {name: group_times(times) for name, times in before.items()}
             cpu = CpuUse(usage.ru_utime + usage.ru_stime, machine_busy() - busy,
                          {name: user + sys for name, (user, sys) in spent.items()},
                          {name: sys for name, (_user, sys) in spent.items()})
@@ -161,6 +174,36 @@ def run(
             hwm.kib, cpu,
         )
     return result.check() if check else result
+
+
+# Touches a byte of each page of fresh anonymous memory once `go` exists; prints the
+# microseconds a page took (the fault, the kernel zeroing the page, the loop's own step).
+_TOUCH = """
+import mmap, os, sys, time
+go, size = sys.argv[1], int(sys.argv[2])
+while not os.path.exists(go): time.sleep(0.002)
+m = mmap.mmap(-1, size)
+started = time.perf_counter()
+for at in range(0, size, 4096): m[at] = 1
+print((time.perf_counter() - started) / (size // 4096) * 1e6)
+"""
+
+
+def fault_cost(mib: int = 400) -> tuple[float, float]:
+    """Microseconds a page of fresh memory costs a process here: touched alone (the
+    faster of two tries), and with a second process touching its own at the same time
+    (their mean).
+    On a VM the second can double the first: the host takes both guests' faults."""
+    def touching(n: int) -> list[float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            go = Path(tmp) / "go"
+            procs = [subprocess.Popen([sys.executable, "-c", _TOUCH, str(go), str(mib << 20)],
+                                      stdout=subprocess.PIPE, text=True) for _ in range(n)]
+            go.touch()
+            return [float(p.communicate(timeout=120)[0]) for p in procs]
+
+    alone = min(touching(1) for _ in range(2))[0]
+    return alone, statistics.mean(touching(2))
 
 
 _DROP: bool | None = None

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import process_cpu, process_times, run
+from bench.measure import fault_cost, group_times, process_cpu, process_times, run
 
 # Spins until its own CPU clock reaches 0.3 s, however busy the machine is.
 BURN = "import time\nwhile time.process_time() < 0.3: pass"
@@ -58,6 +58,46 @@ def test_a_watched_servers_kernel_time_is_counted_apart(tmp_path: Path) -> None:
     assert r.cpu.watched["server"] >= r.cpu.watched_kernel["server"]
 
 
+# Waits for the file `go`, spins until its own CPU clock has 0.3 s more, writes `done`
+# and sleeps.
+USER_BURN = """
+import os, sys, time
+go, done = sys.argv[1:]
+while not os.path.exists(go): time.sleep(0.01)
+start = time.process_time()
+while time.process_time() - start < 0.3: pass
+open(done, "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_watched_group_counts_its_processes_together(tmp_path: Path) -> None:
+    """A worker fleet is watched as one name: the CPU of every process in it, summed."""
+    go = tmp_path / "go"
+    dones = [tmp_path / f"done{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", USER_BURN, str(go), str(d)]) for d in dones]
+    command = (f"import pathlib, time; pathlib.Path({str(go)!r}).touch()\n"
+               f"while not all(pathlib.Path(d).exists() for d in {[str(d) for d in dones]!r}):"
+               " time.sleep(0.01)")
+    try:
+        r = run([sys.executable, "-c", command],
+                watch={"group": [p.pid for p in procs], "one": procs[0].pid})
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert r.cpu.watched["one"] >= 0.3 - 0.02  # less a clock tick or two
+    assert r.cpu.watched["group"] >= 2 * (0.3 - 0.02)
+    assert 0.0 <= r.cpu.watched_kernel["group"] <= r.cpu.watched["group"]
+
+
+def test_a_process_gone_from_a_group_counts_nothing_not_less() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert group_times({p.pid: (1.0, 0.5)}) == (0.0, 0.0)
+    assert group_times({os.getpid(): (0.0, 0.0)})[0] > 0.0
+
+
 def test_process_cpu_of_a_process_that_is_gone_is_zero() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -75,3 +115,11 @@ def test_the_shared_bound_with_requests_start_up_replaces_the_bare_interpreters(
     assert round(floor.client_shared, 3) == 0.95  # the same, + 0.25 instead of 0.05
     assert "starts in 0.25 s, which makes the shared bound 0.95 s" in floor.note()
     assert Floor({"decompress": 1.0}, start=0.05).client_shared == 0.0  # not measured
+
+
+def test_fault_cost_times_fresh_pages_alone_and_two_processes_at_once() -> None:
+    """Each figure is what the touching children printed: a number per page they took,
+    above the few nanoseconds no page fault can take (so it is no empty loop's time)."""
+    alone, together = fault_cost(mib=16)
+    assert 0.01 < alone < 1000
+    assert 0.01 < together < 1000

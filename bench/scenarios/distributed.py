@@ -22,6 +22,17 @@ from bench.scenarios.base import (
 )
 from bench.workload import _log
 from tests.support.fleet import Fleet, cli_cmd
+from tests.support.proctree import descendants
+
+# The name the fleet's processes are counted under in a Celery run's CPU (`CpuUse.watched`):
+# they are not the timed command's children, so its own CPU leaves them out.
+WORKERS = "worker hosts"
+
+
+def fleet_pids(fleet: Fleet) -> list[int]:
+    """Every process of the fleet's worker hosts: supervisors and their Celery workers."""
+    return [pid for node in fleet.nodes.values() if node.proc is not None
+            for pid in (node.proc.pid, *descendants(node.proc.pid))]
 
 
 class DistributedScenarios(BenchBase):
@@ -54,7 +65,8 @@ class DistributedScenarios(BenchBase):
             self.cold_start()
             r = run(cli_cmd("submit", "--to", "remote", "--wait", "--json",
                             *self.refs(names)), env=fleet.env(), cwd=REPO_ROOT,
-                    timeout=TIMEOUT, check=False, watch=self.servers())  # fmt: skip
+                    timeout=TIMEOUT, check=False,
+                    watch={**self.servers(), WORKERS: fleet_pids(fleet)})  # fmt: skip
             if r.returncode != 0:
                 raise CommandFailed(f"submit --wait exited {r.returncode}: "
                                     f"{r.stderr[-3000:]}\n{fleet.logs()}")
@@ -130,9 +142,9 @@ class DistributedScenarios(BenchBase):
             return r.seconds
 
         self.ratio_row(row, self.paired(lw, peer), "<=", 1.25)
-        # The workers are not the command's children: their CPU is in "the machine".
         row.notes.append(self.cpu_note([("Celery (`submit --wait`)", celery_runs),
                                         ("embedded (`warm --remote`)", embedded_runs)]))
+        row.notes.append(_layerwarm_cpu_note(celery_runs, embedded_runs))
         row.notes.append(_moto_kernel_note(celery_runs, embedded_runs))
         return row
     def s10(self) -> Row:
@@ -176,6 +188,24 @@ class DistributedScenarios(BenchBase):
             f"target whatever layerwarm does"
         )
         return row
+
+
+def _layerwarm_cpu_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
+    """layerwarm's own CPU on each side: on the Celery side the `submit` command and the
+    worker hosts' processes, on the other the `warm` command; and the machine's."""
+    def ours(r: RunResult) -> float:
+        return r.cpu.own + r.cpu.watched.get(WORKERS, 0.0)
+
+    def kernel(r: RunResult) -> float:
+        return r.cpu.watched_kernel.get(WORKERS, 0.0)
+
+    sides = [median([ours(r) for r in celery]), median([ours(r) for r in embedded])]
+    machine = [median([r.cpu.machine for r in runs]) for runs in (celery, embedded)]
+    return (f"layerwarm's own CPU (medians): Celery {sides[0]:.2f} core-s (`submit` and "
+            f"the 2 worker hosts, whose kernel part is {median([kernel(r) for r in celery]):.2f}),"
+            f" embedded {sides[1]:.2f} core-s (`warm`): {sides[0] - sides[1]:+.2f} core-s; "
+            f"the whole machine {machine[0]:.2f} against {machine[1]:.2f} core-s "
+            f"({machine[0] - machine[1]:+.2f}) on its 2 cores")
 
 
 def _moto_kernel_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
