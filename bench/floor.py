@@ -231,20 +231,23 @@ def measure(
                 how["transfer"] = "curl, registry's page cache " + ("cold" if cold else "warm")
         started = client = 0.0
         if start:
-            started = client = float("inf")
-            for _ in range(repeats):
-                if cold:
-                    drop_caches()
-                started = min(started, run([sys.executable, "-c", "pass"]).seconds)
-                if transfer:  # the scenario's process asks the registry
-                    if cold:
-                        drop_caches()
-                    client = min(client, run([sys.executable, "-c", "import requests"]).seconds)
-        client = client if start and transfer else 0.0
+            started = _fastest(repeats, cold, [sys.executable, "-c", "pass"])
+        if start and transfer:  # the scenario's process asks the registry
+            client = _fastest(repeats, cold, [sys.executable, "-c", "import requests"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Floor(parts, started, parallel, how, cold, repeats, io_parallel,
                  os.cpu_count() or 1, client)
+
+
+def _fastest(repeats: int, cold: bool, argv: list[str]) -> float:
+    """The fastest of `repeats` runs of a command, each from a cold page cache if `cold`."""
+    best = float("inf")
+    for _ in range(repeats):
+        if cold:
+            drop_caches()
+        best = min(best, run(argv).seconds)
+    return best
 
 
 def _noop_arg(_: int) -> None:
