@@ -101,9 +101,11 @@ def plan(self: Task, job_id: str, refs: list[str], targets: list[str],
             job_id, [], [{"ref": r, "error": describe_error(e)} for r in refs])
         raise
     layers_json = [layer_to_json(x) for x in result.layers]
-    # Largest first: the fleet queue then hands the big ones out first and the small ones
-    # to whichever host frees up first, which spreads the bytes (and so the decompression
-    # each host must do itself) evenly across hosts.
+    # Largest first: the fleet queue hands the big ones out first and the small ones to
+    # whichever host's IO pool frees up first, so no host starts a big layer last. It
+    # does not even out the decompression each host must do itself: an IO pool takes
+    # fleet fetches as its threads free up, whatever its node's CPU pool has queued
+    # (docs/DISTRIBUTED.md, what the fleet costs over the embedded runner).
     ordered = sorted(layers_json, key=lambda x: -int(x["size"]))
     big = [x for x in ordered if int(x["size"]) > INLINE_DECOMPRESS_BYTES]
     owners = _owners(big, targets) if c.env.remote is not None else {}
