@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -174,36 +173,6 @@ def run(
             hwm.kib, cpu,
         )
     return result.check() if check else result
-
-
-# Touches a byte of each page of fresh anonymous memory once `go` exists; prints the
-# microseconds a page took (the fault, the kernel zeroing the page, the loop's own step).
-_TOUCH = """
-import mmap, os, sys, time
-go, size = sys.argv[1], int(sys.argv[2])
-while not os.path.exists(go): time.sleep(0.002)
-m = mmap.mmap(-1, size)
-started = time.perf_counter()
-for at in range(0, size, 4096): m[at] = 1
-print((time.perf_counter() - started) / (size // 4096) * 1e6)
-"""
-
-
-def fault_cost(mib: int = 400) -> tuple[float, float]:
-    """Microseconds a page of fresh memory costs a process here: touched alone (the
-    faster of two tries), and with a second process touching its own at the same time
-    (their mean).
-    On a VM the second can double the first: the host takes both guests' faults."""
-    def touching(n: int) -> list[float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            go = Path(tmp) / "go"
-            procs = [subprocess.Popen([sys.executable, "-c", _TOUCH, str(go), str(mib << 20)],
-                                      stdout=subprocess.PIPE, text=True) for _ in range(n)]
-            go.touch()
-            return [float(p.communicate(timeout=120)[0]) for p in procs]
-
-    alone = min(touching(1) for _ in range(2))[0]
-    return alone, statistics.mean(touching(2))
 
 
 _DROP: bool | None = None

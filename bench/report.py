@@ -11,7 +11,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import measure
 from bench.scenarios import Row
 from pipeline.table import table
 
@@ -86,7 +85,6 @@ def machine_facts() -> list[tuple[str, str]]:
         ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("CPU", f"{cpu}, nproc {os.cpu_count()}, SHA-NI {'yes' if sha_ni else 'no'}"),
         ("memory", mem + _free_page_reporting()),
-        ("page faults", _fault_note()),
         ("kernel", platform.release()),
         ("Python", f"{sys.version.split()[0]} (zlib {zlib.ZLIB_RUNTIME_VERSION}, "
                    f"zstandard {_py_version('zstandard')}, isal {_py_version('isal')}, "
@@ -98,14 +96,6 @@ def machine_facts() -> list[tuple[str, str]]:
                   f"docker-registry {_version(['docker-registry', '--version'])}, "
                   f"redis-server {_version(['redis-server', '--version'])}"),
     ]  # fmt: skip
-
-
-def _fault_note() -> str:
-    alone, together = measure.fault_cost()
-    return (f"{alone:.1f} µs a page of fresh memory alone, {together:.1f} µs while a second "
-            "process takes its own at the same time (400 MiB each, a byte a page, "
-            "measured at the start of the run): what a server's kernel time in scenario 8 "
-            "is made of")
 
 
 _VIRTIO_BALLOON = "0x0005"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import fault_cost, group_times, process_cpu, process_times, run
+from bench.measure import group_times, process_cpu, process_times, run
 
 # Spins until its own CPU clock reaches 0.3 s, however busy the machine is.
 BURN = "import time\nwhile time.process_time() < 0.3: pass"
@@ -115,11 +115,3 @@ def test_the_shared_bound_with_requests_start_up_replaces_the_bare_interpreters(
     assert round(floor.client_shared, 3) == 0.95  # the same, + 0.25 instead of 0.05
     assert "starts in 0.25 s, which makes the shared bound 0.95 s" in floor.note()
     assert Floor({"decompress": 1.0}, start=0.05).client_shared == 0.0  # not measured
-
-
-def test_fault_cost_times_fresh_pages_alone_and_two_processes_at_once() -> None:
-    """Each figure is what the touching children printed: a number per page they took,
-    above the few nanoseconds no page fault can take (so it is no empty loop's time)."""
-    alone, together = fault_cost(mib=16)
-    assert 0.01 < alone < 1000
-    assert 0.01 < together < 1000
