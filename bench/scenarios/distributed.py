@@ -4,6 +4,7 @@ many tiny layers through the workers (10)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,9 @@ class DistributedScenarios(BenchBase):
 
     def through_celery(
         self, names: Sequence[str], tag: str, tier: str = "s3"
-    ) -> tuple[RunResult, dict[str, Any]]:
+    ) -> tuple[RunResult, dict[str, Any], dict[str, float]]:
+        """`submit --to remote --wait` of `names` to a fresh fleet of 2 hosts: the timed
+        run, the job's status, and each host's decompression time (`decompress_seconds`)."""
         io, cpu = self.fleet_split()
         root = self.dir(f"{tag}-fleet")
         remote, clear = self.shared_tier(f"{tag}/celery", tier)
@@ -71,11 +74,13 @@ class DistributedScenarios(BenchBase):
                 raise CommandFailed(f"submit --wait exited {r.returncode}: "
                                     f"{r.stderr[-3000:]}\n{fleet.logs()}")
             status = json.loads(r.stdout)
+            busy = {node.name: decompress_seconds(node.log_path.read_text(errors="replace"))
+                    for node in fleet.nodes.values()}
         finally:
             fleet.stop()
             self.rm(root)
             clear()
-        return r, status
+        return r, status, busy
 
     def embedded(
         self, names: Sequence[str], tag: str, tier: str = "s3"
@@ -128,12 +133,14 @@ class DistributedScenarios(BenchBase):
 
         celery_runs: list[RunResult] = []
         embedded_runs: list[RunResult] = []
+        hosts_busy: list[dict[str, float]] = []
 
         def lw(i: int) -> float:
-            r, status = self.through_celery(names, f"s8-{i}")
+            r, status, busy = self.through_celery(names, f"s8-{i}")
             if status.get("state") != "done" or status["totals"]["done"] != len(layers):
                 raise AssertionError(f"job not done: {json.dumps(status)[:2000]}")
             celery_runs.append(r)
+            hosts_busy.append(busy)
             return r.seconds
 
         def peer(i: int) -> float:
@@ -146,6 +153,14 @@ class DistributedScenarios(BenchBase):
                                         ("embedded (`warm --remote`)", embedded_runs)]))
         row.notes.append(_layerwarm_cpu_note(celery_runs, embedded_runs))
         row.notes.append(_moto_kernel_note(celery_runs, embedded_runs))
+        row.notes.append(
+            "each host's decompression per run (seconds its CPU pool spent in decompress "
+            "tasks, from the hosts' Celery logs; the busier first): "
+            + ", ".join("/".join(f"{x:.1f}" for x in sorted(b.values(), reverse=True))
+                        for b in hosts_busy)
+            + "; an IO pool takes fleet fetches as its threads free up, whatever its CPU "
+            "pool has queued, so the host that takes the largest layer often takes other "
+            "large ones too")
         return row
     def s10(self) -> Row:
         # Scenario 10 does not use S3; moto_server keeps working on what scenarios 7 and 8
@@ -158,7 +173,7 @@ class DistributedScenarios(BenchBase):
         row = Row(10, f"{n} tiny layers through Celery (2 workers)")
         rates, emb_rates = [], []
         for i in range(self.runs):
-            r, status = self.through_celery(names, f"s10-{i}", tier="file")
+            r, status, _busy = self.through_celery(names, f"s10-{i}", tier="file")
             if status.get("state") != "done" or status["totals"]["done"] != n:
                 raise AssertionError(f"job not done: {json.dumps(status)[:2000]}")
             seconds = r.seconds
@@ -188,6 +203,15 @@ class DistributedScenarios(BenchBase):
             f"target whatever layerwarm does"
         )
         return row
+
+
+# Celery's line for a task that ended well: "Task layerwarm.decompress[ID] succeeded in 0.71s: ..."
+_DECOMPRESSED = re.compile(r"Task layerwarm\.decompress\[[^\]]+\] succeeded in ([0-9.]+)s:")
+
+
+def decompress_seconds(log: str) -> float:
+    """The seconds a worker host's decompress tasks took, from its Celery log."""
+    return sum(float(m[1]) for m in _DECOMPRESSED.finditer(log))
 
 
 def _layerwarm_cpu_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
