@@ -71,11 +71,6 @@ def group_times(before: Mapping[int, tuple[float, float]]) -> tuple[float, float
     return user, kernel
 
 
-def process_cpu(pid: int) -> float:
-    """Core-seconds (user + sys) a running process has used; 0 once it is gone."""
-    return sum(process_times(pid))
-
-
 @dataclass
 class RunResult:
     argv: list[str]

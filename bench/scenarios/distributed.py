@@ -151,7 +151,7 @@ class DistributedScenarios(BenchBase):
         self.ratio_row(row, self.paired(lw, peer), "<=", 1.25)
         row.notes.append(self.cpu_note([("Celery (`submit --wait`)", celery_runs),
                                         ("embedded (`warm --remote`)", embedded_runs)]))
-        row.notes.append(_layerwarm_cpu_note(celery_runs, embedded_runs))
+        row.notes.append(_layerwarm_cpu_note(celery_runs, embedded_runs, self.nproc))
         row.notes.append(_moto_kernel_note(celery_runs, embedded_runs))
         row.notes.append(
             "each host's decompression per run (seconds its CPU pool spent in decompress "
@@ -214,7 +214,8 @@ def decompress_seconds(log: str) -> float:
     return sum(float(m[1]) for m in _DECOMPRESSED.finditer(log))
 
 
-def _layerwarm_cpu_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
+def _layerwarm_cpu_note(celery: Sequence[RunResult], embedded: Sequence[RunResult],
+                        nproc: int) -> str:
     """layerwarm's own CPU on each side: on the Celery side the `submit` command and the
     worker hosts' processes, on the other the `warm` command; and the machine's."""
     def ours(r: RunResult) -> float:
@@ -229,7 +230,7 @@ def _layerwarm_cpu_note(celery: Sequence[RunResult], embedded: Sequence[RunResul
             f"the 2 worker hosts, whose kernel part is {median([kernel(r) for r in celery]):.2f}),"
             f" embedded {sides[1]:.2f} core-s (`warm`): {sides[0] - sides[1]:+.2f} core-s; "
             f"the whole machine {machine[0]:.2f} against {machine[1]:.2f} core-s "
-            f"({machine[0] - machine[1]:+.2f}) on its 2 cores")
+            f"({machine[0] - machine[1]:+.2f}) on its {nproc} cores")
 
 
 def _moto_kernel_note(celery: Sequence[RunResult], embedded: Sequence[RunResult]) -> str:
