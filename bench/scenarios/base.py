@@ -87,6 +87,39 @@ def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
             f"({fmt.format(min(values))}–{fmt.format(max(values))})")
 
 
+def paired_runs(
+    runs: int,
+    lw: Callable[[int], float],
+    peer: Callable[[int], float],
+    pairs: int = 1,
+) -> tuple[list[float], list[float], list[float]]:
+    """Per-run (layerwarm, peer, ratio) samples: each run measures both sides back to back,
+    alternating which goes first. With ``pairs`` > 1 a run is that many such pairs, and its
+    samples are their medians (its ratio the median of the pairs' ratios): for a scenario
+    whose effect is smaller than one pair's noise on this machine (11)."""
+    lws, peers, ratios = [], [], []
+    turn = 0
+    for i in range(runs):
+        got: list[tuple[float, float]] = []
+        for _ in range(pairs):
+            if turn % 2 == 0:
+                a = lw(i)
+                b = peer(i)
+            else:
+                b = peer(i)
+                a = lw(i)
+            turn += 1
+            got.append((a, b))
+        a, b = median([x for x, _ in got]), median([y for _, y in got])
+        ratio = median([x / y for x, y in got])
+        lws.append(a)
+        peers.append(b)
+        ratios.append(ratio)
+        each = f" (median of {pairs} pairs)" if pairs > 1 else ""
+        _log(f"  run {i + 1}: layerwarm {a:.2f}s, peer {b:.2f}s, ratio {ratio:.2f}{each}")
+    return lws, peers, ratios
+
+
 class BenchBase:
     """State shared by the scenarios: workload, servers, scratch space, samples."""
 
@@ -245,21 +278,11 @@ class BenchBase:
         self,
         lw: Callable[[int], float],
         peer: Callable[[int], float],
+        pairs: int = 1,
     ) -> tuple[list[float], list[float], list[float]]:
-        """Run both sides ``runs`` times, alternating which goes first; return the samples."""
-        lws, peers, ratios = [], [], []
-        for i in range(self.runs):
-            if i % 2 == 0:
-                a = lw(i)
-                b = peer(i)
-            else:
-                b = peer(i)
-                a = lw(i)
-            lws.append(a)
-            peers.append(b)
-            ratios.append(a / b)
-            _log(f"  run {i + 1}: layerwarm {a:.2f}s, peer {b:.2f}s, ratio {a / b:.2f}")
-        return lws, peers, ratios
+        """Run both sides ``runs`` times, alternating which goes first; return the samples
+        (see `paired_runs`)."""
+        return paired_runs(self.runs, lw, peer, pairs)
 
     def ratio_row(
         self,
