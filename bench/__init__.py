@@ -36,7 +36,9 @@ share of busy): whether a ratio is held by a machine with no core left to give.
     15 chroot start from a mount, S3 only      restore + `export --dir`        <= 0.25, bytes
 
 Each ratio is shown as the median of the per-run values (min–max); a target is met when
-the median and at least 60 % of the runs meet it (``scenarios.base.judged``).
+the median and at least 60 % of the runs meet it (``scenarios.base.judged``). A run of
+11 is five pairs of its two children and takes their medians: the index costs less than
+one pair's noise on a small VM.
 
 1c and 4c need containerd and ctr (`apt-get install containerd`; Debian's 1.6.20). The
 bench runs its own containerd (root, state and socket in its scratch dir, CRI plugin off),
