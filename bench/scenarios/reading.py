@@ -104,7 +104,7 @@ class ReadingScenarios(BenchBase):
                 raise AssertionError(f"{mode}: index {has_index}, size {inner['size']}")
             if has_index:
                 index_alone.append(float(inner["index_seconds"]))
-            if has_index and not index_alone[1:]:  # the first with-index child
+            if has_index and len(index_alone) == 1:  # the first with-index child
                 size = (root / ".index" / f"sha256_{lay.hex}").stat().st_size
                 row.notes.append(f"the index it stores: {size / KiB:.0f} KiB")
             self.rm(root)
