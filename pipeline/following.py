@@ -26,6 +26,7 @@ from pipeline.indexing import IndexBuild
 from pipeline.layer import NO_PROGRESS, FromBlob, HeldProgress, LayerSpec, Progress, paired
 from pipeline.stages import (
     DEFAULT_LIMITS,
+    SubmitCPU,
     check_disk,
     decompress,
     decompress_stream,
@@ -61,25 +62,27 @@ def fetch_and_decompress(
     layer: LayerSpec,
     disk: DiskTier,
     progress: Progress = NO_PROGRESS,
-    submit_cpu: Callable[[Callable[[], int]], Future[int]] = on_own_thread,
+    submit_cpu: SubmitCPU = on_own_thread,
     limits: Limits = DEFAULT_LIMITS,
 ) -> int:
     """Fetch the blob and decompress it into the disk tier, the second following the first.
 
-    The decompression (on `submit_cpu`, where CPU work belongs) reads the staging file as
-    the download writes it, so inflating, hashing and writing the entry overlap the
-    transfer. It sees the end of the file only once the blob's digest is verified. If the
-    download starts over (a server ignoring Range) the decompression is abandoned and runs
-    again from the finished staging file. Returns the entry's size. The caller holds the
-    digest's lock.
+    The decompression (its inflate on `submit_cpu`, where CPU work belongs; its commit,
+    which waits on the disk, off it) reads the staging file as the download writes it, so
+    inflating, hashing and writing the entry overlap the transfer. It sees the end of the
+    file only once the blob's digest is verified. If the download starts over (a server
+    ignoring Range) the decompression is abandoned and runs again from the finished
+    staging file. Returns the entry's size. The caller holds the digest's lock.
     """
     staging = disk.staging_path(layer.digest)
     if staging.exists():  # an earlier fetch finished; only its decompress is left
         staging = fetch(client, layer, disk, progress)
-        return submit_cpu(lambda: decompress(layer, disk, staging, progress, limits)).result()
+        return decompress(layer, disk, staging, progress, limits, submit_cpu)
     growing, held = GrowingFile(), HeldProgress(progress)
-    following = submit_cpu(
-        lambda: decompress_stream(layer, disk, growing.reader(), held, limits))
+    # On a thread of its own, which mostly waits: for the inflate on `submit_cpu`, then
+    # on the commit's fsync.
+    following = on_own_thread(
+        lambda: decompress_stream(layer, disk, growing.reader(), held, limits, submit_cpu))
     try:
         try:
             staging = fetch(client, layer, disk, progress, growing)
@@ -96,8 +99,7 @@ def fetch_and_decompress(
                 raise
             log.info("layer %s: download started over; decompressing the staged blob",
                      layer.digest)
-            return submit_cpu(
-                lambda: decompress(layer, disk, staging, progress, limits)).result()
+            return decompress(layer, disk, staging, progress, limits, submit_cpu)
     finally:
         growing.close()
     staging.unlink(missing_ok=True)

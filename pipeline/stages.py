@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -58,6 +60,8 @@ if TYPE_CHECKING:  # annotations only: a warm without a remote tier need not loa
 log = logging.getLogger("layerwarm")
 
 DEFAULT_LIMITS = Limits()
+# Runs CPU-bound work where it belongs (a pool of about one thread per core).
+SubmitCPU = Callable[[Callable[[], Verified]], Future[Verified]]
 SMALL_BLOB = 1 << 20  # compressed; below it, hash and write on the decompressing thread
 
 
@@ -221,6 +225,7 @@ def decompress(
     staging: Path,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
+    inflate_on: SubmitCPU | None = None,
 ) -> int:
     """Decompress the staging blob into the disk tier; the entry's size.
 
@@ -232,7 +237,8 @@ def decompress(
     with open(fd, "rb") as src:
         try:
             size = decompress_stream(
-                layer, disk, VerifyingReader(src, layer.digest, layer.size), progress, limits)
+                layer, disk, VerifyingReader(src, layer.digest, layer.size), progress, limits,
+                inflate_on)
         except VerificationError:
             staging.unlink(missing_ok=True)
             raise
@@ -246,16 +252,25 @@ def decompress_stream(
     src: BlobReader,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
+    inflate_on: SubmitCPU | None = None,
 ) -> int:
     """Decompress the blob read from `src` into the disk tier, verified; the entry's size.
 
     The entry is named only with both proofs: the tar's digest, and `src`'s verdict on the
     blob, which it gives only once it has read the blob's last byte and checked its digest.
+
+    `inflate_on` (a CPU pool's submit) runs the inflate there, while the commit stays on
+    this thread: it mostly waits for the disk (fsync), and a CPU slot held through it
+    left the pool waiting on the disk for about a fifth of a cold fleet warm.
     """
-    progress.stage(layer, "decompressing", layer.size)
     with disk.space_guard(), disk.ingest(layer.digest) as ingest:
         index = IndexBuild(layer)
-        tar = inflate_verified(layer, src, ingest.file, progress, limits, index)
+
+        def inflate() -> Verified:
+            progress.stage(layer, "decompressing", layer.size)
+            return inflate_verified(layer, src, ingest.file, progress, limits, index)
+
+        tar = inflate() if inflate_on is None else inflate_on(inflate).result()
         ingest.commit(layer, tar, FromBlob(src.verdict()))
     index.store(disk)
     return tar.size

@@ -10,6 +10,7 @@ by every warm test, which goes through the same function.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -127,6 +128,41 @@ def test_wrong_diff_id_names_no_entry_and_drops_the_staged_blob(tmp_path: Path) 
     with pytest.raises(VerificationError, match="diff_id"):
         warm_one(FakeClient(lay.blob), wrong, DiskTier(tmp_path))
     assert entries(tmp_path) == [] and leftovers(tmp_path) == []
+
+
+def test_a_commit_waiting_on_the_disk_holds_no_cpu_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inflate runs on the CPU pool, the commit (its fsync) on the caller's side: with
+    one CPU thread, a second layer is inflated and committed while the first layer's fsync
+    is held. Before, the first held the only CPU slot until its fsync returned."""
+    first, second = (Layer(random_tar(seed, 2_000_000), "gzip") for seed in (21, 22))
+    disk = DiskTier(tmp_path)
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if first.digest[7:] in os.readlink(f"/proc/self/fd/{fd}") and not in_fsync.is_set():
+            in_fsync.set()  # the first layer's temp file: its commit waits here
+            release.wait(60)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with ThreadPoolExecutor(1) as cpu, ThreadPoolExecutor(2) as io:
+        try:
+            held = io.submit(warm_one, FakeClient(first.blob), spec(first), disk,
+                             submit_cpu=cpu.submit)
+            assert in_fsync.wait(30), "the first layer never reached its commit"
+            other = io.submit(warm_one, FakeClient(second.blob), spec(second), disk,
+                              submit_cpu=cpu.submit)
+            assert other.result(timeout=30) == len(second.tar)
+            assert not held.done(), "the first layer's fsync was released early"
+        finally:
+            release.set()
+        assert held.result(timeout=30) == len(first.tar)
+    for lay in (first, second):
+        assert (tmp_path / ("sha256_" + lay.digest[7:])).read_bytes() == lay.tar
+    assert leftovers(tmp_path) == []
 
 
 def test_reader_sees_the_end_only_after_finish(tmp_path: Path) -> None:
