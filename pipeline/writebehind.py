@@ -7,7 +7,9 @@ So the writes are buffered, and as each WINDOW of the file fills, the kernel is 
 start writing it to disk (sync_file_range WRITE: its writeback sends large requests, many
 at a time). Two windows later, that window is written: waiting for it costs nothing, and
 its now clean pages are dropped from the cache (fadvise DONTNEED), so the pages the next
-windows take are ones just freed. `close` does the same for the rest.
+windows take are ones just freed. `close` only starts the rest's writeback: the caller's
+fsync waits for it (off the CPU pool, pipeline/stages.py: `decompress_stream`), and
+`drop_cached` then gives back the pages of the whole, now clean, file.
 
 That leaves the disk's own cache, which the caller's fsync flushes: on the bench machine
 ~0.4 s after a 500 MiB entry, with both cores idle. So every FLUSH_EVERY bytes, a thread
@@ -67,8 +69,9 @@ def preload() -> None:
 
 class WriteBehind:
     """Appends to `out` from its current offset; `close` (or leaving the `with` block
-    without an error) writes the rest to disk, drops the file from the page cache, waits
-    for a background flush to end and leaves `out` positioned at its end."""
+    without an error) starts the rest's writeback, waits for a background flush to end
+    and leaves `out` positioned at its end. The caller's fsync, then `drop_cached`, finish
+    the job."""
 
     def __init__(self, out: BinaryIO) -> None:
         out.flush()
@@ -99,9 +102,12 @@ class WriteBehind:
             self._flusher.start()
 
     def close(self) -> None:
+        """Start the rest's writeback without waiting for it: the caller's fsync does,
+        then `drop_cached` gives the pages back."""
         try:
-            if self._sync is not None and self._pos > self._start:
-                self._drop(self._start, self._pos - self._start)
+            if self._sync is not None and self._pos > self._sent:
+                self._range(self._sent, self._pos - self._sent, _WRITE)
+                self._sent = self._pos
         finally:
             self._join_flush()
         self._out.seek(self._pos)
@@ -159,3 +165,12 @@ class WriteBehind:
 def _disk_error(err: int) -> OSError:
     """A failure of the writeback or of a flush, as the writer raises it."""
     return OSError(err, f"writing to disk: {os.strerror(err)}")
+
+
+def drop_cached(fd: int) -> None:
+    """Give back the page cache of a file just fsynced: every page is clean, so all go at
+    once, without waiting. A descriptor that is not a file has none to give back."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):  # no fadvise here (not Linux), or not a file
+        pass

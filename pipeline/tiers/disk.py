@@ -48,6 +48,7 @@ from pipeline.layer import FromBlob, LayerSpec, Origin, Shared, origin_text
 from pipeline.metadata import Metadata
 from pipeline.metadb import read_only_medium
 from pipeline.nofollow import drop_stray, open_file, real_dir, regular
+from pipeline.writebehind import drop_cached
 
 log = logging.getLogger("layerwarm")
 
@@ -301,6 +302,7 @@ class Ingest:
         if self.mode is not None:
             os.fchmod(self.file.fileno(), self.mode)
         os.fsync(self.file.fileno())
+        drop_cached(self.file.fileno())  # on disk now: out of the page cache, as it was written
         self.file.close()
         target = self.tier.path(self.digest)
         os.replace(self.path, target)
