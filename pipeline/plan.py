@@ -255,17 +255,23 @@ def resolve_all(
     refs: list[Reference],
     platform: Platform | None,
     executor: Executor,
+    on_image: Callable[[ResolvedImage], None] | None = None,
 ) -> Plan:
-    """Resolve every ref concurrently on `executor` into one Plan; failures are per ref."""
+    """Resolve every ref concurrently on `executor` into one Plan; failures are per ref.
+    `on_image` hears of each image as it resolves, on the resolving thread (the embedded
+    runner starts its layers there); it must not raise."""
 
     def one(ref: Reference) -> list[ResolvedImage] | ImageFailure:
         try:
-            return resolver.resolve(ref, platform)
+            images = resolver.resolve(ref, platform)
         except LayerwarmError as e:
             return ImageFailure(str(ref), str(e))
         except Exception as e:  # a bug met on one reference must not end the others ...
             log.debug("resolving %s failed unexpectedly", ref, exc_info=True)
             return ImageFailure(str(ref), describe_error(e))  # ... and still says what it is
+        for image in images if on_image is not None else ():
+            on_image(image)
+        return images
 
     images: list[ResolvedImage] = []
     failures: list[ImageFailure] = []

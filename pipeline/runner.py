@@ -10,17 +10,20 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pipeline import stats
 from pipeline.chain import Chain, RegistryStep, quick_hit
 from pipeline.config import MAX_INDEX_CHILDREN, Limits, Settings
+from pipeline.digest import Digest
 from pipeline.errors import (
     LayerwarmError,
+    NotFound,
     RemoteTierUnavailable,
     Unauthorized,
     UsageError,
@@ -29,7 +32,7 @@ from pipeline.errors import (
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
 from pipeline.manifest import Platform
-from pipeline.plan import Plan, Resolver, remember, resolve_all
+from pipeline.plan import Plan, ResolvedImage, Resolver, remember, resolve_all
 from pipeline.ratelimit import LocalRateLimiter, RateLimiter
 from pipeline.reference import Reference
 from pipeline.stages import DEFAULT_LIMITS
@@ -133,39 +136,40 @@ def warm(
         ThreadPoolExecutor(settings.io_threads, thread_name_prefix="layerwarm-io") as io,
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
-        plan = resolve_all(env.resolver(keep_configs=True), list(refs), platform, io)
-        progress.planned(plan.layers)
-        counted: list[dict[str, float]] = []
-
         def registry(layer: LayerSpec, progress: Progress) -> int:
             return fetch_and_decompress(env.client, layer, env.disk, progress, cpu.submit,
                                         settings.limits)
 
         chain = env.chain(registry)
 
-        def one(layer: LayerSpec) -> LayerResult:
-            try:
-                result = chain.materialize(layer, progress=progress)
-                counted.append(stats.result_counts(result, has_remote=env.remote is not None))
-                return result
-            except Exception as e:  # one layer's failure must not stop the others
-                reason = describe_error(e)
-                if not isinstance(e, LayerwarmError | OSError):
-                    log.exception("layer %s failed unexpectedly", layer.digest)
-                log.error("layer failed: %s: %s", layer.digest, reason)
-                progress.stage(layer, "failed", None)
-                return LayerResult(layer, error=reason)
+        def failed(layer: LayerSpec, e: Exception) -> LayerResult:
+            reason = describe_error(e)
+            if not isinstance(e, LayerwarmError | OSError):
+                log.error("layer %s failed unexpectedly", layer.digest, exc_info=e)
+            log.error("layer failed: %s: %s", layer.digest, reason)
+            progress.stage(layer, "failed", None)
+            return LayerResult(layer, error=reason)
 
-        done = {x: hit for x in plan.layers
-                if (hit := quick_hit(x, chain, progress)) is not None}
-        counted += [stats.result_counts(x, has_remote=env.remote is not None)
-                    for x in done.values()]
-        misses = [x for x in plan.layers if x not in done]
-        done.update(zip(misses, io.map(one, misses), strict=True))
-        results = [done[x] for x in plan.layers]
+        def one(layer: LayerSpec, *, early: bool = False) -> LayerResult | Exception:
+            """The layer materialized, or its failure; `early` (started before every ref
+            resolved): the error, not yet reported, as the whole plan may describe the
+            layer otherwise (`_as_planned`)."""
+            try:
+                return quick_hit(layer, chain, progress) or chain.materialize(
+                    layer, progress=progress)
+            except Exception as e:  # one layer's failure must not stop the others
+                return e if early else failed(layer, e)
+
+        starts = _EarlyStarts(lambda layer: io.submit(one, layer, early=True))
+        plan = resolve_all(env.resolver(keep_configs=True), list(refs), platform, io,
+                           on_image=starts.start)
+        progress.planned(plan.layers)
+        results = [_as_planned(layer, *starts.outcome(layer), one, failed)
+                   for layer in plan.layers]
     # One transaction for the whole warm: a write per layer from many threads at once
     # queued on SQLite's write lock (and its busy-wait sleeps) more than it counted.
-    stats.record(env.disk.meta, stats.total(counted))
+    stats.record(env.disk.meta, stats.total(
+        [stats.result_counts(r, has_remote=env.remote is not None) for r in results]))
     for r in results if refused else ():  # owed to it, as after an unreachable one
         if r.ok and r.source == "registry":
             env.disk.meta.set_publish_pending(r.layer.digest, True)
@@ -173,6 +177,51 @@ def warm(
     _record_images(plan, env.disk, platform)
     _auto_gc(plan, env.disk, settings)
     return WarmReport(plan, results)
+
+
+class _EarlyStarts:
+    """Starts each unique layer as soon as the first image that lists it resolves, while
+    the other refs still resolve: a fleet's first blobs are on the wire before its last
+    manifests arrive (resolving 12 images took ~0.07 s of a 2 s cold warm; 10,000 refs
+    take seconds)."""
+
+    def __init__(self, submit: Callable[[LayerSpec], Future[LayerResult | Exception]]) -> None:
+        self._submit = submit
+        self._lock = threading.Lock()
+        self._started: dict[Digest, tuple[LayerSpec, Future[LayerResult | Exception]]] = {}
+
+    def start(self, image: ResolvedImage) -> None:
+        """Called as each image resolves (on the resolving thread)."""
+        for layer in image.layers:
+            with self._lock:
+                if layer.digest not in self._started:
+                    self._started[layer.digest] = (layer, self._submit(layer))
+
+    def outcome(self, layer: LayerSpec) -> tuple[LayerSpec, LayerResult | Exception]:
+        """The layer as it was started (with the sources and diff_id of the image that
+        started it) and how that went."""
+        started, future = self._started[layer.digest]
+        return started, future.result()
+
+
+def _as_planned(
+    layer: LayerSpec, started: LayerSpec, outcome: LayerResult | Exception,
+    again: Callable[[LayerSpec], LayerResult | Exception],
+    failed: Callable[[LayerSpec, Exception], LayerResult],
+) -> LayerResult:
+    """The result for `layer` as the whole plan describes it (its first image's diff_id,
+    every repository that lists it), from how its early start went (`started`: the
+    description of the image that resolved first). Done again when it was verified
+    against another diff_id than the plan's, when it failed and the plan describes the
+    layer otherwise, or when its repositories lacked the blob and the plan names more
+    (a fetch moves on to the next repository only on a 404: stages.fetch)."""
+    more_sources = len(layer.sources) > len(started.sources)
+    if started.diff_id != layer.diff_id or (isinstance(outcome, Exception) and (
+            started != layer or (isinstance(outcome, NotFound) and more_sources))):
+        outcome = again(layer)
+    if isinstance(outcome, Exception):
+        return failed(layer, outcome)
+    return outcome if outcome.layer is layer else replace(outcome, layer=layer)
 
 
 def _refused_remote(env: Environment) -> bool:

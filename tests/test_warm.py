@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -258,6 +260,92 @@ def test_two_processes_on_one_host_fetch_each_layer_once(
     assert_cached(cache_dir, *layers)
     combined = outs[0][1] + outs[1][1]
     assert combined.count("disk cache hit") == 3  # the loser of each race finds it on disk
+
+
+def _warm_holding(
+    proxy: Proxy, cache_dir: Path, refs: list[str], held_repo: str, what: str,
+    done: Callable[[], bool],
+) -> tuple[dict, str]:
+    """`warm --json REFS` with `held_repo`'s manifest held until `done()` (what the test
+    wants to see happen meanwhile; fails naming `what` if the warm ends first or a minute
+    passes); the report and stderr of a warm that succeeded."""
+    hold = proxy.hold(f"/v2/{held_repo}/manifests/", 1 << 20)  # all of it, until released
+    proc = subprocess.Popen(layerwarm_cmd("warm", "--json", *refs), env=layerwarm_env(cache_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hold.wait()
+        deadline = time.monotonic() + 60
+        while not done():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{what} did not happen while {held_repo} was held: "
+                            f"{proc.communicate()[1][-2000:]}")
+            time.sleep(0.05)
+    finally:
+        hold.release()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out), err
+
+
+def test_layers_start_while_other_refs_still_resolve(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    """The first image's layer is fetched and cached while the second ref's manifest is
+    held (runner._EarlyStarts): a fleet's blobs do not wait for its last manifest."""
+    first, second = layer(60, size=300_000), layer(61)
+    ra, rb = repo(), repo()
+    registry.push_image(ra, "1", Image([first]))
+    registry.push_image(rb, "1", Image([second]))
+    report, _ = _warm_holding(
+        registry_proxy, cache_dir, [f"{registry_proxy.host}/{r}:1" for r in (ra, rb)], rb,
+        "the first image's layer cached", (cache_dir / name(first)).is_file)
+    assert report["totals"]["from_registry"] == 2
+    assert registry_proxy.count("GET", f"/blobs/{first.digest}") == 1
+    assert_cached(cache_dir, first, second)
+
+
+def test_a_blob_missing_from_the_first_repository_comes_from_one_that_resolves_later(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    """A layer started early (its first image resolved) that its repository does not
+    have is fetched again once the plan is whole, from another repository listing it."""
+    shared = layer(62)
+    ra, rb = repo(), repo()
+    registry.push_image(ra, "1", Image([shared]))
+    registry.push_image(rb, "1", Image([shared]))
+    registry_proxy.fail(f"/v2/{ra}/blobs/{shared.digest}", 404, times=None)
+    report, err = _warm_holding(
+        registry_proxy, cache_dir, [f"{registry_proxy.host}/{r}:1" for r in (ra, rb)], rb,
+        "the early fetch from the first repository",
+        lambda: registry_proxy.finished("GET", f"/v2/{ra}/blobs/{shared.digest}") >= 1)
+    assert "layer failed" not in err
+    assert registry_proxy.count("GET", f"/v2/{rb}/blobs/{shared.digest}") == 1
+    assert report["totals"]["from_registry"] == 1
+    assert_cached(cache_dir, shared)
+
+
+def test_the_first_ref_decides_a_layers_diff_id_whichever_resolves_first(
+    registry: RegistryServer, registry_proxy: Proxy, cache_dir: Path
+) -> None:
+    """Two images list one blob with different diff_ids; the first ref's is the layer's
+    (as before layers started early). Here the other image resolves first and its early
+    start fails verification: the layer is made again as the first ref describes it, and
+    no failure is reported for it."""
+    honest = layer(63)
+    lying = Layer(honest.tar, "gzip", override_diff_id="sha256:" + "0" * 64)
+    assert lying.digest == honest.digest
+    ra, rb = repo(), repo()
+    registry.push_image(ra, "1", Image([honest]))
+    registry.push_image(rb, "1", Image([lying]))
+    report, err = _warm_holding(
+        registry_proxy, cache_dir, [f"{registry_proxy.host}/{r}:1" for r in (ra, rb)], ra,
+        "the early fetch from the second ref's repository",
+        lambda: registry_proxy.finished("GET", f"/v2/{rb}/blobs/{honest.digest}") >= 1)
+    assert "layer failed" not in err
+    assert [x["diff_id"] for x in report["layers"]] == [honest.diff_id]
+    assert_cached(cache_dir, honest)
+    assert leftovers(cache_dir) == []
 
 
 def test_plan_reports_tiers_and_changes_nothing(

@@ -197,6 +197,14 @@ class Proxy:
         hits = self.requests_log
         return sum(1 for h in hits if method in (None, h.method) and pattern.search(h.path))
 
+    def finished(self, method: str | None = "GET", path_regex: str = r".") -> int:
+        """``count`` of the requests finished so far, without waiting for those in flight
+        (a held one would keep ``count`` waiting)."""
+        pattern = re.compile(path_regex)
+        with self._lock:
+            hits = list(self._log)
+        return sum(1 for h in hits if method in (None, h.method) and pattern.search(h.path))
+
     def reset(self) -> None:
         """Forget logged requests (rules stay; see ``clear_rules``)."""
         with self._lock:
