@@ -193,17 +193,14 @@ class Proxy:
 
     def count(self, method: str | None = "GET", path_regex: str = r"/v2/.+/blobs/sha256:") -> int:
         """How many logged requests match ``method`` (None = any) and ``path_regex``."""
-        pattern = re.compile(path_regex)
-        hits = self.requests_log
-        return sum(1 for h in hits if method in (None, h.method) and pattern.search(h.path))
+        return _matching(self.requests_log, method, path_regex)
 
     def finished(self, method: str | None = "GET", path_regex: str = r".") -> int:
         """``count`` of the requests finished so far, without waiting for those in flight
         (a held one would keep ``count`` waiting)."""
-        pattern = re.compile(path_regex)
         with self._lock:
             hits = list(self._log)
-        return sum(1 for h in hits if method in (None, h.method) and pattern.search(h.path))
+        return _matching(hits, method, path_regex)
 
     def reset(self) -> None:
         """Forget logged requests (rules stay; see ``clear_rules``)."""
@@ -435,6 +432,11 @@ class Proxy:
         except (OSError, http.client.HTTPException):  # client went away or upstream broke
             req.close_connection = True
         return sent
+
+
+def _matching(hits: list[Hit], method: str | None, path_regex: str) -> int:
+    pattern = re.compile(path_regex)
+    return sum(1 for h in hits if method in (None, h.method) and pattern.search(h.path))
 
 
 class _Handler(BaseHTTPRequestHandler):
