@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import command_of
 from pipeline.config import Settings
 from workers.cli import build_parser
 from workers.cli.worker import _celery_commands
@@ -26,7 +27,7 @@ def test_every_command_parses_its_help(command: str) -> None:
     # only when it parses: each command is parsed once here.
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
-        build_parser().parse_args([command, "--help"])
+        build_parser(command).parse_args([command, "--help"])
     assert stop.value.code == 0
     assert f"usage: layerwarm {command}" in out.getvalue()
 
@@ -42,6 +43,34 @@ def test_every_command_parses_its_help(command: str) -> None:
 def test_options_go_before_between_or_after_operands(argv: list[str], want: dict) -> None:
     got = vars(build_parser().parse_args(argv))
     assert {k: got[k] for k in want} == want
+
+
+@pytest.mark.parametrize("argv", [
+    ["files", "img", "-R", "/etc"], ["warm", "a", "-v", "--json", "-f", "list", "b"],
+    ["submit", "a", "--to", "remote", "--broker", "redis://h:1/0"], ["gc", "--max-size", "1G"],
+    ["worker", "--node", "n1", "--io-concurrency", "3"], ["cat", "img", "/a", "/b"],
+])
+def test_a_command_line_built_for_its_command_reads_as_the_whole_one(argv: list[str]) -> None:
+    # `layerwarm` builds only the options of the command it runs (command_of)
+    assert command_of(argv) == argv[0]
+    assert vars(build_parser(argv[0]).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_the_other_commands_are_still_listed() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser("warm").parse_args(["--help"])
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        build_parser("wram").parse_args(["wram", "x"])
+    assert stop.value.code == 2
+    for command in _commands():
+        assert command in out.getvalue()
+        assert repr(command) in err.getvalue()  # invalid choice: 'wram' (choose from ...)
+    # ... while their options were never built
+    sub = next(a for a in build_parser("warm")._actions
+               if isinstance(a, argparse._SubParsersAction))
+    assert isinstance(sub.choices["warm"], argparse.ArgumentParser)
+    assert not isinstance(sub.choices["files"], argparse.ArgumentParser)
 
 
 def test_an_operand_too_many_is_still_refused() -> None:

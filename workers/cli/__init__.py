@@ -73,12 +73,13 @@ def live_nodes(timeout: float = 1.5) -> list[str]:
     return sorted(n.split("@", 1)[1] for n in names if n.startswith("io@"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The embedded commands (pipeline/cli) and the distributed ones, all on one parser."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The embedded commands (pipeline/cli) and the distributed ones, all on one parser;
+    given `command`, only its options are built (pipeline.cli.build_parser)."""
     # Imported here, not above: they import _command, _broker_env and live_nodes from here.
     from workers.cli import jobs, services, worker
 
-    parser = base.build_parser()
+    parser = base.build_parser(command)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     worker.register(sub)  # worker, nodes
     jobs.register(sub)  # submit, status, jobs, cancel
@@ -113,7 +114,7 @@ def secret_flags(p: argparse.ArgumentParser, flag: str, metavar: str, value_help
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return base.run(build_parser(), argv)
+        return base.run(build_parser(base.command_of(argv)), argv)
     except Exception as e:
         # A broker that refuses us (wrong password, down) is a one-line error, not a
         # traceback; the URL is shown with its password masked.
