@@ -4,15 +4,18 @@
     python3 -m bench --quick --runs 1     # small workload, < 3 minutes
     python3 -m bench --only 1,3,6 --out bench/RESULTS.md
 
-It builds a deterministic workload (``bench.workload``) into a local ``docker-registry``
-(the tests' ``RegistryServer``), then for each scenario measures layerwarm and its peer in
-the same run, side by side, and prints: scenario, layerwarm time, peer time, ratio
-(layerwarm / peer), ÷ floor (layerwarm / what this machine cannot go under, ``bench.floor``:
-the largest of decompression, sha256, loopback transfer and write, + interpreter start-up),
-target (Nxfl: N × floor), met? A row with a floor also notes its shared bound (the parts
-that keep a core busy, spread over all the cores), the same with the start-up of a process
-that imports requests (the registry client's HTTP library) in place of the bare
-interpreter's, and the seconds its targets allow.
+It runs under a venv of its own, with layerwarm installed from the checkout as a user's
+`pip install .` into a venv is (``bench.venv``: built once, then the bench re-runs itself
+there), so layerwarm and every Python child start without the .pth hooks of the machine's
+base interpreter. It builds a deterministic workload (``bench.workload``) into a local
+``docker-registry`` (the tests' ``RegistryServer``), then for each scenario measures
+layerwarm and its peer in the same run, side by side, and prints: scenario, layerwarm
+time, peer time, ratio (layerwarm / peer), ÷ floor (layerwarm / what this machine cannot
+go under, ``bench.floor``: the largest of decompression, sha256, loopback transfer and
+write, + interpreter start-up), target (Nxfl: N × floor), met? A row with a floor also
+notes its shared bound (the parts that keep a core busy, spread over all the cores), the
+same with the start-up of a process that imports requests (the registry client's HTTP
+library) in place of the bare interpreter's, and the seconds its targets allow.
 Rows 1, 2, 4 and 8 note where the cores went while the timed command ran
 (``bench.measure.CpuUse``: its own CPU, the registry's and moto_server's, the machine's
 share of busy): whether a ratio is held by a machine with no core left to give.

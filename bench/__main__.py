@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench import report
+from bench import venv as bench_venv
 from bench.scenarios import ORDER, REPO_ROOT, Bench, run_all
 from bench.services import push_workload, start_registry
 from bench.workload import build, default_cache_dir
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         p.error("--runs must be at least 1")
 
+    # Run as a user's install runs (bench/venv.py): in a venv of the bench's own.
+    venv = bench_venv.venv_dir(default_cache_dir("full", 1).parent)
+    if not bench_venv.running_in(venv):
+        bench_venv.rerun_in(venv, list(argv) if argv is not None else sys.argv[1:])
     # `kill` (SIGTERM) unwinds like Ctrl-C, so the finally blocks below stop the registry,
     # S3 server, Redis and worker fleet this run started instead of leaving them behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"cache {cache_dir})"),
         ("runs", f"{args.runs} per scenario; whole run {total_s / 60:.1f} min"),
         ("page cache", cold),
+        ("interpreter", f"{sys.executable}: a venv of the bench's own (bench/venv.py) with "
+                        "layerwarm installed from this checkout, as README's `pip install .` "
+                        "into a venv runs it; the base interpreter's .pth files do not run"),
         ("bytecode", "pipeline/ and workers/ compiled (compileall) before the run, as a "
                      "pip-installed layerwarm is; the machine sets PYTHONDONTWRITEBYTECODE=1"),
         ("load average", f"{load_before} at start, {report.load_average()} at end "
