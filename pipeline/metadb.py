@@ -38,6 +38,8 @@ _INIT = threading.Lock()  # one thread of a process sets a database up at a time
 T = TypeVar("T")
 _SIDE_FILES = ("", "-wal", "-shm")  # SQLite's files for one database: they go together
 _BROKEN = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB: the file itself is bad
+POOL_SIZE = 2  # connections a process's threads share before one waits for another (_take)
+POOL_WAIT = 0.05  # seconds it waits at most, then opens one of its own
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     digest TEXT PRIMARY KEY,
@@ -114,9 +116,10 @@ class MetaDB:
         self._rebuild = rebuild
         # Idle connections, for any thread to take (_db). One per thread opened and set up
         # (pragmas, WAL, schema) 17 of them in a warm of 12 cached images, slowing each
-        # thread's first query; the pool holds as many as ever ran at once: 2 there.
+        # thread's first query. `_open` counts those open or being opened (POOL_SIZE).
         self._idle: list[sqlite3.Connection] = []
-        self._idle_lock = threading.Lock()
+        self._open = 0
+        self._pool = threading.Condition()
         # Bumped when the file is replaced: connections to the old one are not reused.
         self._generation = 0
         self._repair = threading.Lock()  # one thread of this process repairs at a time
@@ -146,16 +149,16 @@ class MetaDB:
 
     @contextmanager
     def _db(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
-        with self._idle_lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = self._take()
+        if conn is None:  # none idle: this thread may open one
+            try:
+                conn = self._open_new(create)
+            finally:
+                if conn is None:
+                    self._give_back(None)
         if conn is None:
-            if self._unreadable or (not create and not os.path.lexists(self.path)):
-                yield None  # nothing recorded yet; reading must not create the file
-                return
-            _check_files(self.path)
-            if not self.read_only:
-                self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
-            conn = self._connect()
+            yield None  # nothing recorded yet; reading must not create the file
+            return
         generation = self._generation
         try:
             yield conn
@@ -163,9 +166,41 @@ class MetaDB:
             # A transaction its ROLLBACK could not end, or a file replaced since: not reusable.
             if conn.in_transaction or generation != self._generation:
                 conn.close()
+                conn = None
+            self._give_back(conn)
+
+    def _take(self) -> sqlite3.Connection | None:
+        """An idle connection; or None, counted as open: the caller opens one (`_open_new`)
+        and gives it back (`_give_back`). With POOL_SIZE already open, wait up to POOL_WAIT
+        for one to come back first: a warm's threads querying at once opened ~14, and the
+        opening (and the threads' GIL handoffs around it) slowed a warm of cached images
+        by ~10 ms, while a query holds its connection well under a millisecond. The wait is
+        short because a connection may be held longer: a write waiting out another
+        process's transaction (busy_timeout) must not hold up this process's reads."""
+        with self._pool:
+            self._pool.wait_for(lambda: self._idle or self._open < POOL_SIZE, POOL_WAIT)
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+            return None
+
+    def _give_back(self, conn: sqlite3.Connection | None) -> None:
+        """`conn` back to the idle ones; None: one opened by `_take`'s caller is gone."""
+        with self._pool:
+            if conn is None:
+                self._open -= 1
             else:
-                with self._idle_lock:
-                    self._idle.append(conn)
+                self._idle.append(conn)
+            self._pool.notify()
+
+    def _open_new(self, create: bool) -> sqlite3.Connection | None:
+        """A new connection, or None when there is no database to read (and none to make)."""
+        if self._unreadable or (not create and not os.path.lexists(self.path)):
+            return None
+        _check_files(self.path)
+        if not self.read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a first warm's first write
+        return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:  # no WAL switch, no schema: it reads what is there or fails
@@ -232,8 +267,9 @@ class MetaDB:
         """Under the repair lock: drop our connections; if the file is still unusable
         (another process may have repaired it while we waited), move it aside and rebuild."""
         self._generation += 1
-        with self._idle_lock:
+        with self._pool:
             idle, self._idle = self._idle, []
+            self._open -= len(idle)
         for conn in idle:
             conn.close()
         if _usable(self.path):
