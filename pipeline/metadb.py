@@ -1,9 +1,9 @@
 """The SQLite file under the disk tier's metadata (pipeline/metadata.py): `.meta.db`.
 
 `MetaDB.query` runs a function on a connection of its own, taken from the idle ones (or
-opened, when all are busy) and given back after; WAL and a busy timeout let many processes
-share the file. A connection opened for writing sets the file up: WAL, the schema, and
-the migrations of a file an older version made.
+opened: up to POOL_SIZE, or when none comes back within POOL_WAIT) and given back after;
+WAL and a busy timeout let many processes share the file. A connection opened for writing
+sets the file up: WAL, the schema, and the migrations of a file an older version made.
 
 A database that cannot be used (not a database, malformed, truncated; or `.meta.db`, its
 -wal or -shm not a regular file, e.g. a symlink, which is never opened through) bricked
