@@ -45,10 +45,16 @@ def ensure(venv: Path) -> Path:
     print(f"bench: building its venv {venv} (once per pyproject.toml)", file=sys.stderr,
           flush=True)
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
-    # editable_mode=compat: a plain path entry for the checkout, not setuptools' finder
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", ".[test]",
-                    "--config-settings", "editable_mode=compat"], cwd=REPO_ROOT, check=True)
+    steps = [
+        [base, "-m", "venv", "--clear", str(venv)],
+        # editable_mode=compat: a plain path entry for the checkout, not setuptools' finder
+        [str(python), "-m", "pip", "install", "-q", "-e", ".[test]",
+         "--config-settings", "editable_mode=compat"],
+    ]
+    for step in steps:
+        if subprocess.run(step, cwd=REPO_ROOT).returncode != 0:
+            sys.exit(f"bench: building its venv failed at `{' '.join(step[:4])} ...` "
+                     "(its output is above); fix that and run the bench again")
     (venv / COMPLETE).write_text("ok\n")
     return python
 
