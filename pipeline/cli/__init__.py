@@ -78,7 +78,8 @@ class _Commands(argparse._SubParsersAction):
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if self.only is None or name == self.only:
             return super().add_parser(name, **kwargs)
-        self._choices_actions.append(self._ChoicesPseudoAction(name, (), kwargs.get("help")))
+        if "help" in kwargs:  # as argparse lists a command: only one given a help
+            self._choices_actions.append(self._ChoicesPseudoAction(name, (), kwargs["help"]))
         self._name_parser_map[name] = unbuilt = _Unbuilt()
         return cast(argparse.ArgumentParser, unbuilt)  # takes the calls registering makes
 
