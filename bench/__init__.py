@@ -50,3 +50,7 @@ never the system's; without them those rows say so and are not met.
 The harness only reports; no test asserts timing. ``bench.workload.build(scale, seed)``
 is the deterministic builder tests can compare across builds.
 """
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the bench runs from

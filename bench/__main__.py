@@ -16,7 +16,7 @@ from bench import report
 from bench import venv as bench_venv
 from bench.scenarios import ORDER, REPO_ROOT, Bench, run_all
 from bench.services import push_workload, start_registry
-from bench.workload import build, default_cache_dir
+from bench.workload import build, cache_root, default_cache_dir
 
 
 def parse_only(text: str) -> list[str]:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs must be at least 1")
 
     # Run as a user's install runs (bench/venv.py): in a venv of the bench's own.
-    venv = bench_venv.venv_dir(default_cache_dir("full", 1).parent)
+    venv = bench_venv.venv_dir(cache_root())
     if not bench_venv.running_in(venv):
         bench_venv.rerun_in(venv, list(argv) if argv is not None else sys.argv[1:])
     # `kill` (SIGTERM) unwinds like Ctrl-C, so the finally blocks below stop the registry,

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import REPO_ROOT
 from bench.workload import BuiltLayer, MiB
 from tests.support.cli import layerwarm_cmd, layerwarm_env
 from tests.support.images import Layer
@@ -25,7 +26,6 @@ from tests.support.proxy import Hit
 from tests.support.tars import Dir, File, make_tar
 
 MOUNT_WAIT = 120.0
-REPO_ROOT = Path(__file__).resolve().parents[1]  # not from bench.scenarios: no import cycle
 
 
 def lw_env(cache: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench import REPO_ROOT
+
 COMPLETE = ".layerwarm-bench-complete"  # written last: a venv without it is built again
 
 

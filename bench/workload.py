@@ -444,6 +444,11 @@ def build(
     return Workload(sc, seed, images, fleet, big, tiny, built)
 
 
-def default_cache_dir(scale: str, seed: int) -> Path:
+def cache_root() -> Path:
+    """Where the bench keeps what it builds once: workloads, its venv (bench/venv.py)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "layerwarm-bench" / f"{seed}-{scale}-v{VERSION}"
+    return Path(base) / "layerwarm-bench"
+
+
+def default_cache_dir(scale: str, seed: int) -> Path:
+    return cache_root() / f"{seed}-{scale}-v{VERSION}"

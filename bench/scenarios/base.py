@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import REPO_ROOT
 from bench import floor as floors
 from bench.measure import (
     CommandFailed,
@@ -35,7 +36,6 @@ from pipeline.digest import digest_of_file
 from tests.support.cli import layerwarm_cmd, layerwarm_env
 from tests.support.registry import RegistryServer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "layerwarm-bench"
 IO_THREADS = 16  # layerwarm's default --io-threads; the S3 peer uses as many
 TIMEOUT = 3600
