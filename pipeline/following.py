@@ -64,6 +64,7 @@ def fetch_and_decompress(
     progress: Progress = NO_PROGRESS,
     submit_cpu: SubmitCPU = on_own_thread,
     limits: Limits = DEFAULT_LIMITS,
+    keep_cached: bool = False,
 ) -> int:
     """Fetch the blob and decompress it into the disk tier, the second following the first.
 
@@ -73,16 +74,18 @@ def fetch_and_decompress(
     file only once the blob's digest is verified. If the download starts over (a server
     ignoring Range) the decompression is abandoned and runs again from the finished
     staging file. Returns the entry's size. The caller holds the digest's lock.
+    `keep_cached`: a publish follows (`stages.decompress_stream`).
     """
     staging = disk.staging_path(layer.digest)
     if staging.exists():  # an earlier fetch finished; only its decompress is left
         staging = fetch(client, layer, disk, progress)
-        return decompress(layer, disk, staging, progress, limits, submit_cpu)
+        return decompress(layer, disk, staging, progress, limits, submit_cpu, keep_cached)
     growing, held = GrowingFile(), HeldProgress(progress)
     # On a thread of its own, which mostly waits: for the inflate on `submit_cpu`, then
     # on the commit's fsync.
     following = on_own_thread(
-        lambda: decompress_stream(layer, disk, growing.reader(), held, limits, submit_cpu))
+        lambda: decompress_stream(layer, disk, growing.reader(), held, limits, submit_cpu,
+                                  keep_cached))
     try:
         try:
             staging = fetch(client, layer, disk, progress, growing)
@@ -99,7 +102,7 @@ def fetch_and_decompress(
                 raise
             log.info("layer %s: download started over; decompressing the staged blob",
                      layer.digest)
-            return decompress(layer, disk, staging, progress, limits, submit_cpu)
+            return decompress(layer, disk, staging, progress, limits, submit_cpu, keep_cached)
     finally:
         growing.close()
     staging.unlink(missing_ok=True)
@@ -118,6 +121,7 @@ def decompress_following(
     disk: DiskTier,
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
+    keep_cached: bool = False,
 ) -> tuple[int, bool] | None:
     """Decompress a blob that a fetch in another process is downloading, as it arrives.
 
@@ -126,7 +130,8 @@ def decompress_following(
     entry's size and whether this call made the entry (False: another process did), or
     None when the fetch left no blob (it failed, or its blob is gone). If the file
     followed was not the one the fetch verified, the verified staging blob, if any, is
-    decompressed the ordinary way.
+    decompressed the ordinary way. `keep_cached`: a publish follows
+    (`stages.decompress_stream`).
     """
     staging = disk.staging_path(layer.digest)
     held = HeldProgress(progress)
@@ -134,10 +139,12 @@ def decompress_following(
                              held.release)
     try:
         try:
-            with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+            with disk.space_guard(), disk.ingest(layer.digest, keep_cached=keep_cached) \
+                    as ingest:
                 index = IndexBuild(layer)
                 held.stage(layer, "decompressing", layer.size)
-                tar = inflate_verified(layer, follower, ingest.file, held, limits, index)
+                tar = inflate_verified(layer, follower, ingest.file, held, limits, index,
+                                       keep_cached)
                 made = not _verified_entry(layer, disk)  # else another process made it
                 if made:
                     ingest.commit(layer, tar, FromBlob(follower.verdict()))
@@ -154,7 +161,8 @@ def decompress_following(
         if (size := check_disk(layer, disk)) is not None:
             return size, False
         if staging.exists():
-            return decompress(layer, disk, staging, progress, limits), True
+            return decompress(layer, disk, staging, progress, limits,
+                              keep_cached=keep_cached), True
         return None
     finally:
         follower.lock.release()

@@ -116,9 +116,11 @@ class Environment:
         and decompress here, on a thread of their own)."""
         if registry is None:
             def registry(layer: LayerSpec, progress: Progress) -> int:
-                return fetch_and_decompress(self.client, layer, self.disk, progress,
-                                            limits=self.limits)
-        return Chain(self.disk, self.remote, registry, self.limits)
+                return fetch_and_decompress(
+                    self.client, layer, self.disk, progress, limits=self.limits,
+                    keep_cached=chain.wants_publish(layer, "registry"))
+        chain = Chain(self.disk, self.remote, registry, self.limits)
+        return chain
 
 
 def warm(
@@ -137,8 +139,9 @@ def warm(
         ThreadPoolExecutor(settings.cpu_threads, thread_name_prefix="layerwarm-cpu") as cpu,
     ):
         def registry(layer: LayerSpec, progress: Progress) -> int:
+            # Its publish reads the entry next: left in the page cache until then.
             return fetch_and_decompress(env.client, layer, env.disk, progress, cpu.submit,
-                                        settings.limits)
+                                        settings.limits, chain.wants_publish(layer, "registry"))
 
         chain = env.chain(registry)
 

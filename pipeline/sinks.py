@@ -39,11 +39,12 @@ class _Stage:
 class HashingWriter:
     """`put(chunk)` hashes into `verifier` and writes to `out`, each on its own thread.
 
-    The file is written to disk as it grows and left out of the page cache
-    (pipeline/writebehind.py)."""
+    The file is written to disk as it grows and left out of the page cache unless
+    `keep_cached` (pipeline/writebehind.py)."""
 
-    def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16) -> None:
-        self._file = WriteBehind(out)
+    def __init__(self, out: BinaryIO, verifier: Verifier, depth: int = 16, *,
+                 keep_cached: bool = False) -> None:
+        self._file = WriteBehind(out, keep_cached=keep_cached)
         self._stages = [
             _Stage("layerwarm-hash", verifier.update, depth),
             _Stage("layerwarm-write", self._file.write, depth),

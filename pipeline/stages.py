@@ -226,8 +226,10 @@ def decompress(
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
     inflate_on: SubmitCPU | None = None,
+    keep_cached: bool = False,
 ) -> int:
-    """Decompress the staging blob into the disk tier; the entry's size.
+    """Decompress the staging blob into the disk tier; the entry's size (`keep_cached`:
+    see `decompress_stream`).
 
     The blob is hashed again as it is read (its verdict is the commit's proof, whatever
     happened to the file since its fetch). The staging file is removed once the entry
@@ -238,7 +240,7 @@ def decompress(
         try:
             size = decompress_stream(
                 layer, disk, VerifyingReader(src, layer.digest, layer.size), progress, limits,
-                inflate_on)
+                inflate_on, keep_cached)
         except VerificationError:
             staging.unlink(missing_ok=True)
             raise
@@ -253,6 +255,7 @@ def decompress_stream(
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
     inflate_on: SubmitCPU | None = None,
+    keep_cached: bool = False,
 ) -> int:
     """Decompress the blob read from `src` into the disk tier, verified; the entry's size.
 
@@ -262,13 +265,16 @@ def decompress_stream(
     `inflate_on` (a CPU pool's submit) runs the inflate there, while the commit stays on
     this thread: it mostly waits for the disk (fsync), and a CPU slot held through it
     left the pool waiting on the disk for about a fifth of a cold fleet warm.
+    `keep_cached`: a publish follows, which reads the entry: its pages stay in the page
+    cache until that publish gives them back (`publish`).
     """
-    with disk.space_guard(), disk.ingest(layer.digest) as ingest:
+    with disk.space_guard(), disk.ingest(layer.digest, keep_cached=keep_cached) as ingest:
         index = IndexBuild(layer)
 
         def inflate() -> Verified:
             progress.stage(layer, "decompressing", layer.size)
-            return inflate_verified(layer, src, ingest.file, progress, limits, index)
+            return inflate_verified(layer, src, ingest.file, progress, limits, index,
+                                    keep_cached)
 
         tar = inflate() if inflate_on is None else inflate_on(inflate).result()
         ingest.commit(layer, tar, FromBlob(src.verdict()))
@@ -283,10 +289,12 @@ def inflate_verified(
     progress: Progress = NO_PROGRESS,
     limits: Limits = DEFAULT_LIMITS,
     index: IndexBuild | None = None,
+    keep_cached: bool = False,
 ) -> Verified:
     """Decompress `src` into `out` within the limits, verifying the diff_id; the proof.
     `index`, when given, is fed the tar as it is written (the caller stores it once the
-    entry is committed).
+    entry is committed). `keep_cached`: `out` stays in the page cache (a publish reads it
+    next: pipeline/writebehind.py).
 
     `src` is read to its end, past the end of the compressed stream: whatever follows it
     (zero padding, a skippable frame) is part of the blob, and the blob's verdict covers it.
@@ -296,8 +304,9 @@ def inflate_verified(
     compression = compression_for(layer.media_type)
     verifier = Verifier(layer.diff_id, what=f"layer {layer.digest} decompressed content")
     counting = _Counting(src, layer, progress)
-    sink_type = HashingWriter if layer.size > SMALL_BLOB else InlineWriter
-    sink, produced = sink_type(out, verifier), 0
+    sink = HashingWriter(out, verifier, keep_cached=keep_cached) \
+        if layer.size > SMALL_BLOB else InlineWriter(out, verifier)
+    produced = 0
     # The index is fed here, not on a thread of its own: it reads headers only (a few
     # milliseconds a layer), and a fourth thread waking for every chunk cost the stage
     # ~10 % in handing the GIL around.
@@ -474,7 +483,19 @@ def publish(
     is published: content shared by diff_id, or adopted without a row, proves nothing
     about the digest it is named for. An object there that `remote_object` does not take
     for this layer, or of another size than the entry, is replaced.
+
+    The entry's pages leave the page cache once it is over: the decompress kept them for
+    this read (`keep_cached`), or this read brought them in.
     """
+    try:
+        return _publish(layer, disk, remote, progress, force)
+    finally:
+        disk.drop_cached(layer.digest)
+
+
+def _publish(
+    layer: LayerSpec, disk: DiskTier, remote: RemoteTier, progress: Progress, force: bool,
+) -> bool:
     path = disk.path(layer.digest)
     row = disk.meta.layer(layer.digest)
     if row is None or not paired(row.origin) or row.diff_id != layer.diff_id:

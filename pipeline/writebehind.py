@@ -1,8 +1,9 @@
 """Write a new file to disk while it is being made, and leave it out of the page cache.
 
 An entry is written once and read later, if ever, by someone else: left in the page
-cache it would push out the node's hot pages, and a machine that writes it only when the
-caller's fsync asks has the disk idle while the layer is decompressed and busy after.
+cache it would push out the node's hot pages (unless its publish reads it next:
+`keep_cached`), and a machine that writes it only when the caller's fsync asks has the
+disk idle while the layer is decompressed and busy after.
 So the writes are buffered, and as each WINDOW of the file fills, the kernel is asked to
 start writing it to disk (sync_file_range WRITE: its writeback sends large requests, many
 at a time). Two windows later, that window is written: waiting for it costs nothing, and
@@ -71,10 +72,16 @@ class WriteBehind:
     """Appends to `out` from its current offset; `close` (or leaving the `with` block
     without an error) starts the rest's writeback, waits for a background flush to end
     and leaves `out` positioned at its end. The caller's fsync, then `drop_cached`, finish
-    the job."""
+    the job.
 
-    def __init__(self, out: BinaryIO) -> None:
+    `keep_cached`: the file is read again at once (its publish digests and uploads it), so
+    its written windows stay in the page cache: dropped, they were read back from the disk
+    (for the 12-image fleet, 0.6 core-s of the kernel's time). Writeback is still waited
+    for window by window, which keeps the dirty pages few."""
+
+    def __init__(self, out: BinaryIO, *, keep_cached: bool = False) -> None:
         out.flush()
+        self._keep = keep_cached
         self._out, self._fd = out, out.fileno()
         self._start = self._pos = self._sent = out.tell()  # _sent: writeback asked up to
         self._sync = _load_sync_file_range()
@@ -146,9 +153,10 @@ class WriteBehind:
             raise _disk_error(e.errno)
 
     def _drop(self, offset: int, nbytes: int) -> None:
-        """Wait until the range is on the disk, then give its clean pages back."""
+        """Wait until the range is on the disk, then give its clean pages back (unless
+        they are kept for a reader to come)."""
         self._range(offset, nbytes, _WRITTEN)
-        if self._sync is not None:
+        if self._sync is not None and not self._keep:
             os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _range(self, offset: int, nbytes: int, flags: int) -> None:

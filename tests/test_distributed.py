@@ -34,6 +34,7 @@ from tests.support.fleet import (
 )
 from tests.support.fleetcheck import Known, S3Tier, by_digest, cache_name, node_of, wait_layer
 from tests.support.images import Image, Layer, random_tar
+from tests.support.proctree import descendants
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
@@ -177,6 +178,43 @@ def test_fleet_file_to_remote_fetches_each_layer_once(
     assert again["state"] == "done"
     assert by_digest(again).keys() == layers_by_digest.keys()
     assert all(x["state"] == "done" for x in again["layers"])
+
+
+def _disk_reads(fleet: Fleet) -> int:
+    """Bytes the fleet's processes have read from storage (not the page cache) so far."""
+    total = 0
+    for node in fleet.nodes.values():
+        if node.proc is None:
+            continue
+        for pid in (node.proc.pid, *descendants(node.proc.pid)):
+            try:
+                io_text = Path(f"/proc/{pid}/io").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if m := re.search(r"^read_bytes: (\d+)", io_text, re.M):
+                total += int(m.group(1))
+    return total
+
+
+def test_a_new_entry_is_published_from_the_page_cache_then_left_out_of_it(
+    fleet: Fleet, registry: RegistryServer, registry_proxy: Proxy, tier: S3Tier
+) -> None:
+    """The CPU worker's decompress keeps the entry's pages for the IO worker's publish,
+    which reads it next (its file digests, then the upload): no host reads it back from
+    the disk. Once published, its pages leave the page cache."""
+    lay = layer(1050, "gzip", 24_000_000)
+    (ref,) = push(registry, registry_proxy, [Image([lay])])
+    before = _disk_reads(fleet)
+    p = fleet.submit(ref, "--to", "remote", "--wait")
+    read = _disk_reads(fleet) - before
+    assert p.returncode == 0, f"{p.stderr[-3000:]}\n{fleet.logs()}"
+    assert tier.objects().get(cache_name(lay)) == lay.tar
+    assert read < len(lay.tar) // 2, f"the hosts read {read} bytes back from their disks"
+    (host,) = [n for n, names in fleet.entries().items() if cache_name(lay) in names]
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                          str(fleet.cache_dir(host) / cache_name(lay))],
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) <= 4096, "the published entry is still in the page cache"
 
 
 def test_to_node_puts_layers_on_that_node_only(

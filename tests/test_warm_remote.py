@@ -5,6 +5,7 @@ server over HTTP and against a shared directory."""
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import uuid
@@ -232,3 +233,29 @@ def test_entries_from_the_registry_and_from_the_remote_are_left_out_of_the_page_
             shutil.rmtree(cache_dir)
     assert resident() <= 4096, "the restored entry is in the page cache"
     assert entry.read_bytes() == lay.tar
+
+
+def test_a_fetched_layer_is_published_from_the_page_cache_then_left_out_of_it(
+    registry: RegistryServer, tmp_path: Path, remote
+) -> None:
+    """With a remote tier, the decompress keeps the new entry's pages for the publish that
+    reads it next (its file digests, then the upload): the warm reads nothing of it back
+    from the disk. Once published, its pages leave the page cache."""
+    url, env, objects, prefix = remote
+    lay = Layer(random_tar(74, 24_000_000), "gzip")
+    r = f"t/{uuid.uuid4().hex[:10]}"
+    registry.push_image(r, "1", Image([lay]))
+    cache_dir = tmp_path / "cache"
+    name = "sha256_" + lay.digest.removeprefix("sha256:")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
+    p = run_layerwarm("warm", "--json", "--remote", url, f"{registry.host}/{r}:1",
+                      cache_dir=cache_dir, env=env)
+    read_from_disk = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before) * 512
+    assert p.returncode == 0, p.stderr
+    assert [x["source"] for x in json.loads(p.stdout)["layers"]] == ["registry"]
+    assert objects()[prefix + name]["body"] == lay.tar
+    assert read_from_disk < len(lay.tar) // 2, \
+        f"the warm read {read_from_disk} bytes from the disk: the publish read the entry back"
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                          str(cache_dir / name)], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) <= 4096, "the published entry is still in the page cache"

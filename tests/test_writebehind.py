@@ -85,6 +85,21 @@ def test_the_page_cache_holds_a_few_windows_while_writing_and_none_after_the_fsy
     assert path.stat().st_size == 10 * WINDOW
 
 
+def test_kept_windows_stay_in_the_page_cache_after_the_fsync(tmp_path: Path) -> None:
+    """`keep_cached` (a publish reads the file next): every window is still written back
+    as the file grows, but none is dropped; `drop_cached` gives them back after."""
+    path = tmp_path / "entry"
+    with _open(path) as out:
+        w = WriteBehind(out, keep_cached=True)
+        for _ in range(10):
+            w.write(_data(WINDOW))
+        w.close()
+        os.fsync(out.fileno())
+        assert _resident(path) == 10 * WINDOW
+        writebehind.drop_cached(out.fileno())
+    assert _resident(path) == 0
+
+
 def test_without_sync_file_range_the_writes_are_plain_buffered_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -231,7 +231,7 @@ def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             if spec.size <= INLINE_DECOMPRESS_BYTES:  # less work than a hop to the CPU queue
                 staging = stages.fetch(c.env.client, layer_, c.env.disk, progress_)
                 return stages.decompress(layer_, c.env.disk, staging, progress_,
-                                         c.settings.limits)
+                                         c.settings.limits, keep_cached=publishes)
             # Sent first, so the decompression follows the download as it arrives.
             decompress.apply_async((job_id, layer, target),
                                    {"token": token, "started": started, **self.carried()},
@@ -239,7 +239,9 @@ def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             stages.fetch(c.env.client, layer_, c.env.disk, progress_)
             return None
 
-        result = c.chain(registry).materialize(spec, goal=goal, progress=progress, claim=claim)
+        chain = c.chain(registry)
+        publishes = chain.wants_publish(spec, "registry", goal)  # it reads the entry next
+        result = chain.materialize(spec, goal=goal, progress=progress, claim=claim)
         if result.uncompressed_size is None:  # the decompress task goes on from here
             return {"digest": str(spec.digest), "staged_on": c.node}
         count_layer(result, goal, started)
@@ -364,7 +366,9 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         # one more write that nobody sees before "done".
         progress = JobProgress(self, c.jobs, job_id, target, c.node, c.run, lease=token,
                                quiet_start=True)
-        outcome = decompress_following(spec, disk, progress, c.settings.limits)
+        publishes = c.chain(_no_registry).wants_publish(spec, "registry", goal)
+        outcome = decompress_following(spec, disk, progress, c.settings.limits,
+                                       keep_cached=publishes)  # the publish reads it next
         if outcome is None:
             state = c.jobs.layer_state(job_id, str(spec.digest), target)
             if refetched or state in ("failed", "done"):
@@ -379,7 +383,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
             count_layer(LayerResult(spec, "registry", size), goal, started)
             log.info("layer decompressed and cached: %s (%d bytes) %s",
                      spec.digest, size, disk.path(spec.digest))
-        if c.chain(_no_registry).wants_publish(spec, "registry", goal):
+        if publishes:
             if goal == "disk":  # the node has the layer: its job is done; the shared copy follows
                 self.done(job_id, spec, target, "registry", publish="pending")
             publish.apply_async((job_id, layer, target), {"token": token, **self.carried()},

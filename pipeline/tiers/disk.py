@@ -131,6 +131,18 @@ class DiskTier:
                 f"cannot create cache directory {e.filename or self.root}: {e.strerror}"
             ) from e
 
+    def drop_cached(self, digest: Digest) -> None:
+        """Give back the page cache of the entry (kept by `ingest(keep_cached=True)` for
+        its publish); an entry already gone (or not a file) has none."""
+        try:
+            fd = open_file(self.path(digest), what="cache entry")
+        except (FileNotFoundError, NotAFile):
+            return
+        try:
+            drop_cached(fd)
+        finally:
+            os.close(fd)
+
     def path(self, digest: Digest) -> Path:
         return self.root / digest.cache_name
 
@@ -253,13 +265,15 @@ class DiskTier:
         return DigestLock(self.locks_dir / f"{digest.cache_name}.lock")
 
     @contextmanager
-    def ingest(self, digest: Digest) -> Iterator[Ingest]:
-        """A temp file that becomes the entry for `digest` only if `commit()` is called."""
+    def ingest(self, digest: Digest, *, keep_cached: bool = False) -> Iterator[Ingest]:
+        """A temp file that becomes the entry for `digest` only if `commit()` is called;
+        `keep_cached`: the commit leaves its pages in the page cache, for a reader to
+        come (a publish), who gives them back (`drop_cached`)."""
         self._ensure_dirs(self.tmp_dir)
         # mkstemp: O_EXCL, O_NOFOLLOW and 0600, so unverified bytes are no one else's to
         # read; `Ingest.commit` widens the verified entry to `Ingest.mode`.
         fd, name = tempfile.mkstemp(prefix=f"{digest.cache_name}.", dir=self.tmp_dir)
-        ingest = Ingest(self, digest, Path(name), os.fdopen(fd, "wb"))
+        ingest = Ingest(self, digest, Path(name), os.fdopen(fd, "wb"), keep_cached)
         try:
             yield ingest
         finally:
@@ -282,8 +296,10 @@ class DiskTier:
 
 
 class Ingest:
-    def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO) -> None:
+    def __init__(self, tier: DiskTier, digest: Digest, path: Path, file: BinaryIO,
+                 keep_cached: bool = False) -> None:
         self.tier, self.digest, self.path, self.file = tier, digest, path, file
+        self.keep_cached = keep_cached
         self.committed = False
         # The entry's mode: entries are read by other users (containerd, CI jobs). None
         # leaves the file's own mode (a hard link shares its source's inode and mode).
@@ -302,7 +318,8 @@ class Ingest:
         if self.mode is not None:
             os.fchmod(self.file.fileno(), self.mode)
         os.fsync(self.file.fileno())
-        drop_cached(self.file.fileno())  # on disk now: out of the page cache, as it was written
+        if not self.keep_cached:  # on disk now: out of the page cache, as it was written
+            drop_cached(self.file.fileno())
         self.file.close()
         target = self.tier.path(self.digest)
         os.replace(self.path, target)
