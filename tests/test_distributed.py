@@ -34,6 +34,7 @@ from tests.support.fleet import (
 )
 from tests.support.fleetcheck import Known, S3Tier, by_digest, cache_name, node_of, wait_layer
 from tests.support.images import Image, Layer, random_tar
+from tests.support.pagecache import resident
 from tests.support.proctree import descendants
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
@@ -211,10 +212,8 @@ def test_a_new_entry_is_published_from_the_page_cache_then_left_out_of_it(
     assert tier.objects().get(cache_name(lay)) == lay.tar
     assert read < len(lay.tar) // 2, f"the hosts read {read} bytes back from their disks"
     (host,) = [n for n, names in fleet.entries().items() if cache_name(lay) in names]
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                          str(fleet.cache_dir(host) / cache_name(lay))],
-                         capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) <= 4096, "the published entry is still in the page cache"
+    assert resident(fleet.cache_dir(host) / cache_name(lay)) <= 4096, \
+        "the published entry is still in the page cache"
 
 
 def test_to_node_puts_layers_on_that_node_only(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pipeline.fileindex import LayerIndex
 from tests.support.cli import entries, run_layerwarm
 from tests.support.faults import S3Proxy
 from tests.support.images import Image, Layer, random_tar
+from tests.support.pagecache import resident
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 from tests.support.s3 import S3Server
@@ -214,14 +214,9 @@ def test_entries_from_the_registry_and_from_the_remote_are_left_out_of_the_page_
     cache_dir = tmp_path / "cache"
     entry = cache_dir / ("sha256_" + lay.digest.removeprefix("sha256:"))
 
-    def resident() -> int:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                              str(entry)], capture_output=True, text=True, check=True)
-        return int(out.stdout.strip())
-
     p = run_layerwarm("warm", ref, cache_dir=cache_dir, env=env)  # decompressed here
     assert p.returncode == 0, p.stderr
-    assert resident() <= 4096, "the decompressed entry is in the page cache"
+    assert resident(entry) <= 4096, "the decompressed entry is in the page cache"
     assert entry.read_bytes() == lay.tar
     shutil.rmtree(cache_dir)
     # With the remote tier: publishing reads the entry (into the cache); then restore it.
@@ -231,7 +226,7 @@ def test_entries_from_the_registry_and_from_the_remote_are_left_out_of_the_page_
         assert [x["source"] for x in json.loads(p.stdout)["layers"]] == [source]
         if source == "registry":
             shutil.rmtree(cache_dir)
-    assert resident() <= 4096, "the restored entry is in the page cache"
+    assert resident(entry) <= 4096, "the restored entry is in the page cache"
     assert entry.read_bytes() == lay.tar
 
 
@@ -256,6 +251,4 @@ def test_a_fetched_layer_is_published_from_the_page_cache_then_left_out_of_it(
     assert objects()[prefix + name]["body"] == lay.tar
     assert read_from_disk < len(lay.tar) // 2, \
         f"the warm read {read_from_disk} bytes from the disk: the publish read the entry back"
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                          str(cache_dir / name)], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) <= 4096, "the published entry is still in the page cache"
+    assert resident(cache_dir / name) <= 4096, "the published entry is still in the page cache"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from pipeline import writebehind
 from pipeline.writebehind import FLUSH_EVERY, WINDOW, WriteBehind
+from tests.support.pagecache import resident
 
 
 def _data(size: int) -> bytes:
@@ -36,13 +36,6 @@ def _write(path: Path, data: bytes, chunk: int) -> None:
             for i in range(0, len(data), chunk):
                 w.write(data[i:i + chunk])
         assert out.tell() == len(data)
-
-
-def _resident(path: Path) -> int:
-    """Bytes of the file in the page cache, as util-linux's fincore counts them."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, WINDOW - 1, WINDOW, WINDOW + 1,
@@ -76,12 +69,12 @@ def test_the_page_cache_holds_a_few_windows_while_writing_and_none_after_the_fsy
         for _ in range(10):
             w.write(_data(WINDOW))
             # Written and dropped up to two windows behind the last one sent.
-            assert _resident(path) <= 3 * WINDOW
+            assert resident(path) <= 3 * WINDOW
         w.close()
-        assert _resident(path) <= 3 * WINDOW
+        assert resident(path) <= 3 * WINDOW
         os.fsync(out.fileno())
         writebehind.drop_cached(out.fileno())
-    assert _resident(path) == 0
+    assert resident(path) == 0
     assert path.stat().st_size == 10 * WINDOW
 
 
@@ -95,9 +88,9 @@ def test_kept_windows_stay_in_the_page_cache_after_the_fsync(tmp_path: Path) -> 
             w.write(_data(WINDOW))
         w.close()
         os.fsync(out.fileno())
-        assert _resident(path) == 10 * WINDOW
+        assert resident(path) == 10 * WINDOW
         writebehind.drop_cached(out.fileno())
-    assert _resident(path) == 0
+    assert resident(path) == 0
 
 
 def test_without_sync_file_range_the_writes_are_plain_buffered_ones(
@@ -108,7 +101,7 @@ def test_without_sync_file_range_the_writes_are_plain_buffered_ones(
     data = _data(3 * WINDOW + 5)
     _write(path, data, 1 << 20)
     assert path.read_bytes() == data
-    assert _resident(path) > 2 * WINDOW  # nothing dropped: the fsync does all the work
+    assert resident(path) > 2 * WINDOW  # nothing dropped: the fsync does all the work
 
 
 def test_a_device_is_written_without_writeback_or_flushes(tmp_path: Path) -> None:

@@ -250,8 +250,7 @@ def _fetch(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         extra = {"shared_from": str(result.shared_from)} if result.shared_from else {}
         if result.published is not None:
             extra["publish"] = "done"
-        elif goal == "disk" and c.env.remote is not None \
-                and c.chain(_no_registry).wants_publish(spec, "disk"):
+        elif goal == "disk" and chain.wants_publish(spec, "disk"):
             # The remote tier did not answer: the node has the layer, the shared copy
             # follows when the remote tier is back. The publish carries the followers on.
             extra["publish"] = "pending"
