@@ -7,13 +7,15 @@ settings, prepares and re-parses the URL, and wraps the answer. A fleet plan mak
 
 `Transport.get` asks the session once per origin (scheme, host, port) what requests
 would decide for it (the environment's proxies and no_proxy, the CA bundle of
-REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, the adapter's TLS context) and then sends each GET
+REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, the adapter's TLS context, the session's headers,
+which the client sets once, before its first request) and then sends each GET
 on that origin's urllib3 pool directly, as the adapter itself does: the same pools (so
 the same deadline-watched connections, pipeline/registry/deadline.py), the same
 session headers, the same `Retry(0, read=False)`, and failures raised as the same
 requests exception classes, so the client's error messages read as before. Not carried
 over: the session's cookie jar (a registry GET neither sends nor keeps cookies, as
 containerd's and Docker's do not) and ~/.netrc (the client never wanted it: NoNetrc).
+The answers' headers are parsed by pipeline/registry/headerparse.py.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from urllib3.exceptions import (
 from urllib3.exceptions import InvalidHeader as _InvalidHeader
 from urllib3.exceptions import ProxyError as _ProxyError
 from urllib3.exceptions import SSLError as _SSLError
+
+from pipeline.registry import headerparse
+
+headerparse.install()  # response headers without the email package (12,000 of them: S2)
 
 
 class Answer:
@@ -68,6 +74,7 @@ class Answer:
 class _Route:
     pool: Any  # urllib3.HTTPConnectionPool, or a proxy's
     full_url: bool  # through a plain-HTTP proxy the request line carries the whole URL
+    headers: dict[str, str]  # the session's, as a plain dict (its own is case-insensitive)
 
 
 class Transport:
@@ -88,7 +95,7 @@ class Transport:
         except urllib3.exceptions.LocationValueError as e:  # what requests' prepare says
             raise requests.exceptions.InvalidURL(e) from None
         route = self._route(url, (parsed.scheme or "", parsed.host or "", parsed.port))
-        sent = {**self._session.headers, **headers}
+        sent = {**route.headers, **headers}
         try:
             raw = route.pool.urlopen(
                 "GET", url if route.full_url else parsed.request_uri, body=None, headers=sent,
@@ -119,7 +126,8 @@ class Transport:
         except urllib3.exceptions.LocationValueError as e:
             raise requests.exceptions.InvalidURL(e, request=request) from None
         self._adapter.cert_verify(pool, url, verify, cert)
-        return _Route(pool, self._adapter.request_url(request, proxies) != request.path_url)
+        return _Route(pool, self._adapter.request_url(request, proxies) != request.path_url,
+                      dict(self._session.headers))
 
 
 # urllib3's failure -> requests' name for it (the first two also as a MaxRetryError's reason)
