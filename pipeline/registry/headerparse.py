@@ -6,7 +6,8 @@ policy object per response): ~20 µs of pure Python each, uncontended. A fleet p
 process's CPU under its 16 threads. `parse_headers` builds the same `HTTPMessage` directly
 when every line is a plain `Name: value` line, as registries, S3 servers and proxies send
 them; any other block (a folded line, a line with no name, a bare CR, a multipart
-content type) goes to the email parser, as before, so urllib3 sees and reports the same defects.
+content type) goes to the email parser, as before, so urllib3 sees and reports the same
+defects.
 
 `install()` puts it in http.client's place for the whole process (urllib3's connections,
 so the registry client's and boto3's, call http.client's module-level `parse_headers`);
@@ -39,10 +40,11 @@ def parse_headers(fp: BinaryIO, _class: type = http.client.HTTPMessage
             return _email_parse(lines, _class)
         name, _, value = line.decode("iso-8859-1").partition(":")
         # compat32's header_source_parse: the value less leading blanks and the line end
-        fields.append((name, value.lstrip(" \t").rstrip("\r\n")))
-        if name.lower() == "content-type" and value.lstrip(" \t").lower().startswith(
+        value = value.lstrip(" \t").rstrip("\r\n")
+        if name.lower() == "content-type" and value.lower().startswith(
                 ("multipart/", "message/")):
             return _email_parse(lines, _class)  # the parser looks for a body's parts
+        fields.append((name, value))
     msg = _class()
     for name, value in fields:
         msg.set_raw(name, value)
@@ -53,6 +55,7 @@ def parse_headers(fp: BinaryIO, _class: type = http.client.HTTPMessage
 def _email_parse(lines: list[bytes], _class: type) -> http.client.HTTPMessage:
     """http.client's own way."""
     return email.parser.Parser(_class=_class).parsestr(b"".join(lines).decode("iso-8859-1"))
+
 
 def install() -> None:
     """Use `parse_headers` for every response of this process (idempotent)."""
