@@ -7,14 +7,14 @@ settings, prepares and re-parses the URL, and wraps the answer. A fleet plan mak
 
 `Transport.get` asks the session once per origin (scheme, host, port) what requests
 would decide for it (the environment's proxies and no_proxy, the CA bundle of
-REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, the adapter's TLS context, the session's headers,
-which the client sets once, before its first request) and then sends each GET
+REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, the adapter's TLS context) and then sends each GET
 on that origin's urllib3 pool directly, as the adapter itself does: the same pools (so
 the same deadline-watched connections, pipeline/registry/deadline.py), the same
-session headers, the same `Retry(0, read=False)`, and failures raised as the same
-requests exception classes, so the client's error messages read as before. Not carried
-over: the session's cookie jar (a registry GET neither sends nor keeps cookies, as
-containerd's and Docker's do not) and ~/.netrc (the client never wanted it: NoNetrc).
+session headers (read once, when the client makes the transport), the same
+`Retry(0, read=False)`, and failures raised as the same requests exception classes, so
+the client's error messages read as before. Not carried over: the session's cookie jar
+(a registry GET neither sends nor keeps cookies, as containerd's and Docker's do not) and
+~/.netrc (the client never wanted it: NoNetrc).
 The answers' headers are parsed by pipeline/registry/headerparse.py.
 """
 
@@ -74,7 +74,6 @@ class Answer:
 class _Route:
     pool: Any  # urllib3.HTTPConnectionPool, or a proxy's
     full_url: bool  # through a plain-HTTP proxy the request line carries the whole URL
-    headers: dict[str, str]  # the session's, as a plain dict (its own is case-insensitive)
 
 
 class Transport:
@@ -83,6 +82,9 @@ class Transport:
     def __init__(self, session: requests.Session, adapter: HTTPAdapter) -> None:
         self._session = session
         self._adapter = adapter
+        # Set by the client before it makes its transport; a plain dict merges faster than
+        # the session's case-insensitive one, once a request.
+        self._headers = dict(session.headers)
         self._routes: dict[tuple[str, str, int | None], _Route] = {}
         self._lock = threading.Lock()
 
@@ -95,7 +97,7 @@ class Transport:
         except urllib3.exceptions.LocationValueError as e:  # what requests' prepare says
             raise requests.exceptions.InvalidURL(e) from None
         route = self._route(url, (parsed.scheme or "", parsed.host or "", parsed.port))
-        sent = {**route.headers, **headers}
+        sent = {**self._headers, **headers}
         try:
             raw = route.pool.urlopen(
                 "GET", url if route.full_url else parsed.request_uri, body=None, headers=sent,
@@ -126,8 +128,7 @@ class Transport:
         except urllib3.exceptions.LocationValueError as e:
             raise requests.exceptions.InvalidURL(e, request=request) from None
         self._adapter.cert_verify(pool, url, verify, cert)
-        return _Route(pool, self._adapter.request_url(request, proxies) != request.path_url,
-                      dict(self._session.headers))
+        return _Route(pool, self._adapter.request_url(request, proxies) != request.path_url)
 
 
 # urllib3's failure -> requests' name for it (the first two also as a MaxRetryError's reason)
