@@ -369,14 +369,7 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
         outcome = decompress_following(spec, disk, progress, c.settings.limits,
                                        keep_cached=publishes)  # the publish reads it next
         if outcome is None:
-            state = c.jobs.layer_state(job_id, str(spec.digest), target)
-            if refetched or state in ("failed", "done"):
-                log.info("layer %s: the fetch left no blob to decompress", spec.digest)
-                return {"digest": str(spec.digest), "fetch_failed": True}
-            log.warning("layer %s: its staged blob is gone; fetching it again", spec.digest)
-            fetch.apply_async((job_id, layer, target), {"token": token, **self.carried()},
-                              queue=node_io_queue(c.node))
-            return {"digest": str(spec.digest), "refetch": True}
+            return _no_blob(self, job_id, layer, spec, target, token, refetched)
         size, made = outcome
         if made:
             count_layer(LayerResult(spec, "registry", size), goal, started)
@@ -398,6 +391,21 @@ def decompress(self: LayerTask, job_id: str, layer: dict[str, Any], target: str,
     except Exception as e:
         self.fail(job_id, layer, target, e, token)
         raise
+
+
+def _no_blob(task: LayerTask, job_id: str, layer: dict[str, Any], spec: LayerSpec,
+             target: str, token: str | None, refetched: bool) -> dict[str, Any]:
+    """The decompress found no staged blob: its fetch failed (and failed the layer) or
+    ended the job, or gc removed the blob first, when the fetch is sent again, once."""
+    c, digest = context(), str(spec.digest)
+    state = c.jobs.layer_state(job_id, digest, target)
+    if refetched or state in ("failed", "done"):
+        log.info("layer %s: the fetch left no blob to decompress", spec.digest)
+        return {"digest": digest, "fetch_failed": True}
+    log.warning("layer %s: its staged blob is gone; fetching it again", spec.digest)
+    fetch.apply_async((job_id, layer, target), {"token": token, **task.carried()},
+                      queue=node_io_queue(c.node))
+    return {"digest": digest, "refetch": True}
 
 
 @app.task(name="layerwarm.publish", bind=True, base=LayerTask, max_retries=None,
