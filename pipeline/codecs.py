@@ -101,7 +101,7 @@ def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
     # A gzip file may hold several members back to back; each needs a fresh decompressor.
     inflate = _inflate()
     d = inflate.decompressobj(wbits=31)
-    data = head
+    data = _with_header(head, src)
     try:
         while True:
             if not data:
@@ -121,9 +121,22 @@ def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
                 data = d.unused_data or src.read(CHUNK)
                 if not data.strip(b"\0"):  # end of file, or zero padding after the last member
                     return
+                data = _with_header(data, src)
                 d = inflate.decompressobj(wbits=31)
     except (zlib.error, inflate.error) as e:
         raise VerificationError(f"{what}: corrupt gzip data ({e})") from None
+
+
+GZIP_HEADER_ROOM = 1 << 16  # a member header: 10 bytes, FEXTRA (64 KiB at most), names, CRC
+
+
+def _with_header(data: bytes, src: Readable) -> bytes:
+    """`data` and enough of `src` for a gzip member's whole header (or all there is left).
+    ISA-L misreads a header that reaches it in two calls when it has a header CRC (FHCRC)
+    or two of its optional fields (isal 1.9.1): a valid layer was refused as corrupt."""
+    while len(data) < GZIP_HEADER_ROOM and (more := src.read(GZIP_HEADER_ROOM - len(data))):
+        data += more
+    return data
 
 
 def _unzstd(head: bytes, src: Readable, what: str) -> Iterator[bytes]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import multiprocessing
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,16 +27,33 @@ def _zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
 
+def _gzip_member(data: bytes, flags: int = 0, extra: bytes = b"",
+                 crc: int | None = None, size: int | None = None) -> bytes:
+    """One gzip member written field by field: header flags and fields, CRC and length."""
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff" + extra
+    if flags & 2:  # FHCRC: the header's own CRC16
+        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    trailer = struct.pack("<II", zlib.crc32(data) if crc is None else crc,
+                          len(data) if size is None else size)
+    return header + body + trailer
+
+
 @pytest.mark.parametrize(
     "compression, blob",
     [
         ("gzip", gzip.compress(TAR, mtime=0)),
         ("gzip", gzip.compress(TAR[:1000], mtime=0) + gzip.compress(TAR[1000:], mtime=0)),
+        ("gzip", gzip.compress(TAR, mtime=0) + bytes(5000)),
+        ("gzip", _gzip_member(TAR, 8 | 4 | 16 | 2, struct.pack("<H", 3) + b"xyz"
+                              + b"layer.tar\0" + b"a comment\0")),
         ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(TAR)),
         ("zstd", _zstd(TAR[:5]) + _zstd(TAR[5:])),
         ("none", TAR),
     ],
-    ids=["gzip", "gzip-multimember", "zstd-no-size", "zstd-two-frames", "plain"],
+    ids=["gzip", "gzip-multimember", "gzip-zero-padding", "gzip-all-header-fields",
+         "zstd-no-size", "zstd-two-frames", "plain"],
 )
 def test_decompressed_bytes_are_the_tar(compression: str, blob: bytes) -> None:
     assert b"".join(iter_decompressed(io.BytesIO(blob), compression, "t")) == TAR  # type: ignore[arg-type]
@@ -47,9 +66,12 @@ def test_decompressed_bytes_are_the_tar(compression: str, blob: bytes) -> None:
         ("gzip", TAR, "media type says gzip"),
         ("zstd", gzip.compress(TAR), "media type says zstd"),
         ("gzip", gzip.compress(TAR)[:5000] + b"\0garbage" * 100, "gzip"),
+        ("gzip", _gzip_member(TAR, crc=zlib.crc32(TAR) ^ 1), "corrupt gzip data"),
+        ("gzip", _gzip_member(TAR, size=len(TAR) + 1), "corrupt gzip data"),
         ("zstd", b"\x28\xb5\x2f\xfd" + b"\xff" * 4000, "corrupt zstd"),
     ],
-    ids=["gzip-truncated", "gzip-label-on-tar", "zstd-label-on-gzip", "gzip-junk", "zstd-junk"],
+    ids=["gzip-truncated", "gzip-label-on-tar", "zstd-label-on-gzip", "gzip-junk", "gzip-bad-crc",
+         "gzip-bad-length", "zstd-junk"],
 )
 def test_corrupt_or_mislabelled_input_is_a_verification_error(compression, blob, message) -> None:
     with pytest.raises(VerificationError) as e:
