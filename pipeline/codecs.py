@@ -9,7 +9,6 @@ nothing here relies on it.
 from __future__ import annotations
 
 import functools
-import zlib
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Literal, Protocol
@@ -44,12 +43,10 @@ CHUNK = 1 << 20
 # The codec libraries are imported at the first layer that needs them, not with this module:
 # a warm whose layers are all on disk decompresses nothing.
 @functools.cache
-def _inflate() -> ModuleType:
-    try:  # ISA-L inflates gzip several times faster than zlib, with zlib's interface
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-        return zlib
-    return isal_zlib
+def _igzip() -> ModuleType:
+    from isal import igzip_lib  # ISA-L: inflates gzip several times faster than zlib
+
+    return igzip_lib
 
 
 def preload() -> None:
@@ -57,7 +54,7 @@ def preload() -> None:
     not pay for them."""
     import zstandard  # noqa: F401
 
-    _inflate()
+    _igzip()
 
 
 def compression_for(media_type: str) -> Compression:
@@ -98,32 +95,33 @@ def _read_head(src: Readable, n: int) -> bytes:
 
 
 def _gunzip(head: bytes, src: Readable, what: str) -> Iterator[bytes]:
-    # A gzip file may hold several members back to back; each needs a fresh decompressor.
-    inflate = _inflate()
-    d = inflate.decompressobj(wbits=31)
+    # A gzip file may hold several members back to back; each needs a fresh decompressor,
+    # which checks its header, CRC and length. ISA-L's bz2-style decompressor keeps the
+    # input it has not used yet and fills a chunk-sized output at once; its zlib-style one,
+    # asked for at most a chunk, grew the output from 16 KiB by doubling and copied the
+    # unused input out on every call (~6 % of the inflate's CPU, measured here).
+    igzip = _igzip()
+    d = igzip.IgzipDecompressor(flag=igzip.DECOMP_GZIP)
     data = _with_header(head, src)
     try:
         while True:
-            if not data:
+            if not data and d.needs_input:
                 data = src.read(CHUNK)
                 if not data:
-                    tail = d.flush()  # output zlib still holds for input it already took
-                    if tail:
-                        yield tail
                     if not d.eof:
                         raise VerificationError(f"{what}: gzip stream is truncated")
                     return
-            out = d.decompress(data, CHUNK)
+            out = d.decompress(data, CHUNK)  # b"": more of what it holds
             if out:
                 yield out
-            data = d.unconsumed_tail
+            data = b""
             if d.eof:
                 data = d.unused_data or src.read(CHUNK)
                 if not data.strip(b"\0"):  # end of file, or zero padding after the last member
                     return
                 data = _with_header(data, src)
-                d = inflate.decompressobj(wbits=31)
-    except (zlib.error, inflate.error) as e:
+                d = igzip.IgzipDecompressor(flag=igzip.DECOMP_GZIP)
+    except igzip.IsalError as e:
         raise VerificationError(f"{what}: corrupt gzip data ({e})") from None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pipeline.codecs import compression_for, iter_decompressed
+from pipeline.codecs import CHUNK, compression_for, iter_decompressed
 from pipeline.digest import Digest, Verified, Verifier
 from pipeline.errors import UnsupportedMediaType, VerificationError
 from pipeline.layer import FromBlob, LayerSpec, Shared
@@ -77,6 +77,34 @@ def test_corrupt_or_mislabelled_input_is_a_verification_error(compression, blob,
     with pytest.raises(VerificationError) as e:
         b"".join(iter_decompressed(io.BytesIO(blob), compression, "layer X"))
     assert message in str(e.value) and "layer X" in str(e.value)
+
+
+class _HeldEnd:
+    """A blob whose last `held` bytes have not arrived: reading them fails the test."""
+
+    def __init__(self, blob: bytes, held: int) -> None:
+        self._src, self._left = io.BytesIO(blob), len(blob) - held
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left == 0:
+            raise AssertionError("read into the held end of the blob")
+        data = self._src.read(min(self._left, CHUNK if n < 0 else n))
+        self._left -= len(data)
+        return data
+
+
+def test_gzip_output_leaves_in_chunks_before_the_blob_ends() -> None:
+    """Each chunk at most CHUNK (the limits are checked between chunks: a bomb is stopped
+    early), and the whole tar is out before anything after the stream has been read (the
+    tar is inflated while the blob's end is still on its way)."""
+    tar = TAR[:200_000] + bytes(40 * CHUNK)  # then ~1000:1, as a bomb compresses
+    blob = gzip.compress(tar, mtime=0)
+    chunks, out = [], 0
+    with pytest.raises(AssertionError, match="held end"):
+        for chunk in iter_decompressed(_HeldEnd(blob + bytes(4096), 4096), "gzip", "t"):  # type: ignore[arg-type]
+            chunks.append(len(chunk))
+            out += len(chunk)
+    assert out == len(tar) and max(chunks) <= CHUNK
 
 
 def test_media_types() -> None:
