@@ -5,7 +5,7 @@ one blob per worker at a time: ``parallel`` processes (nproc for a fleet) for th
 parts, ``io_parallel`` threads (layerwarm's --io-threads for a fleet) for the I/O parts:
 
     decompress  the blobs to nowhere with the fastest single-thread decompressor here:
-                ISA-L (``isal.isal_zlib``, what layerwarm inflates gzip with) for gzip; for
+                ISA-L (``isal.igzip_lib``, what layerwarm inflates gzip with) for gzip; for
                 zstd the faster of ``zstandard`` (layerwarm's) and ``zstd -dcq -T1``
     sha256      ``hashlib.sha256`` over the tar bytes (the decompressed blobs, read from a
                 file in the page cache); the digest is checked against the diff_id
