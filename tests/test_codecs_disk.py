@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import multiprocessing
-import struct
 import time
 import zlib
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipeline.digest import Digest, Verified, Verifier
 from pipeline.errors import UnsupportedMediaType, VerificationError
 from pipeline.layer import FromBlob, LayerSpec, Shared
 from pipeline.tiers.disk import DiskTier
-from tests.support.images import random_tar
+from tests.support.images import ALL_HEADER_FIELDS, gzip_member, random_tar
 
 TAR = random_tar(7, 3_000_000)
 
@@ -27,27 +26,13 @@ def _zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
 
-def _gzip_member(data: bytes, flags: int = 0, extra: bytes = b"",
-                 crc: int | None = None, size: int | None = None) -> bytes:
-    """One gzip member written field by field: header flags and fields, CRC and length."""
-    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff" + extra
-    if flags & 2:  # FHCRC: the header's own CRC16
-        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
-    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
-    body = deflate.compress(data) + deflate.flush()
-    trailer = struct.pack("<II", zlib.crc32(data) if crc is None else crc,
-                          len(data) if size is None else size)
-    return header + body + trailer
-
-
 @pytest.mark.parametrize(
     "compression, blob",
     [
         ("gzip", gzip.compress(TAR, mtime=0)),
         ("gzip", gzip.compress(TAR[:1000], mtime=0) + gzip.compress(TAR[1000:], mtime=0)),
         ("gzip", gzip.compress(TAR, mtime=0) + bytes(5000)),
-        ("gzip", _gzip_member(TAR, 8 | 4 | 16 | 2, struct.pack("<H", 3) + b"xyz"
-                              + b"layer.tar\0" + b"a comment\0")),
+        ("gzip", gzip_member(TAR, *ALL_HEADER_FIELDS)),
         ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(TAR)),
         ("zstd", _zstd(TAR[:5]) + _zstd(TAR[5:])),
         ("none", TAR),
@@ -66,8 +51,8 @@ def test_decompressed_bytes_are_the_tar(compression: str, blob: bytes) -> None:
         ("gzip", TAR, "media type says gzip"),
         ("zstd", gzip.compress(TAR), "media type says zstd"),
         ("gzip", gzip.compress(TAR)[:5000] + b"\0garbage" * 100, "gzip"),
-        ("gzip", _gzip_member(TAR, crc=zlib.crc32(TAR) ^ 1), "corrupt gzip data"),
-        ("gzip", _gzip_member(TAR, size=len(TAR) + 1), "corrupt gzip data"),
+        ("gzip", gzip_member(TAR, crc=zlib.crc32(TAR) ^ 1), "corrupt gzip data"),
+        ("gzip", gzip_member(TAR, size=len(TAR) + 1), "corrupt gzip data"),
         ("zstd", b"\x28\xb5\x2f\xfd" + b"\xff" * 4000, "corrupt zstd"),
     ],
     ids=["gzip-truncated", "gzip-label-on-tar", "zstd-label-on-gzip", "gzip-junk", "gzip-bad-crc",

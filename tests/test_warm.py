@@ -12,12 +12,13 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import pytest
 
 from tests.support.cli import entries, layerwarm_cmd, layerwarm_env, leftovers, run_layerwarm
-from tests.support.images import Image, Layer, Platform, random_tar
+from tests.support.images import ALL_HEADER_FIELDS, Image, Layer, Platform, gzip_member, random_tar
 from tests.support.proxy import Proxy
 from tests.support.registry import RegistryServer
 
@@ -79,6 +80,29 @@ def test_warm_oci_and_docker_images_with_every_compression(
     assert registry_proxy.count("GET", BLOBS) == 0  # not even the config: .meta.db keeps it
     assert "disk cache hit" in p.stderr
     assert "3 cache hits" in p.stdout
+
+
+class HeaderFieldsLayer(Layer):
+    """A gzip layer whose two members' headers carry every optional field, header CRC too."""
+
+    @cached_property
+    def blob(self) -> bytes:  # type: ignore[override]
+        half = len(self.tar) // 2
+        return (gzip_member(self.tar[:half], *ALL_HEADER_FIELDS)
+                + gzip_member(self.tar[half:], *ALL_HEADER_FIELDS))
+
+
+def test_gzip_members_with_every_header_field_are_warmed(
+    registry: RegistryServer, cache_dir: Path
+) -> None:
+    """Valid gzip, refused as "corrupt gzip data" while ISA-L got a header in two pieces."""
+    lay = HeaderFieldsLayer(random_tar(5, 400_000))
+    r = repo()
+    registry.push_image(r, "1", Image([lay]))
+    p = run_layerwarm("warm", f"{registry.host}/{r}:1", cache_dir=cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert_cached(cache_dir, lay)
+    assert leftovers(cache_dir) == []
 
 
 def test_second_image_fetches_only_its_own_layers(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -78,6 +80,26 @@ def compress(data: bytes, compression: str) -> bytes:
     if compression == "none":
         return data
     raise ValueError(f"unknown compression {compression!r}")
+
+
+# Every optional field of a gzip member header, as RFC 1952 allows: FEXTRA (3 bytes), FNAME,
+# FCOMMENT, and FHCRC, the header's own CRC (GNU gzip writes FNAME, BGZF writers FEXTRA).
+ALL_HEADER_FIELDS = (4 | 8 | 16 | 2,
+                     struct.pack("<H", 3) + b"xyz" + b"layer.tar\0" + b"a comment\0")
+
+
+def gzip_member(data: bytes, flags: int = 0, fields: bytes = b"",
+                crc: int | None = None, size: int | None = None) -> bytes:
+    """One gzip member written field by field: header flags and their fields (in RFC
+    order), the CRC and length of `data` unless given."""
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff" + fields
+    if flags & 2:  # FHCRC: the low 16 bits of the CRC-32 of the header so far
+        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    trailer = struct.pack("<II", zlib.crc32(data) if crc is None else crc,
+                          len(data) if size is None else size)
+    return header + body + trailer
 
 
 @dataclass(frozen=True)
