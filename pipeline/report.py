@@ -74,8 +74,18 @@ def images_failed_lines(plan: Plan) -> list[str]:
 
 def failure_lines(report: WarmReport) -> list[str]:
     out = [f"error: {f.ref}: {f.error}" for f in report.plan.failures]
-    out += [f"error: layer {r.layer.digest}: {r.error}" for r in report.results if not r.ok]
+    out += [layer_error_line(str(r.layer.digest), r.error or "")
+            for r in report.results if not r.ok]
     return out
+
+
+def layer_error_line(digest: str, reason: str, target: str | None = None) -> str:
+    """`error: layer DIGEST: reason` (`(target)` after the digest on a fleet). Most stage
+    errors already start with `layer DIGEST: ` (they are logged and raised with it): said
+    once here, not twice."""
+    name = f"layer {digest}"
+    where = f" ({target})" if target else ""
+    return f"error: {name}{where}: {reason.removeprefix(name + ': ')}"
 
 
 def _layer_json(layer: LayerSpec) -> dict[str, Any]:

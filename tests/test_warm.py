@@ -218,8 +218,11 @@ def test_diff_id_mismatch_caches_nothing(registry: RegistryServer, cache_dir: Pa
     registry.push_image(r, "1", Image([lying]))
     p = run_layerwarm("warm", f"{registry.host}/{r}:1", cache_dir=cache_dir)
     assert p.returncode == 1
-    assert f"decompressed content is {lying.diff_id}" in p.stderr
-    assert "diff_id sha256:" + "0" * 64 in p.stderr
+    [line] = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: layer {lying.digest}: decompressed content is "), line
+    assert line.count(lying.digest) == 1, line  # named once, not once per wrapper
+    assert f"decompressed content is {lying.diff_id}" in line
+    assert "diff_id sha256:" + "0" * 64 in line
     assert entries(cache_dir) == set() and leftovers(cache_dir) == []
 
 

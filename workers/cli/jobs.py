@@ -12,7 +12,7 @@ from pipeline import cli as base
 from pipeline.cli.common import EXIT_FAILED, EXIT_OK
 from pipeline.errors import LayerwarmError, UsageError
 from pipeline.progress import MAX_ROWS, LiveArea, bar_line, human_bytes, human_seconds, total_line
-from pipeline.report import source_label
+from pipeline.report import layer_error_line, source_label
 from pipeline.table import counted, table
 from workers.cli import Subparsers, _broker_env, _command, live_nodes
 
@@ -258,7 +258,7 @@ def status_text(status: dict[str, Any]) -> str:
         header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST", "PUBLISH")
         lines += table(header, rows)
     lines += [f"error: {f['ref']}: {f['error']}" for f in status["image_failures"]]
-    lines += [f"error: layer {x['digest']} ({x['target']}): {x['reason']}"
+    lines += [layer_error_line(x["digest"], x["reason"], x["target"])
               for x in status["layers"] if x["state"] == "failed"]
     return "\n".join(lines)
 
