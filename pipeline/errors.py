@@ -166,6 +166,12 @@ class SymlinkLoopInImage(ImagePathError):
     errno_code = errno.ELOOP
 
 
+def layer_reason(digest: object, reason: str) -> str:
+    """`reason` without a leading `layer DIGEST: `. Most stage errors start with it (they
+    are raised with their layer's name); a line that names the layer first says it once."""
+    return reason.removeprefix(f"layer {digest}: ")
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a user: our errors speak for themselves; OS errors name the file."""
     if isinstance(e, LayerwarmError):

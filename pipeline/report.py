@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import layer_reason
 from pipeline.progress import human_bytes
 from pipeline.table import counted, table
 
@@ -80,12 +81,10 @@ def failure_lines(report: WarmReport) -> list[str]:
 
 
 def layer_error_line(digest: str, reason: str, target: str | None = None) -> str:
-    """`error: layer DIGEST: reason` (`(target)` after the digest on a fleet). Most stage
-    errors already start with `layer DIGEST: ` (they are logged and raised with it): said
-    once here, not twice."""
-    name = f"layer {digest}"
+    """`error: layer DIGEST: reason` (`(target)` after the digest on a fleet), the layer
+    named once (`layer_reason`)."""
     where = f" ({target})" if target else ""
-    return f"error: {name}{where}: {reason.removeprefix(name + ': ')}"
+    return f"error: layer {digest}{where}: {layer_reason(digest, reason)}"
 
 
 def _layer_json(layer: LayerSpec) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pipeline.errors import (
     Unauthorized,
     UsageError,
     describe_error,
+    layer_reason,
 )
 from pipeline.following import fetch_and_decompress
 from pipeline.layer import NO_PROGRESS, LayerResult, LayerSpec, Progress, Source
@@ -149,7 +150,7 @@ def warm(
             reason = describe_error(e)
             if not isinstance(e, LayerwarmError | OSError):
                 log.error("layer %s failed unexpectedly", layer.digest, exc_info=e)
-            log.error("layer failed: %s: %s", layer.digest, reason)
+            log.error("layer failed: %s: %s", layer.digest, layer_reason(layer.digest, reason))
             progress.stage(layer, "failed", None)
             return LayerResult(layer, error=reason)
 

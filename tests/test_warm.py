@@ -221,6 +221,8 @@ def test_diff_id_mismatch_caches_nothing(registry: RegistryServer, cache_dir: Pa
     [line] = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith(f"error: layer {lying.digest}: decompressed content is "), line
     assert line.count(lying.digest) == 1, line  # named once, not once per wrapper
+    [logged] = [x for x in p.stderr.splitlines() if "layer failed:" in x]
+    assert logged.count(lying.digest) == 1, logged
     assert f"decompressed content is {lying.diff_id}" in line
     assert "diff_id sha256:" + "0" * 64 in line
     assert entries(cache_dir) == set() and leftovers(cache_dir) == []

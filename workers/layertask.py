@@ -25,7 +25,7 @@ from pipeline import stats
 from pipeline.chain import Chain, Goal
 from pipeline.config import Settings
 from pipeline.digest import Digest
-from pipeline.errors import LayerwarmError
+from pipeline.errors import LayerwarmError, layer_reason
 from pipeline.layer import LayerResult, LayerSpec, Progress, Source
 from pipeline.reference import Reference
 from pipeline.runner import Environment, describe_error
@@ -241,7 +241,7 @@ class LayerTask(Task):
         except (redis.RedisError, LayerwarmError) as e:
             log.error("layer %s failed (%s) and the job record could not say so: %s",
                       digest, describe_error(error), e)
-        log.error("layer failed: %s: %s", digest, describe_error(error))
+        log.error("layer failed: %s: %s", digest, layer_reason(digest, describe_error(error)))
         try:
             self.hand_on(job_id, layer)
         except Exception as e:  # noqa: BLE001 - broker away: the sweeper sends them
