@@ -242,3 +242,29 @@ def test_a_cancel_flag_read_is_trusted_for_max_age_and_a_yes_for_good(redis_url:
         assert jobs.cancelled(job_id), "cancelled is final: not asked again"
     finally:
         _cleanup(client, job_id)
+
+
+def test_status_text_names_each_failed_layer_once_with_its_reason(redis_url: str) -> None:
+    """What `status` prints for a failed layer: its reason as the task recorded it (which
+    starts with the layer's name, as stage errors do) says the layer once; a record left
+    without a reason still prints its line."""
+    from workers.cli.jobs import status_text
+
+    client = redis.Redis.from_url(app.conf.broker_url)
+    jobs, job_id = _job(client)
+    other = {**LAYER, "digest": "sha256:" + "e" * 64}
+    try:
+        jobs.planned(job_id, [{**LAYER, "target": "remote", "order": 0},
+                              {**other, "target": "remote", "order": 1}], [])
+        jobs.update_layer(job_id, LAYER["digest"], "remote", state="failed",
+                          reason=f"layer {LAYER['digest']}: corrupt gzip data (bad CRC)")
+        jobs.update_layer(job_id, other["digest"], "remote", state="failed")
+        status = jobs.status(job_id)
+        assert status is not None
+        errors = [x for x in status_text(status).splitlines() if x.startswith("error:")]
+    finally:
+        _cleanup(client, job_id)
+    assert errors == [
+        f"error: layer {LAYER['digest']} (remote): corrupt gzip data (bad CRC)",
+        f"error: layer {other['digest']} (remote): no reason recorded",
+    ]

@@ -258,7 +258,7 @@ def status_text(status: dict[str, Any]) -> str:
         header = ("LAYER", "TARGET", "STATE", "PROGRESS", "FROM", "HOST", "PUBLISH")
         lines += table(header, rows)
     lines += [f"error: {f['ref']}: {f['error']}" for f in status["image_failures"]]
-    lines += [layer_error_line(x["digest"], x["reason"], x["target"])
+    lines += [layer_error_line(x["digest"], x["reason"] or "no reason recorded", x["target"])
               for x in status["layers"] if x["state"] == "failed"]
     return "\n".join(lines)
 
